@@ -1,0 +1,167 @@
+"""The ``midbridge`` command: run, sweep, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge import __version__
+from bridge.config import BrokerConfig, Config, load_config
+from bridge.errors import BridgeError
+
+log = logging.getLogger("midbridge")
+
+
+def _broker_arg(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"--broker must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midbridge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"midbridge {__version__}")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the bridge (config file + MIDBRIDGE_* env overrides)")
+    run.add_argument("--config", "-c", type=Path, default=None, help="TOML config file")
+
+    sweep = sub.add_parser("sweep", help="send a Shazzam sweep to a running bridge, show results")
+    sweep.add_argument("targets", help="CIDRs, ranges a-b, lists: 10.0.0.0/24,10.0.1.5")
+    sweep.add_argument(
+        "--ports", "-p", default=None, help="22,80,8000-8100 (default: discovery ports)"
+    )
+    sweep.add_argument("--broker", type=_broker_arg, default=None, help="HOST:PORT")
+    sweep.add_argument(
+        "--config", "-c", type=Path, default=None, help="bridge config (broker, agent)"
+    )
+    sweep.add_argument("--agent", default=None, help="agent name (default: from config)")
+    sweep.add_argument("--timeout", type=float, default=600.0)
+    sweep.add_argument("--banner", action="store_true", help="read a short banner on open ports")
+    sweep.add_argument("--all", action="store_true", help="list hosts without open ports too")
+
+    demo = sub.add_parser("demo", help="everything on loopback: broker, bridge, targets, a sweep")
+    demo.add_argument(
+        "--broker", type=_broker_arg, default=None, help="use this broker instead of starting one"
+    )
+    demo.add_argument("--hosts", type=int, default=254, help="loopback addresses to sweep")
+
+    bench = sub.add_parser("bench", help="benchmarks beside their peers (see docs/benchmarks.md)")
+    bench.add_argument("name", help="benchmark name, or 'list'")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--broker", type=_broker_arg, default=None)
+    bench.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("midbridge.gmqtt").setLevel(
+        logging.ERROR if level != "debug" else logging.DEBUG
+    )
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+async def _serve(config: Config) -> int:
+    from bridge.core import Bridge
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Bridge(config) as bridge:
+        waiter = asyncio.ensure_future(stop.wait())
+        failure = asyncio.ensure_future(bridge.serve_forever())
+        await asyncio.wait({waiter, failure}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        failure.cancel()
+        log.info("stopping: draining in-flight jobs (up to %ss)", config.limits.drain_timeout)
+    return 0
+
+
+def _config_or_exit(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except BridgeError as exc:
+        print(f"midbridge: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            config = _config_or_exit(args.config)
+            _setup_logging(args.log_level or config.log_level)
+            return _run_loop(_serve(config))
+        if args.command == "sweep":
+            from bridge.sweep_cli import run_sweep
+
+            config = (
+                _config_or_exit(args.config)
+                if args.config or os.environ.get("MIDBRIDGE_CONFIG")
+                else Config()
+            )
+            _setup_logging(args.log_level or "warning")
+            broker = config.broker
+            if args.broker:
+                broker = BrokerConfig(
+                    **{**broker.model_dump(), "host": args.broker[0], "port": args.broker[1]}
+                )
+            agent = args.agent or config.bridge.agent
+
+            async def sweep() -> int:
+                result = await run_sweep(
+                    broker,
+                    agent=agent,
+                    targets=args.targets,
+                    ports=args.ports,
+                    prefix=config.bridge.topic_prefix,
+                    timeout=args.timeout,
+                    banner=args.banner,
+                    show_all=args.all,
+                )
+                return 1 if result.error_string else 0
+
+            return _run_loop(sweep())
+        if args.command == "demo":
+            from bridge.demo import run_demo
+
+            _setup_logging(args.log_level or "warning")
+            return _run_loop(run_demo(broker=args.broker, hosts=args.hosts))
+        if args.command == "bench":
+            from bench import run_bench
+
+            _setup_logging(args.log_level or "warning")
+            return run_bench(args.name, as_json=args.json, broker=args.broker, rounds=args.rounds)
+    except BridgeError as exc:
+        print(f"midbridge: {exc.kind}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The platform's end of the broker contract, small: send output records, collect answers.
+
+Used by ``midbridge sweep``, the demo, the benchmarks and the tests. Answers are
+de-duplicated by ``(response_to, sequence)`` (a republished record is identical), and a
+job is finished when its ``complete`` record and every sequence before it arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from bridge.config import BrokerConfig
+from bridge.core import Topics
+from bridge.records import new_sys_id, now_text
+from bridge.transport import Delivery, MqttSession
+
+
+@dataclass
+class JobResult:
+    sys_id: str
+    chunks: dict[int, dict[str, Any]] = field(default_factory=dict)  # sequence → record
+    complete_at: int | None = None  # sequence of the complete record
+    duplicates: int = 0
+    complete_ids: set[str] = field(default_factory=set)  # input sys_ids marked complete
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.complete_at is not None and len(self.chunks) == self.complete_at + 1
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [self.chunks[i] for i in sorted(self.chunks)]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        assert self.complete_at is not None
+        return self.chunks[self.complete_at]
+
+    @property
+    def error_string(self) -> str:
+        return str(self.final.get("error_string") or "") if self.complete_at is not None else ""
+
+
+def output_record(
+    topic: str,
+    *,
+    agent: str,
+    payload: dict[str, Any] | str | None = None,
+    name: str = "",
+    source: str = "",
+    priority: int = 2,
+    sys_id: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "sys_id": sys_id or new_sys_id(),
+        "agent": agent,
+        "topic": topic,
+        "name": name,
+        "source": source,
+        "queue": "output",
+        "state": "ready",
+        "response_to": "",
+        "agent_correlator": "",
+        "priority": priority,
+        "error_string": "",
+        "payload": payload if payload is not None else {},
+        "sys_created_on": now_text(),
+    }
+    record.update(extra)
+    return record
+
+
+class EccClient:
+    """An async context manager: one MQTT session on the platform's side."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        *,
+        agent: str,
+        prefix: str = "ecc",
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.topics = Topics.for_agent(prefix, agent)
+        self.results: dict[str, JobResult] = {}
+        self.stray: list[dict[str, Any]] = []  # answers to jobs this client did not send
+        self.received_records = 0
+        self._on_record = on_record
+        self.session = MqttSession(
+            broker,
+            client_id=client_id or f"midbridge-platform-{uuid.uuid4().hex[:12]}",
+            subscriptions=[self.topics.input],
+            on_message=self._on_message,
+            receive_maximum=65535,
+            clean_start=True,
+        )
+
+    async def __aenter__(self) -> EccClient:
+        await self.session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.__aexit__(*exc)
+
+    def expect(self, sys_ids: Iterable[str]) -> None:
+        for sys_id in sys_ids:
+            self.results.setdefault(sys_id, JobResult(sys_id))
+
+    async def _on_message(self, delivery: Delivery) -> bool:
+        data = orjson.loads(delivery.payload)
+        records = data if isinstance(data, list) else [data]
+        for record in records:
+            self.received_records += 1
+            result = self.results.get(str(record.get("response_to")))
+            if result is None:
+                self.stray.append(record)
+                continue
+            seq = int(record.get("sequence", 0))
+            if record.get("complete"):
+                result.complete_ids.add(str(record.get("sys_id")))
+            if seq in result.chunks:
+                result.duplicates += 1
+                continue
+            result.chunks[seq] = record
+            if record.get("complete"):
+                result.complete_at = seq
+            if self._on_record is not None:
+                self._on_record(record)
+            if result.done:
+                result.finished.set()
+        return True
+
+    async def send(
+        self, records: list[dict[str, Any]], *, batch: int = 1, express: bool = False
+    ) -> None:
+        """Publish output records (``batch`` to a message) and wait for the broker's PUBACKs."""
+        self.expect(r["sys_id"] for r in records if isinstance(r, dict) and "sys_id" in r)
+        topic = self.topics.express if express else self.topics.output
+        futures = []
+        for start in range(0, len(records), batch):
+            part = records[start : start + batch]
+            body = orjson.dumps(part[0]) if batch == 1 else orjson.dumps(part)
+            futures.append(await self.session.publish_start(topic, body))
+        await asyncio.gather(*futures)
+
+    async def send_raw(self, body: bytes, *, express: bool = False) -> None:
+        topic = self.topics.express if express else self.topics.output
+        await self.session.publish(topic, body)
+
+    async def wait(self, sys_ids: Iterable[str], timeout: float) -> list[JobResult]:
+        wanted = [self.results.setdefault(s, JobResult(s)) for s in sys_ids]
+        async with asyncio.timeout(timeout):
+            for result in wanted:
+                await result.finished.wait()
+        return wanted

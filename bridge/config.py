@@ -1,0 +1,176 @@
+"""The one typed configuration model: TOML file, defaults, ``MIDBRIDGE_*`` env overrides.
+
+Unknown keys are refused with the key named. Env overrides use ``__`` between levels:
+``MIDBRIDGE_BROKER__HOST=broker.lan``, ``MIDBRIDGE_LIMITS__MAX_IN_FLIGHT=500``,
+``MIDBRIDGE_PROBES__SHAZZAM__MAX_ADDRESSES=4096``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bridge.errors import ConfigError
+
+ENV_PREFIX = "MIDBRIDGE_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class BrokerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # client certificate, optional
+    key_file: Path | None = None
+    tls_insecure: bool = False  # skip hostname check (test brokers only)
+    keepalive: int = Field(30, ge=5, le=3600)
+    session_expiry: int = Field(86_400, ge=0)  # seconds the broker keeps our session offline
+    reconnect_min: float = Field(0.2, gt=0)
+    reconnect_max: float = Field(10.0, gt=0)
+    protocol: Literal["5", "3.1.1"] = "5"
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class BridgeSection(Section):
+    agent: str = Field("midbridge", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    topic_prefix: str = Field("ecc", pattern=r"^[A-Za-z0-9_.\-/]{1,64}$")
+    state_dir: Path = Path("./midbridge-state")
+    shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # $share/<g>/...
+
+    @property
+    def agent_id(self) -> str:
+        """ServiceNow's agent field: ``mid.server.<NAME>``."""
+        return f"mid.server.{self.agent}"
+
+
+class LimitsConfig(Section):
+    max_in_flight: int = Field(1000, ge=1, le=65535)  # unacknowledged jobs (MQTT receive max)
+    express_in_flight: int = Field(64, ge=1, le=65535)  # same, for the interactive session
+    lane_workers: tuple[int, int, int] = (20, 50, 100)  # running jobs: interactive/expedited/std
+    per_host: int = Field(8, ge=1, le=1000)  # concurrent probes against one host
+    probe_rate: float = Field(0.0, ge=0)  # sweep probes/s across the bridge; 0 = unlimited
+    default_timeout: float = Field(300.0, gt=0)  # seconds a job may run if its record says not
+    max_message_bytes: int = Field(1_048_576, ge=1024)  # checked before parsing
+    max_batch: int = Field(1000, ge=1)  # records in one inbound MQTT message
+    egress_linger_ms: float = Field(2.0, ge=0, le=1000)  # gather input records this long
+    egress_batch: int = Field(200, ge=1, le=10_000)  # input records in one MQTT message
+    outbox_max_records: int = Field(1_000_000, ge=100)  # on disk; past it jobs wait
+    dedupe_window: float = Field(7 * 86_400.0, ge=0)  # seconds a finished sys_id is remembered
+    dedupe_memory: int = Field(500_000, ge=1000)  # finished sys_ids held in memory
+    drain_timeout: float = Field(10.0, ge=0)  # seconds shutdown waits for running jobs
+
+    @model_validator(mode="after")
+    def _lanes_positive(self) -> LimitsConfig:
+        if any(n < 1 for n in self.lane_workers):
+            raise ValueError("lane_workers: every lane needs at least one worker")
+        return self
+
+
+class ShazzamConfig(Section):
+    max_addresses: int = Field(65_536, ge=1)  # a larger sweep is refused
+    max_probes: int = Field(10_000_000, ge=1)  # addresses × ports
+    chunk_hosts: int = Field(256, ge=1)  # hosts a result chunk holds
+    connect_timeout: float = Field(1.0, gt=0, le=60)
+    concurrency: int = Field(2048, ge=1, le=65_536)  # connects in flight per engine
+    engines: int = Field(1, ge=1, le=64)  # parallel engine threads/processes per big sweep
+
+
+class ProbesConfig(Section):
+    enabled: list[str] | None = None  # topics; None = every registered probe
+    shazzam: ShazzamConfig = ShazzamConfig()
+    settings: dict[str, dict[str, Any]] = {}  # per-topic settings for other probes
+
+
+class Config(Section):
+    broker: BrokerConfig = BrokerConfig()
+    bridge: BridgeSection = BridgeSection()
+    limits: LimitsConfig = LimitsConfig()
+    probes: ProbesConfig = ProbesConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        if not all(path):
+            raise ConfigError(f"malformed environment variable name {key}", field=key)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError("conflicts with another variable", field=key)
+            node = child
+        node[path[-1]] = _env_value(raw)
+    return tree
+
+
+def _env_value(raw: str) -> Any:
+    """JSON where it parses (numbers, lists, booleans), else the text itself."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        if first.get("type") == "extra_forbidden":
+            raise ConfigError("unknown key", field=loc) from None
+        raise ConfigError(str(first.get("msg", "invalid")), field=loc) from None
+
+
+def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply env overrides, validate."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("file not found", field=str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"TOML does not parse: {exc}", field=str(path)) from None
+    return config_from_mapping(_merge(data, _env_overrides(env)))

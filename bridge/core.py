@@ -1,0 +1,368 @@
+"""The bridge: intake → scheduler → probes → egress, as one async context manager.
+
+Two MQTT sessions carry the ECC queue in:
+- *bulk*: ``<prefix>/<agent>/output`` (optionally through ``$share/<group>/``), with a
+  receive window of ``limits.max_in_flight`` messages;
+- *express*: ``<prefix>/<agent>/output/interactive``, its own small window, for
+  interactive work, heartbeats and SystemCommands, which therefore never queue at the
+  broker behind a deep backlog of sweeps.
+Input records go out on ``<prefix>/<agent>/input`` through the durable outbox.
+
+Shutdown: stop intake, let running jobs finish within ``drain_timeout``, cancel the rest
+(they get no answer and are redelivered by the broker), then disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.config import Config
+from bridge.egress import Egress
+from bridge.errors import BridgeError, Refused, UnknownTopic
+from bridge.jobs import ProbeContext, ProbeSpec
+from bridge.ratelimit import RateLimiter
+from bridge.records import OutputRecord, Rejected, decode_outputs
+from bridge.runner import Counters, answer_rejected, run_job
+from bridge.scheduler import Admission, RunningJob, Scheduler
+from bridge.store import StateStore
+from bridge.transport import Delivery, MqttSession
+
+log = logging.getLogger("midbridge.bridge")
+
+
+class _Stopping(Exception):
+    """Intake met a stopping bridge: leave the message unacknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    output: str
+    express: str
+    input: str
+    status: str
+
+    @classmethod
+    def for_agent(cls, prefix: str, agent: str) -> Topics:
+        base = f"{prefix}/{agent}"
+        return cls(
+            f"{base}/output", f"{base}/output/interactive", f"{base}/input", f"{base}/status"
+        )
+
+
+class Bridge:
+    def __init__(self, config: Config, *, registry: Mapping[str, ProbeSpec] | None = None) -> None:
+        if registry is None:
+            from probes import REGISTRY
+
+            registry = REGISTRY
+        self.config = config
+        enabled = config.probes.enabled
+        self.registry = {
+            topic: spec for topic, spec in registry.items() if enabled is None or topic in enabled
+        }
+        self.topics = Topics.for_agent(config.bridge.topic_prefix, config.bridge.agent)
+        self.agent_id = config.bridge.agent_id
+        limits = config.limits
+        self.counters = Counters()
+        self.scheduler = Scheduler(limits.lane_workers, limits.per_host)
+        self.admission = Admission(limits.max_in_flight)
+        self.express_admission = Admission(limits.express_in_flight)
+        self.rate = RateLimiter(limits.probe_rate)
+        self.accepting = True
+        self.started_at = time.time()
+        self._closed = asyncio.Event()
+        self._job_ended = asyncio.Event()
+        self._stack = AsyncExitStack()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._jobs: asyncio.TaskGroup | None = None
+        self.store: StateStore
+        self.egress: Egress
+        self.bulk: MqttSession
+        self.express: MqttSession
+        self.out: MqttSession
+        self._contexts: dict[str, ProbeContext] = {}
+        self._connected_sessions: list[MqttSession] = []
+        self._service_tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Bridge:
+        cfg = self.config
+        limits = cfg.limits
+        try:
+            state_dir = cfg.bridge.state_dir
+            state_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(state_dir, 0o700)
+            self.store = await self._stack.enter_async_context(
+                StateStore(
+                    state_dir / "state.sqlite3",
+                    dedupe_window=limits.dedupe_window,
+                    dedupe_memory=limits.dedupe_memory,
+                )
+            )
+            await self.store.prune()
+            client_base = f"midbridge-{cfg.bridge.agent}"
+            output_topic = self.topics.output
+            if cfg.bridge.shared_group:
+                output_topic = f"$share/{cfg.bridge.shared_group}/{output_topic}"
+                client_base = f"{client_base}-{os.getpid()}"
+            # The publishing session is the bulk one; the egress waits on its connection.
+            self.bulk = MqttSession(
+                cfg.broker,
+                client_id=f"{client_base}-bulk",
+                subscriptions=[output_topic],
+                on_message=self._on_bulk,
+                receive_maximum=limits.max_in_flight,
+            )
+            self.express = MqttSession(
+                cfg.broker,
+                client_id=f"{client_base}-express",
+                subscriptions=[self.topics.express],
+                on_message=self._on_express,
+                receive_maximum=limits.express_in_flight,
+            )
+            # Results go out on a session of their own, so that pausing intake (flow
+            # control) never holds back the PUBACKs egress waits for.
+            self.out = MqttSession(
+                cfg.broker,
+                client_id=f"{client_base}-out",
+                receive_maximum=limits.express_in_flight,
+            )
+            self.egress = Egress(
+                self.store,
+                self.out.publish_start,
+                self.out.connected,
+                linger_ms=limits.egress_linger_ms,
+                batch_records=limits.egress_batch,
+                max_records=limits.outbox_max_records,
+            )
+            self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+            self._service_tasks = [
+                self._tasks.create_task(self.egress.run_writer(), name="egress-writer"),
+                self._tasks.create_task(self.egress.run_publisher(), name="egress-publisher"),
+            ]
+            self._stack.push_async_callback(self._disconnect_sessions)
+            self._jobs = await self._stack.enter_async_context(asyncio.TaskGroup())
+            self._stack.push_async_callback(self._drain)
+            # Redelivered jobs may arrive the moment a session connects: all is ready now.
+            await self.out.__aenter__()
+            self._connected_sessions.append(self.out)
+            await self.bulk.__aenter__()
+            self._connected_sessions.append(self.bulk)
+            await self.express.__aenter__()
+            self._connected_sessions.append(self.express)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info(
+            "bridge %s up: %s, probes %s",
+            self.agent_id,
+            self.topics.output,
+            ", ".join(sorted(self.registry)),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _drain(self) -> None:
+        """Stop intake, wait for running jobs up to the deadline, then cancel the rest."""
+        self.accepting = False
+        try:
+            async with asyncio.timeout(self.config.limits.drain_timeout):
+                while self.scheduler.running:
+                    self._job_ended.clear()
+                    await self._job_ended.wait()
+        except TimeoutError:
+            pass
+        for job in list(self.scheduler.running.values()):
+            if job.task is not None:
+                job.task.cancel()
+        if self.scheduler.running:
+            log.warning(
+                "drain deadline passed: %d job(s) cancelled, left for redelivery",
+                len(self.scheduler.running),
+            )
+        # Give the publisher a moment to send what is durable; the rest waits on disk.
+        flush_deadline = time.monotonic() + 2.0
+        while self.store.outbox_records and time.monotonic() < flush_deadline:
+            if not self.out.connected.is_set():
+                break
+            await asyncio.sleep(0.02)
+
+    async def _disconnect_sessions(self) -> None:
+        for session in reversed(self._connected_sessions):
+            await session.__aexit__(None, None, None)
+        self._closed.set()
+        for task in self._service_tasks:
+            task.cancel()
+
+    # --- intake -----------------------------------------------------------------------
+
+    async def _on_bulk(self, delivery: Delivery) -> bool:
+        return await self._intake(delivery, self.admission)
+
+    async def _on_express(self, delivery: Delivery) -> bool:
+        return await self._intake(delivery, self.express_admission)
+
+    async def _submit(self, records: list[dict[str, Any]], done_id: str | None) -> None:
+        await self.egress.submit(self.topics.input, records, done_id=done_id)
+
+    async def _intake(self, delivery: Delivery, admission: Admission) -> bool:
+        """Handle one MQTT message; True once every record in it is answered durably.
+
+        True lets the transport acknowledge the message. False (the bridge is stopping,
+        or a result could not be stored) leaves it unacknowledged for redelivery.
+        """
+        if not self.accepting:
+            return False
+        limits = self.config.limits
+        items = decode_outputs(
+            delivery.payload, max_bytes=limits.max_message_bytes, max_batch=limits.max_batch
+        )
+        waits: list[asyncio.Future[None]] = []
+        try:
+            for item in items:
+                self.counters.received += 1
+                fut = await self._accept(item, admission)
+                if fut is not None:
+                    waits.append(fut)
+            if waits:
+                await asyncio.gather(*waits)
+        except (asyncio.CancelledError, Exception):
+            return False
+        return True
+
+    async def _accept(
+        self, item: OutputRecord | Rejected, admission: Admission
+    ) -> asyncio.Future[None] | None:
+        """Start one record; return what to wait for (None: it is answered already)."""
+        if not self.accepting:
+            raise _Stopping
+        if isinstance(item, Rejected):
+            await answer_rejected(item, item.error, self.agent_id, self._submit, self.counters)
+            return None
+        running = self.scheduler.running.get(item.sys_id)
+        if running is not None:
+            self.counters.duplicates += 1
+            return running.done
+        if await self.store.is_done(item.sys_id):
+            self.counters.duplicates += 1
+            return None
+        try:
+            spec = self._check(item)
+            params = spec.build_params(item, self._settings(spec.topic))
+        except BridgeError as exc:
+            await answer_rejected(item, exc, self.agent_id, self._submit, self.counters)
+            return None
+        await admission.acquire()
+        if not self.accepting:  # the bridge began to stop while this record waited
+            admission.release()
+            raise _Stopping
+        loop = asyncio.get_running_loop()
+        entry = RunningJob(item.sys_id, item.priority, loop.create_future())
+        self.scheduler.running[item.sys_id] = entry
+        assert self._jobs is not None
+        entry.task = self._jobs.create_task(
+            self._run(item, params, spec, entry, admission), name=f"job-{item.sys_id}"
+        )
+        return entry.done
+
+    def _check(self, record: OutputRecord) -> ProbeSpec:
+        if record.agent and record.agent != self.agent_id:
+            raise Refused(
+                f"record is for agent {record.agent[:80]!r}, this is {self.agent_id!r}",
+                field="agent",
+            )
+        spec = self.registry.get(record.topic)
+        if spec is None:
+            enabled = ", ".join(sorted(self.registry))
+            raise UnknownTopic(
+                f"no probe for topic {record.topic[:80]!r} (enabled: {enabled})",
+                field="topic",
+            )
+        return spec
+
+    def _settings(self, topic: str) -> dict[str, Any]:
+        probes = self.config.probes
+        if topic == "Shazzam":
+            return probes.shazzam.model_dump()
+        return dict(probes.settings.get(topic, {}))
+
+    def context_for(self, spec: ProbeSpec) -> ProbeContext:
+        ctx = self._contexts.get(spec.topic)
+        if ctx is None:
+            ctx = ProbeContext(
+                agent=self.agent_id,
+                rate=self.rate,
+                per_host_limit=self.config.limits.per_host,
+                settings=self._settings(spec.topic),
+            )
+            self._contexts[spec.topic] = ctx
+        return ctx
+
+    async def _run(
+        self,
+        record: OutputRecord,
+        params: Any,
+        spec: ProbeSpec,
+        entry: RunningJob,
+        admission: Admission,
+    ) -> None:
+        try:
+            await run_job(
+                record,
+                params,
+                spec,
+                self.context_for(spec),
+                scheduler=self.scheduler,
+                entry=entry,
+                default_timeout=self.config.limits.default_timeout,
+                submit=self._submit,
+                counters=self.counters,
+            )
+            if not entry.done.done():
+                entry.done.set_result(None)
+        except asyncio.CancelledError:
+            if not entry.done.done():
+                entry.done.cancel()
+        except Exception as exc:  # result could not be made durable: leave it unacknowledged
+            log.error("job %s: result not stored: %s", record.sys_id, exc)
+            if not entry.done.done():
+                entry.done.set_exception(exc)
+        finally:
+            self.scheduler.running.pop(record.sys_id, None)
+            admission.release()
+            self._job_ended.set()
+
+    # --- control ----------------------------------------------------------------------
+
+    def cancel(self, sys_id: str) -> bool:
+        return self.scheduler.cancel(sys_id)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "received": c.received,
+            "processed": c.processed,
+            "failed": c.failed,
+            "duplicates": c.duplicates,
+            "rejected": c.rejected,
+            "errors_by_kind": dict(c.by_kind),
+            "in_flight": self.admission.in_flight + self.express_admission.in_flight,
+            "lanes_running": list(self.scheduler.lane_running),
+            "lanes_waiting": list(self.scheduler.lane_waiting),
+            "outbox_records": self.store.outbox_records,
+            "published_records": self.egress.published_records,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()

@@ -1,0 +1,170 @@
+"""Egress: input records → durable outbox → broker, in order, batched.
+
+``submit`` returns once the records are safely in the outbox on disk (group commit every
+``linger_ms``); only then may the bridge acknowledge the output they answer. A publisher
+task sends the outbox in ``id`` order, many records to one MQTT message, several
+messages in flight, and deletes what the broker acknowledged. A broker outage just
+lets the outbox grow (bounded: past ``max_records`` submitters wait); a restart
+republishes whatever was not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from bridge.mqtt_acks import PublishFailed
+from bridge.store import OutboxRow, StateStore
+
+log = logging.getLogger("midbridge.egress")
+
+Publisher = Callable[[str, bytes], Awaitable["asyncio.Future[None]"]]
+
+
+@dataclass(slots=True)
+class _Pending:
+    topic: str
+    records: list[dict[str, Any]]
+    done_id: str | None
+    safe: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Egress:
+    def __init__(
+        self,
+        store: StateStore,
+        publish: Publisher,
+        connected: asyncio.Event,
+        *,
+        linger_ms: float = 2.0,
+        batch_records: int = 200,
+        max_records: int = 1_000_000,
+        publish_window: int = 64,
+    ) -> None:
+        self.store = store
+        self._publish = publish
+        self._connected = connected
+        self.linger = linger_ms / 1000.0
+        self.batch_records = batch_records
+        self.max_records = max_records
+        self.publish_window = publish_window
+        self._pending: list[_Pending] = []
+        self._wake_writer = asyncio.Event()
+        self._wake_publisher = asyncio.Event()
+        self._room = asyncio.Condition()
+        self.published_records = 0
+        self._closing = False
+
+    # --- producers -------------------------------------------------------------------
+
+    async def submit(
+        self, topic: str, records: list[dict[str, Any]], *, done_id: str | None = None
+    ) -> None:
+        """Return once ``records`` are durable; ``done_id`` marks that job finished."""
+        if self.store.outbox_records >= self.max_records:
+            async with self._room:
+                while self.store.outbox_records >= self.max_records:
+                    await self._room.wait()
+        item = _Pending(topic, records, done_id)
+        self._pending.append(item)
+        self._wake_writer.set()
+        await asyncio.shield(item.safe)
+
+    # --- background tasks ------------------------------------------------------------
+
+    async def run_writer(self) -> None:
+        """Group commit: gather for ``linger`` then write one transaction."""
+        while True:
+            await self._wake_writer.wait()
+            if self.linger:
+                await asyncio.sleep(self.linger)
+            self._wake_writer.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            await self._write(batch)
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        rows: list[tuple[str, bytes, int]] = []
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for item in batch:
+            by_topic.setdefault(item.topic, []).extend(item.records)
+        for topic, records in by_topic.items():
+            for start in range(0, len(records), self.batch_records):
+                part = records[start : start + self.batch_records]
+                body = orjson.dumps(part[0]) if len(part) == 1 else orjson.dumps(part)
+                rows.append((topic, body, len(part)))
+        done_ids = [item.done_id for item in batch if item.done_id]
+        try:
+            await self.store.append(rows, done_ids)
+        except Exception as exc:  # disk full, I/O error: the jobs stay unacknowledged
+            log.error("outbox write failed: %s", exc)
+            for item in batch:
+                if not item.safe.done():
+                    item.safe.set_exception(exc)
+            return
+        for item in batch:
+            if not item.safe.done():
+                item.safe.set_result(None)
+        self._wake_publisher.set()
+
+    async def run_publisher(self) -> None:
+        """Send the outbox in order with a window of messages awaiting PUBACK."""
+        last_id = 0
+        window = asyncio.Semaphore(self.publish_window)
+        in_flight = 0
+        rewind_to: int | None = None
+        acked: list[OutboxRow] = []
+        deleting = asyncio.Lock()
+
+        async def flush_acked() -> None:
+            async with deleting:
+                nonlocal acked
+                rows, acked = acked, []
+                if rows:
+                    await self.store.delete(rows)
+                    async with self._room:
+                        self._room.notify_all()
+
+        async def track(row: OutboxRow, fut: Awaitable[None]) -> None:
+            nonlocal in_flight, rewind_to
+            try:
+                try:
+                    await fut
+                except PublishFailed as exc:  # dropped unsent: read it again from disk
+                    log.warning("record batch %s not delivered (%s); sending it again", row.id, exc)
+                    rewind_to = row.id - 1 if rewind_to is None else min(rewind_to, row.id - 1)
+                    self._wake_publisher.set()
+                    return
+                acked.append(row)
+                self.published_records += row.records
+                if len(acked) >= 32 or in_flight <= 1:
+                    await flush_acked()
+            finally:
+                in_flight -= 1
+                window.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                if rewind_to is not None:
+                    last_id, rewind_to = min(last_id, rewind_to), None
+                rows = await self.store.read(last_id, 256)
+                if not rows:
+                    await flush_acked()
+                    self._wake_publisher.clear()
+                    await self._wake_publisher.wait()
+                    continue
+                for row in rows:
+                    await self._connected.wait()
+                    await window.acquire()
+                    in_flight += 1
+                    fut = await self._publish(row.topic, row.payload)
+                    last_id = row.id
+                    tg.create_task(track(row, fut))

@@ -1,0 +1,86 @@
+"""The bridge's one error family.
+
+Library exceptions are translated into these once, at the edge of each probe (or of the
+transport). Every error has a ``kind`` that travels in the input record as data, so the
+platform can tell a refused connection from a bad parameter without parsing prose.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge reports as data."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.field}: {self.message}"
+        return self.message
+
+
+class BadRecord(BridgeError):
+    """The output record itself is unreadable or invalid (JSON, fields, size)."""
+
+    kind = "bad_record"
+
+
+class BadParameter(BridgeError):
+    """A probe parameter is missing or invalid; ``field`` names it."""
+
+    kind = "bad_parameter"
+
+
+class UnknownTopic(BridgeError):
+    kind = "unknown_topic"
+
+
+class Refused(BridgeError):
+    """Policy refused the job (too large, not enabled, not validated, paused...)."""
+
+    kind = "refused"
+
+
+class Expired(BridgeError):
+    kind = "expired"
+
+
+class Cancelled(BridgeError):
+    kind = "cancelled"
+
+
+class ProbeTimeout(BridgeError):
+    kind = "timeout"
+
+
+class ConnectionRefused(BridgeError):
+    kind = "connection_refused"
+
+
+class AuthFailed(BridgeError):
+    kind = "auth_failed"
+
+
+class ProtocolError(BridgeError):
+    kind = "protocol_error"
+
+
+class CredentialError(BridgeError):
+    kind = "credential_error"
+
+
+class ConfigError(BridgeError):
+    """Configuration is invalid; ``field`` names the key at fault."""
+
+    kind = "config_error"
+
+
+class BrokerRefused(BridgeError):
+    """The broker refused us for good (bad credentials, not authorised): do not retry."""
+
+    kind = "broker_refused"

@@ -1,0 +1,97 @@
+"""Scheduling: priority lanes, a cap per target host, and the registry of running jobs.
+
+- Three lanes (0 interactive, 1 expedited, 2 standard), each with its own bound of running
+  jobs, so a lane full of sweeps never delays interactive work.
+- A cap of concurrent jobs against one target host.
+- The running jobs by ``sys_id``: duplicates attach to the running one, ``cancel`` stops one.
+The global cap of jobs in flight is applied at intake (``Admission``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RunningJob:
+    sys_id: str
+    lane: int
+    done: asyncio.Future[None]  # resolved once the job's final record is durable
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    started: bool = False
+
+
+class Admission:
+    """The global cap of jobs in flight (accepted, result not yet durable)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = asyncio.Semaphore(limit)
+        self.in_flight = 0
+
+    async def acquire(self) -> None:
+        await self._sem.acquire()
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._sem.release()
+
+
+@dataclass(slots=True)
+class _HostSlot:
+    sem: asyncio.Semaphore
+    users: int = 0
+
+
+@dataclass
+class Scheduler:
+    lane_workers: tuple[int, int, int]
+    per_host: int
+    running: dict[str, RunningJob] = field(default_factory=dict)
+    lane_running: list[int] = field(default_factory=lambda: [0, 0, 0])
+    lane_waiting: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def __post_init__(self) -> None:
+        self._lanes = [asyncio.Semaphore(n) for n in self.lane_workers]
+        self._hosts: dict[str, _HostSlot] = {}
+
+    @asynccontextmanager
+    async def slot(self, lane: int, host: str | None) -> AsyncIterator[None]:
+        """Hold a worker of ``lane`` (and of ``host``) for the duration of a job."""
+        self.lane_waiting[lane] += 1
+        try:
+            await self._lanes[lane].acquire()
+        finally:
+            self.lane_waiting[lane] -= 1
+        self.lane_running[lane] += 1
+        try:
+            if host is None:
+                yield
+                return
+            slot = self._hosts.get(host)
+            if slot is None:
+                slot = self._hosts[host] = _HostSlot(asyncio.Semaphore(self.per_host))
+            slot.users += 1
+            try:
+                async with slot.sem:
+                    yield
+            finally:
+                slot.users -= 1
+                if slot.users == 0:
+                    del self._hosts[host]
+        finally:
+            self.lane_running[lane] -= 1
+            self._lanes[lane].release()
+
+    def cancel(self, sys_id: str) -> bool:
+        job = self.running.get(sys_id)
+        if job is None or job.task is None:
+            return False
+        job.cancel_requested = True
+        job.task.cancel()
+        return True

@@ -1,0 +1,14 @@
+"""The probe registry: ECC topic → probe. Adding a probe adds one line here."""
+
+from __future__ import annotations
+
+from bridge.jobs import ProbeSpec
+from probes import echo, shazzam
+
+REGISTRY: dict[str, ProbeSpec] = {
+    spec.topic: spec
+    for spec in (
+        echo.SPEC,
+        shazzam.SPEC,
+    )
+}

@@ -1,0 +1,127 @@
+"""Helpers for end-to-end tests: a bridge in-process or as a real child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bridge.client import EccClient
+from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig, ProbesConfig
+from bridge.core import Bridge
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_config(
+    host: str,
+    port: int,
+    agent: str,
+    state_dir: Path,
+    *,
+    limits: dict[str, Any] | None = None,
+    shazzam: dict[str, Any] | None = None,
+    broker: dict[str, Any] | None = None,
+) -> Config:
+    return Config(
+        broker=BrokerConfig(
+            host=host, port=port, reconnect_min=0.1, reconnect_max=1.0, **(broker or {})
+        ),
+        bridge=BridgeSection(agent=agent, state_dir=state_dir),
+        limits=LimitsConfig(**{"drain_timeout": 1.0, **(limits or {})}),
+        probes=ProbesConfig.model_validate({"shazzam": shazzam or {}}),
+    )
+
+
+@asynccontextmanager
+async def bridge_and_client(config: Config) -> AsyncIterator[tuple[Bridge, EccClient]]:
+    async with (
+        Bridge(config) as bridge,
+        EccClient(
+            config.broker, agent=config.bridge.agent, prefix=config.bridge.topic_prefix
+        ) as client,
+    ):
+        yield bridge, client
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """The config as MIDBRIDGE_* variables, for a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIDBRIDGE_")}
+
+    def put(prefix: str, data: dict[str, Any]) -> None:
+        import orjson
+
+        for key, value in data.items():
+            name = f"{prefix}__{key.upper()}" if prefix else key.upper()
+            if isinstance(value, dict):
+                put(name, value)
+            elif value is not None:
+                env["MIDBRIDGE_" + name] = (
+                    value if isinstance(value, str) else orjson.dumps(value).decode()
+                )
+
+    put("", config.model_dump(mode="json"))
+    return env
+
+
+class BridgeProcess:
+    """``midbridge run`` as a child process with its log in a file."""
+
+    def __init__(self, config: Config, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, *, ready_timeout: float = 20.0) -> None:
+        self.starts += 1
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "--log-level", "info", "run"],
+            env=config_env(self.config),
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
+        log.close()
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if " up: " in text:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"bridge not up within {ready_timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid

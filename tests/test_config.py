@@ -1,0 +1,70 @@
+"""Configuration: defaults, TOML, env overrides, one test per validation rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "midbridge.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config(None, environ={})
+    assert config.broker.port == 1883
+    assert config.limits.max_in_flight == 1000
+    assert config.bridge.agent_id == "mid.server.midbridge"
+
+
+def test_toml_and_env_override(tmp_path: Path) -> None:
+    path = write(tmp_path, '[broker]\nhost = "b.lan"\nport = 8883\n[bridge]\nagent = "dc1"\n')
+    config = load_config(
+        path,
+        environ={"MIDBRIDGE_BROKER__PORT": "1884", "MIDBRIDGE_LIMITS__LANE_WORKERS": "[1, 2, 3]"},
+    )
+    assert config.broker.host == "b.lan"
+    assert config.broker.port == 1884
+    assert config.bridge.agent == "dc1"
+    assert config.limits.lane_workers == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "field"),
+    [
+        ("[broker]\nhots = 'x'\n", {}, "broker.hots"),
+        ("[nonsense]\na = 1\n", {}, "nonsense"),
+        ("[broker]\nport = 70000\n", {}, "broker.port"),
+        ("[bridge]\nagent = 'has space'\n", {}, "bridge.agent"),
+        ("[limits]\nmax_in_flight = 0\n", {}, "limits.max_in_flight"),
+        ("[limits]\nlane_workers = [1, 0, 1]\n", {}, "limits"),
+        ("[probes.shazzam]\nmax_addresses = 0\n", {}, "probes.shazzam.max_addresses"),
+        ("", {"MIDBRIDGE_LIMITS__PER_HOST": "-1"}, "limits.per_host"),
+        ("", {"MIDBRIDGE_BROKER__NOPE": "1"}, "broker.nope"),
+    ],
+)
+def test_invalid_config_names_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ=env)
+    assert info.value.field == field
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TOML"):
+        load_config(write(tmp_path, "[broker\n"), environ={})
+
+
+def test_shipped_example_config_parses() -> None:
+    config = load_config(REPO / "compose" / "midbridge.toml", environ={})
+    assert isinstance(config, Config)
+    assert config.broker.host == "mosquitto"
