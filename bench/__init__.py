@@ -1,7 +1,100 @@
-"""Benchmarks run by ``midbridge bench NAME``: each measures a peer and midbridge side by side."""
+"""Benchmarks run by ``midbridge bench NAME``: each measures a peer and midbridge side by side.
+
+``midbridge bench list`` names them; ``--json`` prints one JSON object (name, unit, peer,
+peer_rate, ours_rate, ratio, every round, the machine); ``--broker HOST:PORT`` uses that
+broker instead of a private mosquitto; ``--rounds N`` alternating rounds, median kept.
+See docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+if TYPE_CHECKING:
+    from bench.common import Result
+
+
+@dataclass(frozen=True, slots=True)
+class Benchmark:
+    name: str
+    summary: str
+    module: str  # holds ``async def run(broker, rounds) -> Result``
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "sweep",
+            "Shazzam over 127.0.0.1-254 × 100 ports through the bridge vs nmap -sT -T5 (probes/s)",
+            "bench.sweep",
+        ),
+        Benchmark(
+            "roundtrip",
+            "trivial Echo jobs through the bridge vs a gmqtt echo responder (jobs/s, latency)",
+            "bench.roundtrip",
+        ),
+    )
+}
+
+Runner = Callable[[tuple[str, int] | None, int], Awaitable["Result"]]
+
+
+def _run_loop(make: Callable[[], Awaitable[Result]]) -> Result:
+    async def main() -> Result:
+        return await make()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(main())
+    return uvloop.run(main())
+
 
 def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, rounds: int) -> int:
-    raise SystemExit(f"midbridge bench: no benchmark named {name!r} yet")
+    if name == "list":
+        if as_json:
+            listing = [{"name": b.name, "summary": b.summary} for b in BENCHMARKS.values()]
+            print(orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode())
+        else:
+            width = max(len(n) for n in BENCHMARKS)
+            for bench in BENCHMARKS.values():
+                print(f"{bench.name.ljust(width)}  {bench.summary}")
+        return 0
+    bench = BENCHMARKS.get(name)
+    if bench is None:
+        known = ", ".join(sorted(BENCHMARKS))
+        print(f"midbridge bench: no benchmark named {name!r} (known: {known})", file=sys.stderr)
+        return 2
+    if rounds < 1:
+        print("midbridge bench: --rounds must be at least 1", file=sys.stderr)
+        return 2
+
+    from bench.common import machine_info, raise_nofile_limit, render, to_json
+
+    raise_nofile_limit()
+    machine = machine_info()
+    module = importlib.import_module(bench.module)
+    run: Runner = module.run
+    try:
+        result = _run_loop(lambda: run(broker, rounds))
+    except BenchError as exc:
+        print(f"midbridge bench {name}: {exc}", file=sys.stderr)
+        return 1
+    from bench.common import loadavg
+
+    machine["loadavg_after"] = loadavg()
+    result.machine = {**machine, **result.machine}
+    print(to_json(result) if as_json else render(result))
+    return 0
+
+
+class BenchError(Exception):
+    """A benchmark could not run (a tool missing, a child that did not start)."""

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         "--broker", type=_broker_arg, default=None, help="use this broker instead of starting one"
     )
     demo.add_argument("--hosts", type=int, default=254, help="loopback addresses to sweep")
+    demo.add_argument("--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                      help="which broker to start when none is given")
 
     bench = sub.add_parser("bench", help="benchmarks beside their peers (see docs/benchmarks.md)")
     bench.add_argument("name", help="benchmark name, or 'list'")
@@ -90,7 +93,15 @@ async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Bridge(config) as bridge:
+    async with AsyncExitStack() as stack:
+        bridge = await stack.enter_async_context(Bridge(config))
+        if config.metrics_port is not None:
+            from bridge.metrics import serve_metrics
+
+            port = await stack.enter_async_context(
+                serve_metrics(bridge, config.metrics_host, config.metrics_port)
+            )
+            log.info("metrics on http://%s:%s/metrics", config.metrics_host, port)
         waiter = asyncio.ensure_future(stop.wait())
         failure = asyncio.ensure_future(bridge.serve_forever())
         await asyncio.wait({waiter, failure}, return_when=asyncio.FIRST_COMPLETED)
@@ -149,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.demo import run_demo
 
             _setup_logging(args.log_level or "warning")
-            return _run_loop(run_demo(broker=args.broker, hosts=args.hosts))
+            return _run_loop(
+                run_demo(broker=args.broker, hosts=args.hosts, embedded=args.embedded)
+            )
         if args.command == "bench":
             from bench import run_bench
 

@@ -23,12 +23,24 @@ from bridge.transport import Delivery, MqttSession
 
 @dataclass
 class JobResult:
+    """The answers to one job, kept per run (a job re-run after a crash has two runs)."""
+
     sys_id: str
-    chunks: dict[int, dict[str, Any]] = field(default_factory=dict)  # sequence → record
+    runs: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # run → seq → rec
+    complete_run: str | None = None
     complete_at: int | None = None  # sequence of the complete record
     duplicates: int = 0
     complete_ids: set[str] = field(default_factory=set)  # input sys_ids marked complete
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def chunks(self) -> dict[int, dict[str, Any]]:
+        """The chunks of the run that completed (before that: of the latest run)."""
+        if self.complete_run is not None:
+            return self.runs.get(self.complete_run, {})
+        if not self.runs:
+            return {}
+        return self.runs[next(reversed(self.runs))]
 
     @property
     def done(self) -> bool:
@@ -36,7 +48,8 @@ class JobResult:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        return [self.chunks[i] for i in sorted(self.chunks)]
+        chunks = self.chunks
+        return [chunks[i] for i in sorted(chunks)]
 
     @property
     def final(self) -> dict[str, Any]:
@@ -46,6 +59,24 @@ class JobResult:
     @property
     def error_string(self) -> str:
         return str(self.final.get("error_string") or "") if self.complete_at is not None else ""
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Keep one copy of each (run, sequence); True if it was new."""
+        run = str(record.get("run", ""))
+        seq = int(record.get("sequence", 0))
+        if record.get("complete"):
+            self.complete_ids.add(str(record.get("sys_id")))
+        chunks = self.runs.setdefault(run, {})
+        if seq in chunks:
+            self.duplicates += 1
+            return False
+        chunks[seq] = record
+        if record.get("complete") and self.complete_run is None:
+            self.complete_run = run
+            self.complete_at = seq
+        if self.done:
+            self.finished.set()
+        return True
 
 
 def output_record(
@@ -124,19 +155,8 @@ class EccClient:
             if result is None:
                 self.stray.append(record)
                 continue
-            seq = int(record.get("sequence", 0))
-            if record.get("complete"):
-                result.complete_ids.add(str(record.get("sys_id")))
-            if seq in result.chunks:
-                result.duplicates += 1
-                continue
-            result.chunks[seq] = record
-            if record.get("complete"):
-                result.complete_at = seq
-            if self._on_record is not None:
+            if result.add(record) and self._on_record is not None:
                 self._on_record(record)
-            if result.done:
-                result.finished.set()
         return True
 
     async def send(

@@ -59,6 +59,7 @@ class BridgeSection(Section):
     topic_prefix: str = Field("ecc", pattern=r"^[A-Za-z0-9_.\-/]{1,64}$")
     state_dir: Path = Path("./midbridge-state")
     shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # $share/<g>/...
+    credentials_file: Path | None = None  # TOML [[credential]] tables, owner-only (chmod 600)
 
     @property
     def agent_id(self) -> str:
@@ -110,7 +111,8 @@ class Config(Section):
     limits: LimitsConfig = LimitsConfig()
     probes: ProbesConfig = ProbesConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # /healthz and /metrics; None: off
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

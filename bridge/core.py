@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import Config
+from bridge.credentials import LocalCredentials, NoCredentials
 from bridge.egress import Egress
 from bridge.errors import BridgeError, Refused, UnknownTopic
-from bridge.jobs import ProbeContext, ProbeSpec
+from bridge.jobs import CredentialResolver, ProbeContext, ProbeSpec
 from bridge.ratelimit import RateLimiter
 from bridge.records import OutputRecord, Rejected, decode_outputs
 from bridge.runner import Counters, answer_rejected, run_job
@@ -88,6 +89,10 @@ class Bridge:
         self.express: MqttSession
         self.out: MqttSession
         self._contexts: dict[str, ProbeContext] = {}
+        self.credentials: CredentialResolver = NoCredentials()
+        if config.bridge.credentials_file is not None:
+            self.credentials = LocalCredentials.from_file(config.bridge.credentials_file)
+        self.resources: dict[str, Any] = {}  # shared clients probes open lazily (HTTP, SSH)
         self._connected_sessions: list[MqttSession] = []
         self._service_tasks: list[asyncio.Task[None]] = []
 
@@ -149,6 +154,7 @@ class Bridge:
                 self._tasks.create_task(self.egress.run_publisher(), name="egress-publisher"),
             ]
             self._stack.push_async_callback(self._disconnect_sessions)
+            self._stack.push_async_callback(self._close_resources)
             self._jobs = await self._stack.enter_async_context(asyncio.TaskGroup())
             self._stack.push_async_callback(self._drain)
             # Redelivered jobs may arrive the moment a session connects: all is ready now.
@@ -196,6 +202,19 @@ class Bridge:
             if not self.out.connected.is_set():
                 break
             await asyncio.sleep(0.02)
+
+    async def _close_resources(self) -> None:
+        """Close the shared clients probes opened (``aclose()`` or ``close()``)."""
+        for name, resource in list(self.resources.items()):
+            try:
+                closer = getattr(resource, "aclose", None) or getattr(resource, "close", None)
+                if closer is not None:
+                    result = closer()
+                    if asyncio.iscoroutine(result):
+                        await result
+            except Exception:
+                log.warning("closing %s failed", name, exc_info=True)
+        self.resources.clear()
 
     async def _disconnect_sessions(self) -> None:
         for session in reversed(self._connected_sessions):
@@ -304,6 +323,8 @@ class Bridge:
                 rate=self.rate,
                 per_host_limit=self.config.limits.per_host,
                 settings=self._settings(spec.topic),
+                credentials=self.credentials,
+                resources=self.resources,
             )
             self._contexts[spec.topic] = ctx
         return ctx
@@ -343,6 +364,17 @@ class Bridge:
             self._job_ended.set()
 
     # --- control ----------------------------------------------------------------------
+
+    def sessions(self) -> dict[str, MqttSession]:
+        return {
+            name: s
+            for name, s in (
+                ("bulk", getattr(self, "bulk", None)),
+                ("express", getattr(self, "express", None)),
+                ("out", getattr(self, "out", None)),
+            )
+            if s is not None
+        }
 
     def cancel(self, sys_id: str) -> bool:
         return self.scheduler.cancel(sys_id)

@@ -70,11 +70,13 @@ async def demo_targets() -> AsyncIterator[list[tuple[str, int]]]:
             await server.wait_closed()
 
 
-async def run_demo(*, broker: tuple[str, int] | None = None, hosts: int = 254) -> int:
+async def run_demo(
+    *, broker: tuple[str, int] | None = None, hosts: int = 254, embedded: str = "auto"
+) -> int:
     console = Console()
     hosts = max(1, min(hosts, 254))
     async with AsyncExitStack() as stack:
-        address = await stack.enter_async_context(embedded_broker(preferred=broker))
+        address = await stack.enter_async_context(embedded_broker(preferred=broker, force=embedded))  # type: ignore[arg-type]
         console.print(
             f"broker: {address.kind} on {address.host}:{address.port} (MQTT {address.protocol})"
         )
@@ -103,6 +105,7 @@ async def run_demo(*, broker: tuple[str, int] | None = None, hosts: int = 254) -
             banner=True,
             console=console,
             timeout=120.0,
+            chunk_hosts=16,
         )
         return 1 if result.error_string else 0
     return 1

@@ -255,6 +255,7 @@ class InputRecord:
     payload: dict[str, Any]
     error_string: str = ""
     probe_time_ms: float | None = None
+    run: str = field(default_factory=new_sys_id)  # one execution of the job; chunks share it
     sys_id: str = field(default_factory=new_sys_id)
     sys_created_on: str = field(default_factory=now_text)
 
@@ -275,6 +276,7 @@ class InputRecord:
             "sys_created_on": self.sys_created_on,
             "sequence": self.sequence,
             "complete": self.complete,
+            "run": self.run,
             "result_code": 1 if self.error_string else 0,
         }
         if self.probe_time_ms is not None:

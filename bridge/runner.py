@@ -16,7 +16,14 @@ from typing import Any
 
 from bridge.errors import BridgeError, Cancelled, Expired, ProbeTimeout
 from bridge.jobs import Job, ProbeContext, ProbeParams, ProbeSpec
-from bridge.records import InputRecord, OutputRecord, Rejected, error_input, error_payload
+from bridge.records import (
+    InputRecord,
+    OutputRecord,
+    Rejected,
+    error_input,
+    error_payload,
+    new_sys_id,
+)
 from bridge.scheduler import RunningJob, Scheduler
 
 log = logging.getLogger("midbridge.runner")
@@ -47,6 +54,7 @@ def chunk_record(
     payload: dict[str, Any],
     *,
     complete: bool,
+    run: str,
     probe_time_ms: float | None = None,
 ) -> InputRecord:
     return InputRecord(
@@ -61,6 +69,7 @@ def chunk_record(
         complete=complete,
         payload=payload,
         probe_time_ms=probe_time_ms,
+        run=run,
     )
 
 
@@ -96,18 +105,25 @@ async def run_job(
     sequence = 0
     held: dict[str, Any] | None = None
     started = time.perf_counter()
+    run = new_sys_id()  # this execution; a rerun after a crash gets another
 
     async def fail(error: BridgeError) -> None:
         nonlocal sequence, held
         counters.failure(error.kind)
         if held is not None:  # keep the partial result: long sweeps are never all-or-nothing
-            partial = chunk_record(record, agent, sequence, held, complete=False)
+            partial = chunk_record(record, agent, sequence, held, complete=False, run=run)
             held = None
             await submit([partial.to_wire()], None)
             sequence += 1
         elapsed = (time.perf_counter() - started) * 1000.0
         rec = chunk_record(
-            record, agent, sequence, error_payload(error), complete=True, probe_time_ms=elapsed
+            record,
+            agent,
+            sequence,
+            error_payload(error),
+            complete=True,
+            run=run,
+            probe_time_ms=elapsed,
         )
         rec.error_string = f"{error.kind}: {error}"
         await submit([rec.to_wire()], record.sys_id)
@@ -128,7 +144,9 @@ async def run_job(
                     try:
                         async for chunk in agen:
                             if held is not None:
-                                rec = chunk_record(record, agent, sequence, held, complete=False)
+                                rec = chunk_record(
+                                    record, agent, sequence, held, complete=False, run=run
+                                )
                                 await submit([rec.to_wire()], None)
                                 sequence += 1
                             held = chunk
@@ -148,6 +166,7 @@ async def run_job(
             sequence,
             held if held is not None else {},
             complete=True,
+            run=run,
             probe_time_ms=elapsed,
         )
         await submit([final.to_wire()], record.sys_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ async def run_sweep(
     banner: bool = False,
     console: Console | None = None,
     show_all: bool = False,
+    chunk_hosts: int | None = None,
 ) -> JobResult:
     console = console or Console()
     payload: dict[str, Any] = {"targets": targets}
@@ -31,6 +33,8 @@ async def run_sweep(
         payload["ports"] = ports
     if banner:
         payload["banner"] = True
+    if chunk_hosts:
+        payload["chunk_hosts"] = chunk_hosts
     record = output_record(
         "Shazzam", agent=f"mid.server.{agent}", payload=payload, source=targets, timeout=timeout
     )
@@ -75,6 +79,14 @@ def sweep_hosts(result: JobResult) -> list[dict[str, Any]]:
     return hosts
 
 
+def _address_key(host: dict[str, Any]) -> tuple[int, int]:
+    try:
+        address = ipaddress.ip_address(str(host.get("ip")))
+    except ValueError:
+        return (9, 0)
+    return (address.version, int(address))
+
+
 def print_sweep(result: JobResult, *, console: Console, elapsed: float, show_all: bool) -> None:
     if result.error_string:
         console.print(f"[red]sweep failed[/red]: {result.error_string}")
@@ -87,7 +99,7 @@ def print_sweep(result: JobResult, *, console: Console, elapsed: float, show_all
     table.add_column("closed", justify="right")
     table.add_column("filtered", justify="right")
     shown = 0
-    for host in hosts:
+    for host in sorted(hosts, key=_address_key):
         open_ports = host.get("open") or []
         if not open_ports and not show_all:
             continue

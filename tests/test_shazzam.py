@@ -93,12 +93,21 @@ async def listener(host: str, greeting: bytes = b"") -> AsyncIterator[int]:
                 await reader.read(1)  # until the prober resets the connection
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     server = await asyncio.start_server(handle, host, 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        # A connection accepted just now reaches its handler a few loop turns later:
+        # wait (bounded) until no new handler shows up and the known ones have ended.
+        for _ in range(50):
+            seen = len(handlers)
+            await asyncio.sleep(0.01)
+            if len(handlers) == seen and all(task.done() for task in handlers):
+                break
         for task in handlers:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)

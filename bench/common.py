@@ -1,0 +1,467 @@
+"""Shared pieces of the benchmarks: results and their printing, machine facts, child processes.
+
+A benchmark measures a *peer* (a named reference tool) and *ours* (midbridge) side by side in
+one run: ``rounds`` rounds, each measuring both (the order alternates from round to round so
+neither side always runs on a warmer machine), and the median of each side is kept. The
+headline ratio is ``median(ours) / median(peer)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.config import Config
+from bridge.embedded_broker import BrokerEndpoint, embedded_broker, find_mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One measurement of one side: ``count`` units of work in ``seconds``."""
+
+    count: int
+    seconds: float
+    cpu_s: float | None = None  # CPU the measured process used meanwhile (all its threads)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "rate": round(self.rate, 1),
+            "count": self.count,
+            "seconds": round(self.seconds, 6),
+        }
+        if self.cpu_s is not None:
+            data["cpu_s"] = round(self.cpu_s, 3)
+            data["cpu_us_per_unit"] = round(self.cpu_s / self.count * 1e6, 2) if self.count else 0
+        data.update(self.extra)
+        return data
+
+
+@dataclass
+class Round:
+    index: int
+    order: tuple[str, str]
+    peer: Side
+    ours: Side
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.rate / self.peer.rate if self.peer.rate else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.index,
+            "order": list(self.order),
+            "peer": self.peer.as_dict(),
+            "ours": self.ours.as_dict(),
+            "ratio": round(self.ratio, 3),
+        }
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Result:
+    name: str
+    unit: str
+    goal: float  # the ratio ours / peer aimed at
+    peer: str  # what the peer is, in words
+    ours: str
+    peer_command: list[str]
+    ours_command: list[str]
+    workload: str
+    rounds: list[Round] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)  # printed after the rounds
+    warnings: list[str] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    broker: dict[str, Any] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat())
+
+    @property
+    def peer_rate(self) -> float:
+        return median([r.peer.rate for r in self.rounds])
+
+    @property
+    def ours_rate(self) -> float:
+        return median([r.ours.rate for r in self.rounds])
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_rate / self.peer_rate if self.peer_rate else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "peer": self.peer,
+            "ours": self.ours,
+            "peer_rate": round(self.peer_rate, 1),
+            "ours_rate": round(self.ours_rate, 1),
+            "ratio": round(self.ratio, 3),
+            "goal": self.goal,
+            "goal_met": self.ratio >= self.goal,
+            "median_of_round_ratios": round(median([r.ratio for r in self.rounds]), 3),
+            "workload": self.workload,
+            "peer_command": self.peer_command,
+            "ours_command": self.ours_command,
+            "rounds": [r.as_dict() for r in self.rounds],
+            "details": self.details,
+            "warnings": self.warnings,
+            "broker": self.broker,
+            "machine": self.machine,
+            "date": self.date,
+        }
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by the nearest-rank method."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q * len(ordered) + 0.5)))
+    return float(ordered[rank - 1])
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def render_table(table: Table) -> str:
+    widths = [len(h) for h in table.headers]
+    for row in table.rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    out = [table.title, line(table.headers), line(["-" * w for w in widths])]
+    out += [line(row) for row in table.rows]
+    return "\n".join(out)
+
+
+def render(result: Result) -> str:
+    unit = result.unit
+    rows = [
+        [
+            str(r.index),
+            "→".join(r.order),
+            fmt_rate(r.peer.rate),
+            fmt_rate(r.ours.rate),
+            f"{r.ratio:.2f}",
+        ]
+        for r in result.rounds
+    ]
+    rows.append(
+        [
+            "median",
+            "",
+            fmt_rate(result.peer_rate),
+            fmt_rate(result.ours_rate),
+            f"{result.ratio:.2f}",
+        ]
+    )
+    main = Table(
+        f"{result.name}: {result.workload}",
+        ["round", "order", f"peer {unit}", f"ours {unit}", "ratio"],
+        rows,
+    )
+    verdict = "met" if result.ratio >= result.goal else "NOT met"
+    parts = [
+        render_table(main),
+        f"peer: {result.peer}\n  $ {' '.join(result.peer_command)}",
+        f"ours: {result.ours}\n  $ {' '.join(result.ours_command)}",
+        f"ratio ours/peer {result.ratio:.2f} (goal ≥ {result.goal:g}: {verdict})",
+    ]
+    parts += [render_table(t) for t in result.tables]
+    m = result.machine
+    parts.append(
+        f"machine: {m.get('cores')} cores ({m.get('cpu_model')}), python {m.get('python')}, "
+        f"gmqtt {m.get('gmqtt')}, uvloop {m.get('uvloop')}, {m.get('mosquitto')}, "
+        f"{m.get('nmap')}; broker {result.broker.get('kind')} "
+        f"{result.broker.get('host')}:{result.broker.get('port')}; load "
+        f"{m.get('loadavg_before')} → {m.get('loadavg_after')}"
+    )
+    parts += [f"WARNING: {w}" for w in result.warnings]
+    return "\n\n".join(parts)
+
+
+def to_json(result: Result) -> str:
+    return orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode()
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout stays clean for ``--json``)."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+def _first_line(command: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def _memory_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    return None
+
+
+def loadavg() -> list[float]:
+    with contextlib.suppress(OSError, ValueError):
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    return []
+
+
+def _git_revision() -> str | None:
+    rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    if rev is None:
+        return None
+    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain"])
+    return rev + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    mosquitto = find_mosquitto()
+    nmap = shutil.which("nmap")
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "memory_gib": _memory_gib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "midbridge": _version("midbridge"),
+        "git": _git_revision(),
+        "gmqtt": _version("gmqtt"),
+        "uvloop": _version("uvloop"),
+        "orjson": _version("orjson"),
+        "mosquitto": _first_line([mosquitto, "-h"]) if mosquitto else None,
+        "nmap": _first_line([nmap, "--version"]) if nmap else None,
+        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "loadavg_before": loadavg(),
+    }
+
+
+def raise_nofile_limit() -> None:
+    """Soft file-descriptor limit up to the hard one; children (nmap, the bridge) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1_048_576)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- CPU accounting -------------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a live process has used so far."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds used by the children this process has waited for (nmap runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_pid(name: str) -> int | None:
+    """The pid of one of this process's children whose command name is ``name``."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        if ppid == me and comm == name:
+            return int(entry.name)
+    return None
+
+
+class CpuMeter:
+    """CPU used by a live process between ``start()`` and ``stop()``."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self._start: float | None = None
+
+    def start(self) -> None:
+        self._start = process_cpu(self.pid) if self.pid else None
+
+    def stop(self) -> float | None:
+        if self.pid is None or self._start is None:
+            return None
+        end = process_cpu(self.pid)
+        return None if end is None else end - self._start
+
+
+# --- the broker ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def bench_broker(broker: tuple[str, int] | None) -> AsyncIterator[BrokerEndpoint]:
+    """The broker given, else a private mosquitto (raised limits, ``set_tcp_nodelay``)."""
+    if broker is not None:
+        async with embedded_broker(broker) as endpoint:
+            yield endpoint
+    else:
+        async with embedded_broker(force="mosquitto") as endpoint:
+            yield endpoint
+
+
+def broker_facts(endpoint: BrokerEndpoint) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "kind": endpoint.kind,
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "protocol": endpoint.protocol,
+    }
+    if endpoint.kind == "mosquitto":
+        facts["config"] = "bridge.embedded_broker.mosquitto_config (set_tcp_nodelay, raised limits)"
+    return facts
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """This process's environment without MIDBRIDGE_*, plus ``config`` as MIDBRIDGE_* vars."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIDBRIDGE_")}
+
+    def put(prefix: str, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            name = f"{prefix}__{key.upper()}" if prefix else key.upper()
+            if isinstance(value, dict):
+                put(name, value)
+            elif value is not None:
+                text = value if isinstance(value, str) else orjson.dumps(value).decode()
+                env["MIDBRIDGE_" + name] = text
+
+    put("", config.model_dump(mode="json"))
+    return env
+
+
+BRIDGE_COMMAND = [sys.executable, "-m", "bridge", "--log-level", "info", "run"]
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def bridge_process(
+    config: Config, log_path: Path, *, ready_timeout: float = 30.0
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m bridge run`` configured through MIDBRIDGE_* variables, up and subscribed."""
+    with log_path.open("ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            *BRIDGE_COMMAND,
+            env=config_env(config),
+            cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            text = log_path.read_bytes().decode(errors="replace")
+            if " up: " in text:
+                break
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bridge did not come up; its log:\n{text[-3000:]}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.05)
+        yield proc
+    finally:
+        await stop_process(proc)
+
+
+def log_problems(log_path: Path) -> list[str]:
+    """WARNING/ERROR lines a child wrote to its log (they would cast doubt on a result)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if " WARNING " in line or " ERROR " in line][:10]

@@ -1,0 +1,95 @@
+"""The command line: demo (both embedded brokers), run with bad config, sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import BrokerAddress
+from tests.harness import REPO, BridgeProcess, make_config
+
+
+def midbridge(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("embedded", ["mosquitto", "amqtt"])
+def test_demo_runs_a_sweep_and_prints_results(embedded: str) -> None:
+    done = midbridge("demo", "--embedded", embedded, "--hosts", "40")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert f"broker: {embedded}" in out
+    assert "127.0.0.10" in out
+    assert "SSH-2.0-OpenSSH_9.2p1 midbridge-demo" in out
+    assert "127.0.0.12" in out
+    assert "5985/winrm" in out
+    assert "40 addresses, 40 alive" in out
+    assert "Traceback" not in done.stderr
+
+
+def test_run_refuses_unknown_config_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[broker]\nhots = 'x'\n")
+    done = midbridge("run", "--config", str(config), timeout=30)
+    assert done.returncode == 2
+    assert "broker.hots: unknown key" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_names_an_unreachable_broker(tmp_path: Path) -> None:
+    env = {"MIDBRIDGE_BROKER__PORT": "1", "MIDBRIDGE_BRIDGE__STATE_DIR": str(tmp_path)}
+    done = midbridge("run", env=env, timeout=30)
+    assert done.returncode == 2
+    assert "cannot reach the broker at 127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_sweep_command_against_a_running_bridge(
+    broker: BrokerAddress, unique_agent: str, tmp_path: Path
+) -> None:
+    config = make_config(broker.host, broker.port, unique_agent, tmp_path / "state")
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    bridge.start()
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.3", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "sweep",
+            "127.0.0.1-127.0.0.5",
+            "--ports",
+            str(port),
+            "--broker",
+            f"{broker.host}:{broker.port}",
+            "--agent",
+            unique_agent,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "COLUMNS": "120"},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        server.close()
+        bridge.stop()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    text = out.decode()
+    assert "127.0.0.3" in text
+    assert f"{port}/" in text
+    assert "5 addresses, 5 alive, 1 open ports" in text
