@@ -68,8 +68,8 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
             for bench in BENCHMARKS.values():
                 print(f"{bench.name.ljust(width)}  {bench.summary}")
         return 0
-    bench = BENCHMARKS.get(name)
-    if bench is None:
+    chosen = BENCHMARKS.get(name)
+    if chosen is None:
         known = ", ".join(sorted(BENCHMARKS))
         print(f"midbridge bench: no benchmark named {name!r} (known: {known})", file=sys.stderr)
         return 2
@@ -81,7 +81,7 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
 
     raise_nofile_limit()
     machine = machine_info()
-    module = importlib.import_module(bench.module)
+    module = importlib.import_module(chosen.module)
     run: Runner = module.run
     try:
         result = _run_loop(lambda: run(broker, rounds))

@@ -90,6 +90,7 @@ class Table:
     title: str
     headers: list[str]
     rows: list[list[str]]
+    left: int = 1  # columns aligned left; the rest are numbers, aligned right
 
 
 @dataclass
@@ -169,8 +170,10 @@ def render_table(table: Table) -> str:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [cells[0].ljust(widths[0])]
-        parts += [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        parts = [
+            cell.ljust(width) if i < table.left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     out = [table.title, line(table.headers), line(["-" * w for w in widths])]
@@ -203,6 +206,7 @@ def render(result: Result) -> str:
         f"{result.name}: {result.workload}",
         ["round", "order", f"peer {unit}", f"ours {unit}", "ratio"],
         rows,
+        left=2,
     )
     verdict = "met" if result.ratio >= result.goal else "NOT met"
     parts = [
@@ -446,7 +450,7 @@ async def bridge_process(
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
-            text = log_path.read_bytes().decode(errors="replace")
+            text = _read_log(log_path)
             if " up: " in text:
                 break
             if proc.returncode is not None or time.monotonic() > deadline:
@@ -456,6 +460,10 @@ async def bridge_process(
         yield proc
     finally:
         await stop_process(proc)
+
+
+def _read_log(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace")
 
 
 def log_problems(log_path: Path) -> list[str]:

@@ -55,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         "--broker", type=_broker_arg, default=None, help="use this broker instead of starting one"
     )
     demo.add_argument("--hosts", type=int, default=254, help="loopback addresses to sweep")
-    demo.add_argument("--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
-                      help="which broker to start when none is given")
+    demo.add_argument(
+        "--embedded",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="which broker to start when none is given",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks beside their peers (see docs/benchmarks.md)")
     bench.add_argument("name", help="benchmark name, or 'list'")
@@ -72,9 +76,11 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("midbridge.gmqtt").setLevel(
-        logging.ERROR if level != "debug" else logging.DEBUG
-    )
+    quiet = logging.ERROR if level != "debug" else logging.DEBUG
+    logging.getLogger("midbridge.gmqtt").setLevel(quiet)
+    logging.getLogger("gmqtt").setLevel(quiet)
+    # asyncssh logs every connection and channel at INFO.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -160,9 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.demo import run_demo
 
             _setup_logging(args.log_level or "warning")
-            return _run_loop(
-                run_demo(broker=args.broker, hosts=args.hosts, embedded=args.embedded)
-            )
+            return _run_loop(run_demo(broker=args.broker, hosts=args.hosts, embedded=args.embedded))
         if args.command == "bench":
             from bench import run_bench
 

@@ -60,11 +60,25 @@ class BridgeSection(Section):
     state_dir: Path = Path("./midbridge-state")
     shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # $share/<g>/...
     credentials_file: Path | None = None  # TOML [[credential]] tables, owner-only (chmod 600)
+    instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # cluster member
 
     @property
     def agent_id(self) -> str:
         """ServiceNow's agent field: ``mid.server.<NAME>``."""
         return f"mid.server.{self.agent}"
+
+
+class SecurityConfig(Section):
+    require_validation: bool = True  # credential-bearing jobs refused until validated
+    require_signatures: bool = False  # the hardened config turns this on
+    platform_key: str | None = None  # the platform's Ed25519 public key, raw, base64
+    status_interval: float = Field(30.0, gt=0, le=3600)  # seconds between status records
+
+    @model_validator(mode="after")
+    def _key_for_signatures(self) -> SecurityConfig:
+        if self.require_signatures and not self.platform_key:
+            raise ValueError("platform_key: required when require_signatures is on")
+        return self
 
 
 class LimitsConfig(Section):
@@ -110,6 +124,7 @@ class Config(Section):
     bridge: BridgeSection = BridgeSection()
     limits: LimitsConfig = LimitsConfig()
     probes: ProbesConfig = ProbesConfig()
+    security: SecurityConfig = SecurityConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /healthz and /metrics; None: off

@@ -17,25 +17,73 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from bridge import __version__
 from bridge.config import Config
+from bridge.control import CONTROL_RESOURCE
 from bridge.credentials import LocalCredentials, NoCredentials
 from bridge.egress import Egress
-from bridge.errors import BridgeError, Refused, UnknownTopic
-from bridge.jobs import CredentialResolver, ProbeContext, ProbeSpec
+from bridge.errors import BridgeError, CredentialError, Refused, UnknownTopic
+from bridge.identity import Identity, SignatureCheck
+from bridge.jobs import Credential, CredentialResolver, ProbeContext, ProbeSpec
 from bridge.ratelimit import RateLimiter
 from bridge.records import OutputRecord, Rejected, decode_outputs
 from bridge.runner import Counters, answer_rejected, run_job
-from bridge.scheduler import Admission, RunningJob, Scheduler
+from bridge.scheduler import CONTROL_LANE, LANE_NAMES, Admission, RunningJob, Scheduler
 from bridge.store import StateStore
 from bridge.transport import Delivery, MqttSession
 
 log = logging.getLogger("midbridge.bridge")
+
+
+class _GatedCredentials:
+    """A job's credentials: sealed in its record for this bridge, then the local file.
+
+    Nothing is handed out until the MID is validated (unless the configuration says
+    validation is not required). Decrypted secrets live only in the returned objects.
+    """
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    async def resolve(
+        self, record: OutputRecord, *, credential_id: str | None, types: tuple[str, ...]
+    ) -> list[Credential]:
+        bridge = self.bridge
+        if not bridge._may_use_credentials():
+            raise Refused(bridge._not_validated_message(), field="credentials")
+        sealed = [
+            bridge.identity.decrypt_credential(item, sys_id=record.sys_id)
+            for item in record.credentials
+        ]
+        if credential_id is not None:
+            for cred in sealed:
+                if cred.id == credential_id:
+                    if cred.type not in types:
+                        raise CredentialError(
+                            f"credential {credential_id[:80]!r} is of type {cred.type}, "
+                            f"this probe takes {', '.join(types)}",
+                            field="credential_id",
+                        )
+                    return [cred]
+            return await bridge.credentials.resolve(
+                record, credential_id=credential_id, types=types
+            )
+        found = [cred for cred in sealed if cred.type in types]
+        try:
+            found += await bridge.credentials.resolve(record, credential_id=None, types=types)
+        except CredentialError:
+            if not found:
+                raise
+        return found
 
 
 class _Stopping(Exception):
@@ -92,7 +140,18 @@ class Bridge:
         self.credentials: CredentialResolver = NoCredentials()
         if config.bridge.credentials_file is not None:
             self.credentials = LocalCredentials.from_file(config.bridge.credentials_file)
-        self.resources: dict[str, Any] = {}  # shared clients probes open lazily (HTTP, SSH)
+        self.resources: dict[str, Any] = {CONTROL_RESOURCE: self}  # shared clients probes open
+        self.identity = Identity(config.bridge.state_dir)
+        self.signatures = (
+            SignatureCheck(config.security.platform_key)
+            if config.security.require_signatures and config.security.platform_key
+            else None
+        )
+        self.status = "Up"
+        self.last_heartbeat: float | None = None
+        self._intake_open = asyncio.Event()
+        self._intake_open.set()
+        self.host = socket.gethostname()
         self._connected_sessions: list[MqttSession] = []
         self._service_tasks: list[asyncio.Task[None]] = []
 
@@ -116,8 +175,9 @@ class Bridge:
             client_base = f"midbridge-{cfg.bridge.agent}"
             output_topic = self.topics.output
             if cfg.bridge.shared_group:
+                # A stable id per member, so a restarted member resumes its own session.
                 output_topic = f"$share/{cfg.bridge.shared_group}/{output_topic}"
-                client_base = f"{client_base}-{os.getpid()}"
+                client_base = f"{client_base}-{cfg.bridge.instance or self.host}"
             # The publishing session is the bulk one; the egress waits on its connection.
             self.bulk = MqttSession(
                 cfg.broker,
@@ -139,6 +199,8 @@ class Bridge:
                 cfg.broker,
                 client_id=f"{client_base}-out",
                 receive_maximum=limits.express_in_flight,
+                # The broker publishes this if we die: the retained status turns Down.
+                will=(self.topics.status, orjson.dumps(self.status_record(status="Down"))),
             )
             self.egress = Egress(
                 self.store,
@@ -164,6 +226,8 @@ class Bridge:
             self._connected_sessions.append(self.bulk)
             await self.express.__aenter__()
             self._connected_sessions.append(self.express)
+            await self.publish_status()
+            self._service_tasks.append(self._tasks.create_task(self._status_loop(), name="status"))
         except BaseException:
             await self._stack.aclose()
             raise
@@ -216,7 +280,17 @@ class Bridge:
                 log.warning("closing %s failed", name, exc_info=True)
         self.resources.clear()
 
+    async def _publish_down(self) -> None:
+        if self.out.connected.is_set():
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.publish_status("Down")
+            except Exception:
+                log.warning("could not publish the Down status", exc_info=True)
+
     async def _disconnect_sessions(self) -> None:
+        if self.out in self._connected_sessions:
+            await self._publish_down()
         for session in reversed(self._connected_sessions):
             await session.__aexit__(None, None, None)
         self._closed.set()
@@ -244,7 +318,10 @@ class Bridge:
             return False
         limits = self.config.limits
         items = decode_outputs(
-            delivery.payload, max_bytes=limits.max_message_bytes, max_batch=limits.max_batch
+            delivery.payload,
+            max_bytes=limits.max_message_bytes,
+            max_batch=limits.max_batch,
+            verify=self.signatures.verify if self.signatures else None,
         )
         waits: list[asyncio.Future[None]] = []
         try:
@@ -278,15 +355,22 @@ class Bridge:
         try:
             spec = self._check(item)
             params = spec.build_params(item, self._settings(spec.topic))
+            if (spec.needs_credentials or item.credentials) and not self._may_use_credentials():
+                raise Refused(self._not_validated_message(), field="credentials")
         except BridgeError as exc:
             await answer_rejected(item, exc, self.agent_id, self._submit, self.counters)
             return None
+        if not spec.control:
+            await self._intake_open.wait()  # paused or drained: the message waits unacked
+            if not self.accepting:
+                raise _Stopping
         await admission.acquire()
         if not self.accepting:  # the bridge began to stop while this record waited
             admission.release()
             raise _Stopping
         loop = asyncio.get_running_loop()
-        entry = RunningJob(item.sys_id, item.priority, loop.create_future())
+        lane = CONTROL_LANE if spec.control else item.priority
+        entry = RunningJob(item.sys_id, lane, loop.create_future())
         self.scheduler.running[item.sys_id] = entry
         assert self._jobs is not None
         entry.task = self._jobs.create_task(
@@ -323,11 +407,21 @@ class Bridge:
                 rate=self.rate,
                 per_host_limit=self.config.limits.per_host,
                 settings=self._settings(spec.topic),
-                credentials=self.credentials,
+                credentials=_GatedCredentials(self),
                 resources=self.resources,
+                state_dir=self.config.bridge.state_dir,
             )
             self._contexts[spec.topic] = ctx
         return ctx
+
+    def _may_use_credentials(self) -> bool:
+        return self.identity.validated or not self.config.security.require_validation
+
+    def _not_validated_message(self) -> str:
+        return (
+            "this MID is not validated: jobs that need credentials are refused until an "
+            f"administrator validates key {self.identity.fingerprint[:16]}..."
+        )
 
     async def _run(
         self,
@@ -379,8 +473,94 @@ class Bridge:
     def cancel(self, sys_id: str) -> bool:
         return self.scheduler.cancel(sys_id)
 
+    # --- control (HeartbeatProbe, SystemCommand) and status ----------------------------
+
+    async def pause(self) -> None:
+        self._intake_open.clear()
+        self.status = "Paused"
+        await self.publish_status()
+
+    async def resume(self) -> None:
+        self._intake_open.set()
+        self.status = "Up"
+        await self.publish_status()
+
+    async def drain(self) -> None:
+        """Take nothing new; report Drained once the work in flight is done."""
+        self._intake_open.clear()
+        self.status = "Draining"
+        await self.publish_status()
+        assert self._tasks is not None
+        self._service_tasks.append(self._tasks.create_task(self._finish_drain(), name="drain"))
+
+    async def _finish_drain(self) -> None:
+        while any(not self._is_control(job) for job in self.scheduler.running.values()):
+            self._job_ended.clear()
+            await self._job_ended.wait()
+        if self.status == "Draining":
+            self.status = "Drained"
+            await self.publish_status()
+
+    def _is_control(self, job: RunningJob) -> bool:
+        return job.lane == CONTROL_LANE
+
+    async def validate(self, fingerprint: str) -> None:
+        self.identity.validate(fingerprint)
+        log.info("key %s validated", fingerprint[:16])
+        await self.publish_status()
+
+    async def invalidate(self) -> None:
+        self.identity.invalidate()
+        log.warning(
+            "key pair dropped and remade; not validated (new key %s)",
+            self.identity.fingerprint[:16],
+        )
+        await self.publish_status()
+
+    async def heartbeat(self) -> None:
+        self.last_heartbeat = time.time()
+        await self.publish_status()
+
+    def status_record(self, status: str | None = None) -> dict[str, Any]:
+        """The retained record on ``<prefix>/<agent>/status``, shaped like ``ecc_agent``."""
+        stats = self.stats()
+        return {
+            "name": self.config.bridge.agent,
+            "agent": self.agent_id,
+            "host": self.host,
+            "version": __version__,
+            "status": status or self.status,
+            "validated": self.identity.validated,
+            "capabilities": sorted(self.registry),
+            "public_key": self.identity.keys.public_b64,
+            "fingerprint": self.identity.fingerprint,
+            "started_at": self.started_at,
+            "last_heartbeat": self.last_heartbeat,
+            "updated_at": time.time(),
+            "in_flight": stats["in_flight"],
+            "lanes_running": dict(zip(LANE_NAMES, stats["lanes_running"], strict=True)),
+            "lanes_waiting": dict(zip(LANE_NAMES, stats["lanes_waiting"], strict=True)),
+            "outbox_records": stats["outbox_records"],
+            "processed": stats["processed"],
+            "failed": stats["failed"],
+        }
+
+    async def publish_status(self, status: str | None = None) -> None:
+        body = orjson.dumps(self.status_record(status))
+        await self.out.publish(self.topics.status, body, retain=True)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.security.status_interval)
+            try:
+                await self.publish_status()
+            except Exception:
+                log.warning("status publish failed", exc_info=True)
+
     def stats(self) -> dict[str, Any]:
         c = self.counters
+        store: StateStore | None = getattr(self, "store", None)
+        egress: Egress | None = getattr(self, "egress", None)
         return {
             "received": c.received,
             "processed": c.processed,
@@ -391,8 +571,8 @@ class Bridge:
             "in_flight": self.admission.in_flight + self.express_admission.in_flight,
             "lanes_running": list(self.scheduler.lane_running),
             "lanes_waiting": list(self.scheduler.lane_waiting),
-            "outbox_records": self.store.outbox_records,
-            "published_records": self.egress.published_records,
+            "outbox_records": store.outbox_records if store is not None else 0,
+            "published_records": egress.published_records if egress is not None else 0,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 

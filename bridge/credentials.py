@@ -44,18 +44,6 @@ TYPES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "http_basic": (frozenset({"user", "password"}), frozenset()),
     "http_bearer": (frozenset({"token"}), frozenset()),
 }
-SECRET_FIELDS = frozenset(
-    {
-        "password",
-        "sudo_password",
-        "private_key",
-        "passphrase",
-        "community",
-        "auth_key",
-        "priv_key",
-        "token",
-    }
-)
 
 
 def check_credential(raw: Mapping[str, Any], where: str) -> tuple[Credential, int]:
@@ -64,7 +52,7 @@ def check_credential(raw: Mapping[str, Any], where: str) -> tuple[Credential, in
     if not isinstance(cred_id, str) or not cred_id:
         raise ConfigError("every credential needs a non-empty string id", field=f"{where}.id")
     kind = raw.get("type")
-    if kind not in TYPES:
+    if not isinstance(kind, str) or kind not in TYPES:
         raise ConfigError(
             f"unknown type {str(kind)[:40]!r}; one of {', '.join(sorted(TYPES))}",
             field=f"{where}.type",
@@ -117,6 +105,10 @@ class LocalCredentials:
             raise ConfigError("credentials file is owned by another user", field=str(path))
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"credentials file cannot be read: {type(exc).__name__}", field=str(path)
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             # The decoder's message quotes no values, only positions.
             raise ConfigError(f"TOML does not parse: {exc}", field=str(path)) from None
@@ -126,7 +118,12 @@ class LocalCredentials:
         tables = data.get("credential", [])
         if not isinstance(tables, list):
             raise ConfigError("must be an array of tables [[credential]]", field="credential")
-        return cls([check_credential(t, f"credential[{i}]") for i, t in enumerate(tables)])
+        entries = []
+        for i, table in enumerate(tables):
+            if not isinstance(table, dict):
+                raise ConfigError("must be a table [[credential]]", field=f"credential[{i}]")
+            entries.append(check_credential(table, f"credential[{i}]"))
+        return cls(entries)
 
     @property
     def ids(self) -> list[str]:

@@ -84,3 +84,21 @@ class BrokerRefused(BridgeError):
     """The broker refused us for good (bad credentials, not authorised): do not retry."""
 
     kind = "broker_refused"
+
+
+class HostKeyMismatch(BridgeError):
+    """The target's SSH host key is not the one on record (or unknown under strict)."""
+
+    kind = "host_key_mismatch"
+
+
+class TlsError(BridgeError):
+    """TLS failed: certificate verification or the handshake."""
+
+    kind = "tls_error"
+
+
+class Unreachable(BridgeError):
+    """No route, host unreachable, or the name does not resolve."""
+
+    kind = "unreachable"

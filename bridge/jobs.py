@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -70,6 +71,7 @@ class ProbeContext:
     settings: Mapping[str, Any] = field(default_factory=dict)  # the probe's config section
     credentials: CredentialResolver | None = None
     resources: dict[str, Any] = field(default_factory=dict)  # shared clients, e.g. an HTTP session
+    state_dir: Path | None = None  # the bridge's state directory (owner-only), for probe stores
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class ProbeSpec:
     target_host: Callable[[Any], str | None] = lambda _params: None
     sweep: bool = False  # many targets: paced by the global probe rate instead of per host
     needs_credentials: bool = False
+    control: bool = False  # heartbeats and SystemCommand: a lane of their own, never paused
 
 
 def validation_to_error(exc: ValidationError) -> BadParameter:

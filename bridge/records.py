@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,7 @@ class OutputRecord:
     sys_created_on: str = ""
     timeout: float | None = None  # seconds the job may run, else the configured default
     expires_at: float | None = None  # epoch seconds; not started by then: an error record
+    credentials: tuple[Any, ...] = ()  # credentials sealed to this bridge's key, for this job
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +133,16 @@ def _number(raw: dict[str, Any], key: str) -> float | None:
     return number
 
 
-def record_from_dict(raw: Any) -> OutputRecord | Rejected:
-    """Check one decoded JSON value as an output record."""
+Verifier = Callable[[dict[str, Any]], None]
+
+
+def record_from_dict(raw: Any, verify: Verifier | None = None) -> OutputRecord | Rejected:
+    """Check one decoded JSON value as an output record (and its signature, if asked)."""
     if not isinstance(raw, dict):
         return Rejected(BadRecord(f"a record must be a JSON object, got {type(raw).__name__}"))
     try:
+        if verify is not None:
+            verify(raw)
         return _record_from_dict(raw)
     except BridgeError as exc:
         return Rejected(exc, **_partial_info(raw))
@@ -197,6 +204,9 @@ def _record_from_dict(raw: dict[str, Any]) -> OutputRecord:
     if timeout is not None and not 0 < timeout <= 86_400:
         raise BadRecord("must be between 0 and 86400 seconds", field="timeout")
     expires_at = _number(raw, "expires_at")
+    sealed = raw.get("credentials") or ()
+    if not isinstance(sealed, list | tuple) or len(sealed) > 32:
+        raise BadRecord("must be a list of at most 32 sealed credentials", field="credentials")
     return OutputRecord(
         sys_id=sys_id,
         topic=topic,
@@ -210,10 +220,13 @@ def _record_from_dict(raw: dict[str, Any]) -> OutputRecord:
         sys_created_on=texts["sys_created_on"],
         timeout=timeout,
         expires_at=expires_at,
+        credentials=tuple(sealed),
     )
 
 
-def decode_outputs(data: bytes, *, max_bytes: int, max_batch: int) -> list[OutputRecord | Rejected]:
+def decode_outputs(
+    data: bytes, *, max_bytes: int, max_batch: int, verify: Verifier | None = None
+) -> list[OutputRecord | Rejected]:
     """Decode one MQTT message: a record or a batch of records.
 
     The size limit is applied before parsing. Never raises: a fault becomes ``Rejected``.
@@ -235,8 +248,8 @@ def decode_outputs(data: bytes, *, max_bytes: int, max_batch: int) -> list[Outpu
                     BadRecord(f"batch of {len(decoded)} records is over the limit of {max_batch}")
                 )
             ]
-        return [record_from_dict(item) for item in decoded]
-    return [record_from_dict(decoded)]
+        return [record_from_dict(item, verify) for item in decoded]
+    return [record_from_dict(decoded, verify)]
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from bridge.records import (
     error_payload,
     new_sys_id,
 )
-from bridge.scheduler import RunningJob, Scheduler
+from bridge.scheduler import CONTROL_LANE, RunningJob, Scheduler
 
 log = logging.getLogger("midbridge.runner")
 
@@ -132,7 +132,8 @@ async def run_job(
         await fail(Expired("the job expired before it started"))
         return
     try:
-        async with scheduler.slot(record.priority, spec.target_host(params)):
+        lane = CONTROL_LANE if spec.control else record.priority
+        async with scheduler.slot(lane, spec.target_host(params)):
             if record.expires_at is not None and time.time() > record.expires_at:
                 raise Expired("the job expired while waiting for a worker")
             entry.started = True

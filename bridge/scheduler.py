@@ -1,7 +1,8 @@
 """Scheduling: priority lanes, a cap per target host, and the registry of running jobs.
 
-- Three lanes (0 interactive, 1 expedited, 2 standard), each with its own bound of running
-  jobs, so a lane full of sweeps never delays interactive work.
+- Four lanes (0 interactive, 1 expedited, 2 standard, 3 control), each with its own bound
+  of running jobs, so a lane full of sweeps never delays interactive work, and heartbeats
+  and SystemCommands have a lane of their own.
 - A cap of concurrent jobs against one target host.
 - The running jobs by ``sys_id``: duplicates attach to the running one, ``cancel`` stops one.
 The global cap of jobs in flight is applied at intake (``Admission``).
@@ -13,6 +14,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+CONTROL_LANE = 3  # heartbeats and SystemCommands: never behind other work
+CONTROL_WORKERS = 8
+LANE_NAMES = ("interactive", "expedited", "standard", "control")
 
 
 @dataclass(slots=True)
@@ -53,11 +58,12 @@ class Scheduler:
     lane_workers: tuple[int, int, int]
     per_host: int
     running: dict[str, RunningJob] = field(default_factory=dict)
-    lane_running: list[int] = field(default_factory=lambda: [0, 0, 0])
-    lane_waiting: list[int] = field(default_factory=lambda: [0, 0, 0])
+    lane_running: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    lane_waiting: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
     def __post_init__(self) -> None:
-        self._lanes = [asyncio.Semaphore(n) for n in self.lane_workers]
+        workers = (*self.lane_workers, CONTROL_WORKERS)
+        self._lanes = [asyncio.Semaphore(n) for n in workers]
         self._hosts: dict[str, _HostSlot] = {}
 
     @asynccontextmanager

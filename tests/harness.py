@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from bridge.client import EccClient
-from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig, ProbesConfig
+from bridge.config import (
+    BridgeSection,
+    BrokerConfig,
+    Config,
+    LimitsConfig,
+    ProbesConfig,
+    SecurityConfig,
+)
 from bridge.core import Bridge
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +35,7 @@ def make_config(
     limits: dict[str, Any] | None = None,
     shazzam: dict[str, Any] | None = None,
     broker: dict[str, Any] | None = None,
+    security: dict[str, Any] | None = None,
 ) -> Config:
     return Config(
         broker=BrokerConfig(
@@ -36,6 +44,9 @@ def make_config(
         bridge=BridgeSection(agent=agent, state_dir=state_dir),
         limits=LimitsConfig(**{"drain_timeout": 1.0, **(limits or {})}),
         probes=ProbesConfig.model_validate({"shazzam": shazzam or {}}),
+        # Probe tests use local credentials without a platform to validate the MID;
+        # the validation tests turn this back on.
+        security=SecurityConfig.model_validate({"require_validation": False, **(security or {})}),
     )
 
 

@@ -160,6 +160,14 @@ async def test_broker_restart_mid_run_loses_nothing(
         await asyncio.sleep(1.0)  # jobs finish while the broker is away: outbox on disk
         assert bridge.store.outbox_records > 0
         private_broker.start()
-        results = await client.wait(ids, timeout=60)
+        try:
+            results = await client.wait(ids, timeout=60)
+        except TimeoutError:
+            done = sum(client.results[i].done for i in ids)
+            raise AssertionError(
+                f"{done}/300 done; bridge {bridge.stats()}; sessions "
+                f"{ {k: s.connected.is_set() for k, s in bridge.sessions().items()} }; "
+                f"client connected {client.session.connected.is_set()}"
+            ) from None
     assert [r.final["payload"]["message"] for r in results] == [str(i) for i in range(300)]
     assert all(r.complete_at == 0 for r in results)

@@ -29,7 +29,7 @@ async def test_interactive_lane_is_not_blocked_by_a_full_standard_lane() -> None
     assert waited < 0.05
     release.set()
     await asyncio.gather(*holders)
-    assert sched.lane_running == [0, 0, 0]
+    assert sched.lane_running == [0, 0, 0, 0]
 
 
 async def test_per_host_cap() -> None:

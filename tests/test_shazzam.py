@@ -100,14 +100,15 @@ async def listener(host: str, greeting: bytes = b"") -> AsyncIterator[int]:
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
-        server.close()
-        # A connection accepted just now reaches its handler a few loop turns later:
-        # wait (bounded) until no new handler shows up and the known ones have ended.
+        # A connection the kernel has completed reaches its handler a few loop turns
+        # later; closing the server in between leaks the accepted socket on Python 3.11.
+        # So wait (bounded) until no new handler shows up and the known ones have ended.
         for _ in range(50):
             seen = len(handlers)
             await asyncio.sleep(0.01)
             if len(handlers) == seen and all(task.done() for task in handlers):
                 break
+        server.close()
         for task in handlers:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)

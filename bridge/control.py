@@ -1,0 +1,29 @@
+"""What the control probes (HeartbeatProbe, SystemCommand) may ask of the bridge."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+CONTROL_RESOURCE = "control"  # the key in ProbeContext.resources
+
+STATUSES = ("Up", "Paused", "Draining", "Drained", "Down")
+
+
+class Control(Protocol):
+    def status_record(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def cancel(self, sys_id: str) -> bool: ...
+
+    async def validate(self, fingerprint: str) -> None: ...
+
+    async def invalidate(self) -> None: ...
+
+    async def heartbeat(self) -> None: ...

@@ -1,0 +1,235 @@
+"""The MID's identity: its key pair, validation state, credential decryption, job signatures.
+
+- **Key pair** (X25519), made on first start in ``<state_dir>/identity/`` with owner-only
+  permissions. Its public key and fingerprint (SHA-256 of the raw public key, hex) go
+  in the status record; the platform encrypts credentials to it.
+- **Validation**: an administrator's ``SystemCommand validate`` naming the fingerprint
+  marks the key validated (a file beside it). ``invalidate`` deletes the key pair, makes a
+  new one and marks it not validated: ciphertexts made for the old key no longer open.
+- **Encrypted credentials**: hybrid encryption, X25519 key agreement with an ephemeral key
+  of the sender, HKDF-SHA256, ChaCha20-Poly1305 with the job's ``sys_id`` as associated
+  data, so a ciphertext copied into another job's record does not open.
+- **Signed jobs**: the platform signs each output record with Ed25519 over its canonical
+  form (the record without ``signature``, JSON with sorted keys, compact); the bridge,
+  given the platform's public key, refuses unsigned or badly signed records.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from bridge.errors import BadRecord, CredentialError
+from bridge.jobs import Credential
+
+_INFO = b"midbridge credentials v1"
+SIGNATURE_FIELD = "signature"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: Any, field: str) -> bytes:
+    if not isinstance(text, str):
+        raise CredentialError("must be base64 text", field=field)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise CredentialError("is not valid base64", field=field) from None
+
+
+def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def fingerprint_of(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()
+
+
+def _derive(shared: bytes, ephemeral_raw: bytes, recipient_raw: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=ephemeral_raw + recipient_raw, info=_INFO
+    ).derive(shared)
+
+
+def encrypt_credential(
+    recipient_public_raw: bytes, credential: dict[str, Any], *, sys_id: str
+) -> dict[str, str]:
+    """The platform's side: seal one credential for one job to one bridge's public key."""
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_raw = _raw_public(ephemeral.public_key())
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public_raw))
+    key = _derive(shared, ephemeral_raw, recipient_public_raw)
+    nonce = os.urandom(12)
+    sealed = ChaCha20Poly1305(key).encrypt(nonce, orjson.dumps(credential), sys_id.encode())
+    return {
+        "alg": "x25519-hkdf-sha256-chacha20poly1305",
+        "recipient": fingerprint_of(recipient_public_raw),
+        "ephemeral": b64(ephemeral_raw),
+        "nonce": b64(nonce),
+        "ciphertext": b64(sealed),
+    }
+
+
+@dataclass
+class KeyPair:
+    private: X25519PrivateKey
+
+    @property
+    def public_raw(self) -> bytes:
+        return _raw_public(self.private.public_key())
+
+    @property
+    def public_b64(self) -> str:
+        return b64(self.public_raw)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.public_raw)
+
+
+class Identity:
+    """The key pair and validation state under ``<state_dir>/identity``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "identity"
+        self.key_path = self.dir / "x25519.pem"
+        self.validated_path = self.dir / "validated"
+        self.keys = self._load_or_make()
+
+    def _load_or_make(self) -> KeyPair:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if self.key_path.exists():
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            if not isinstance(key, X25519PrivateKey):
+                raise CredentialError(
+                    "the stored key is not an X25519 key", field=str(self.key_path)
+                )
+            return KeyPair(key)
+        key = X25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        return KeyPair(key)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.keys.fingerprint
+
+    @property
+    def validated(self) -> bool:
+        try:
+            return self.validated_path.read_text().strip() == self.fingerprint
+        except FileNotFoundError:
+            return False
+
+    def validate(self, fingerprint: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise CredentialError(
+                "fingerprint does not match this bridge's key (it may have been re-keyed)",
+                field="fingerprint",
+            )
+        fd = os.open(self.validated_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.fingerprint)
+
+    def invalidate(self) -> None:
+        """Drop the key pair, make a new one, not validated."""
+        self.validated_path.unlink(missing_ok=True)
+        self.key_path.unlink(missing_ok=True)
+        self.keys = self._load_or_make()
+
+    def decrypt_credential(self, sealed: Any, *, sys_id: str) -> Credential:
+        """Open one sealed credential of job ``sys_id``; errors name fields, never values."""
+        if not isinstance(sealed, dict):
+            raise CredentialError("each sealed credential must be an object", field="credentials")
+        if sealed.get("recipient") not in (None, self.fingerprint):
+            raise CredentialError(
+                "sealed for another key (this bridge was re-keyed or it is another bridge)",
+                field="credentials",
+            )
+        ephemeral_raw = unb64(sealed.get("ephemeral"), "credentials.ephemeral")
+        nonce = unb64(sealed.get("nonce"), "credentials.nonce")
+        ciphertext = unb64(sealed.get("ciphertext"), "credentials.ciphertext")
+        if len(ephemeral_raw) != 32 or len(nonce) != 12:
+            raise CredentialError("malformed sealed credential", field="credentials")
+        shared = self.keys.private.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
+        key = _derive(shared, ephemeral_raw, self.keys.public_raw)
+        try:
+            plain = ChaCha20Poly1305(key).decrypt(nonce, ciphertext, sys_id.encode())
+        except InvalidTag:
+            raise CredentialError(
+                "the sealed credential does not open for this job and key", field="credentials"
+            ) from None
+        data = orjson.loads(plain)
+        from bridge.credentials import check_credential  # one validator for both sources
+
+        try:
+            cred, _order = check_credential(data, "credentials")
+        except Exception as exc:
+            raise CredentialError(
+                f"sealed credential is invalid: {exc}", field="credentials"
+            ) from None
+        return cred
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    """The bytes a job signature covers: the record without its signature, keys sorted."""
+    body = {k: v for k, v in record.items() if k != SIGNATURE_FIELD}
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def sign_record(private: Ed25519PrivateKey, record: dict[str, Any]) -> dict[str, Any]:
+    """The platform's side: a copy of ``record`` with its ``signature``."""
+    return {**record, SIGNATURE_FIELD: b64(private.sign(canonical(record)))}
+
+
+class SignatureCheck:
+    """Verifies output records against the platform's Ed25519 public key."""
+
+    def __init__(self, public_key_b64: str) -> None:
+        try:
+            raw = base64.b64decode(public_key_b64, validate=True)
+            self.key = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError:
+            from bridge.errors import ConfigError
+
+            raise ConfigError(
+                "must be the platform's raw Ed25519 public key, base64",
+                field="security.platform_key",
+            ) from None
+
+    def verify(self, record: dict[str, Any]) -> None:
+        signature = record.get(SIGNATURE_FIELD)
+        if signature is None:
+            raise BadRecord(
+                "the record is not signed and signatures are required", field="signature"
+            )
+        if not isinstance(signature, str):
+            raise BadRecord("must be base64 text", field="signature")
+        try:
+            self.key.verify(base64.b64decode(signature, validate=True), canonical(record))
+        except (InvalidSignature, ValueError):
+            raise BadRecord(
+                "does not verify with the platform's key (tampered or signed by another key)",
+                field="signature",
+            ) from None

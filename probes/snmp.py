@@ -1,0 +1,1316 @@
+"""SNMP: GET, GETNEXT, walks and tables against one agent, over gufo-snmp (v1, v2c, v3).
+
+Reference: ``docs/probes/SNMP.md``. The job names its operations in ``oid_spec_list``
+(``get 1.3.6.1.2.1.1.5.0``, ``walk system``, ``table ifTable ifDescr,ifType``); results
+stream back in chunks of typed varbinds (:mod:`probes.snmp_values`).
+
+What gufo-snmp does and does not do, and how this module makes up for it:
+
+* One request at a time per session, and a v3 session pays an engine discovery when it is
+  made. :class:`SnmpPool` (``ctx.resources["snmp"]``) keeps a few sessions per (address,
+  port, version, credential), each leased to one job at a time.
+* No retries and one timeout per session: every request here goes through
+  :meth:`SnmpClient._retry` (``timeout`` per try, ``retries`` more tries).
+* Its walk iterators are bounded to the subtree they started from, and a GETBULK whose
+  answer is too large ends the walk *silently* (v3 at max-repetitions 50 after ~200
+  varbinds; v2c raises past its 4 KB receive buffer). :meth:`SnmpClient.walk` drives the
+  library's request context itself: when a GETBULK fails that way it steps on with plain
+  GETNEXTs on the same context, then goes back to GETBULK, so a walk returns what
+  ``snmpbulkwalk`` returns. This uses private parts of gufo-snmp (``SnmpSession._send``,
+  ``_recv``, ``_sock`` and ``gufo.snmp._fast.GetIter``): :func:`check_library` fails
+  loudly at import if a release drops the methods, and ``tests/test_snmp.py`` checks the
+  walks against net-snmp.
+* No unbounded GETNEXT: ``getnext OID`` on an OID without children scans forward from
+  its parent (:meth:`SnmpClient.successor`).
+* noSuchObject and noSuchInstance arrive as one exception (GET) or as a missing varbind
+  (GET of several OIDs); v1's noSuchName arrives as ``None``. One GETNEXT under the
+  object tells the two apart (:meth:`SnmpClient.missing_kind`).
+* A wrong community and a wrong v3 privacy key look like silence; a closed port comes
+  as an immediate ``TimeoutError`` (→ ``connection_refused``); a wrong v3 user or
+  authentication key raises ``SnmpAuthError``. A new authPriv session
+  whose engine discovery (in clear) is answered but whose encrypted time sync is not gets
+  ``auth_failed`` (the privacy key or protocol is wrong); other silence is ``timeout``.
+* No v3 context name: a credential with a non-empty ``context`` is refused.
+
+:func:`snmp_tap` is the Shazzam helper: is there an SNMP agent at ``host`` that answers
+one of these communities?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import gufo.snmp as gufo_snmp
+from gufo.snmp import (
+    Aes128Key,
+    Aes192Key,
+    Aes256Key,
+    DesKey,
+    KeyExpansion,
+    Md5Key,
+    Sha1Key,
+    Sha224Key,
+    Sha256Key,
+    Sha384Key,
+    Sha512Key,
+    SnmpAuthError,
+    SnmpDecodeError,
+    SnmpError,
+    SnmpVersion,
+    User,
+)
+from gufo.snmp._fast import GetIter
+from gufo.snmp.aio.client import SnmpSession
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from bridge.errors import (
+    AuthFailed,
+    BadParameter,
+    BridgeError,
+    ConfigError,
+    ConnectionRefused,
+    CredentialError,
+    ProbeTimeout,
+    ProtocolError,
+    Refused,
+)
+from bridge.jobs import Credential, Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from bridge.records import OutputRecord
+from probes import snmp_values as sv
+
+TOPIC = "SNMP"
+RESOURCE = "snmp"  # key of the pool in ctx.resources
+
+COMMUNITY = "snmp_community"
+SNMPV3 = "snmpv3"
+SYS_DESCR = "1.3.6.1.2.1.1.1.0"
+SYS_OBJECT_ID = "1.3.6.1.2.1.1.2.0"
+SYS_NAME = "1.3.6.1.2.1.1.5.0"
+DEFAULT_SPEC = ("walk 1.3.6.1.2.1.1",)  # the system group: what classification reads first
+
+MAX_SPEC_LINES = 256
+MAX_GET_OIDS = 64  # OIDs on one get / getnext line
+_GET_BATCH = 16  # OIDs in one GET request (keeps answers well under any size limit)
+_SESSION_TIMEOUT = 3600.0  # gufo's own timeout: never reached, ours is applied per request
+_V3_REFRESH_AFTER = 100.0  # s idle before a pooled v3 session re-syncs engine time (window 150 s)
+_SWEEP_EVERY = 30.0  # s between sweeps of idle sessions
+
+Version = Literal["1", "2c", "3"]
+Op = Literal["get", "getnext", "walk", "table"]
+_GUFO_VERSION: dict[str, SnmpVersion] = {
+    "1": SnmpVersion.v1,
+    "2c": SnmpVersion.v2c,
+    "3": SnmpVersion.v3,
+}
+_VERSION_ALIASES = {
+    "1": "1",
+    "v1": "1",
+    "2": "2c",
+    "2c": "2c",
+    "v2": "2c",
+    "v2c": "2c",
+    "3": "3",
+    "v3": "3",
+}
+
+T = TypeVar("T")
+
+
+def check_library() -> None:
+    """Fail at import if gufo-snmp lost what :meth:`SnmpClient.walk` relies on."""
+    missing = [
+        name for name in ("_send", "_recv") if not callable(getattr(SnmpSession, name, None))
+    ]
+    if missing:
+        raise ImportError(
+            f"gufo-snmp {gufo_snmp.__version__} has no SnmpSession."
+            f"{', '.join(missing)}: probes/snmp.py needs updating"
+        )
+
+
+check_library()
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _clean_error(exc: ValueError) -> PydanticCustomError:
+    return PydanticCustomError("value_error", str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class OidSpec:
+    """One line of ``oid_spec_list``, parsed."""
+
+    line: int  # 1-based
+    op: Op
+    oids: tuple[str, ...]
+    columns: tuple[int, ...] = ()  # table only; empty: every column
+
+    def text(self) -> str:
+        head = f"{self.op} {' '.join(self.oids)}"
+        if self.columns:
+            return f"{head} {','.join(str(c) for c in self.columns)}"
+        return head
+
+
+_OPS: dict[str, Op] = {
+    "get": "get",
+    "getnext": "getnext",
+    "walk": "walk",
+    "bulkwalk": "walk",
+    "getbulk": "walk",
+    "table": "table",
+}
+_COLUMN_SPLIT = re.compile(r"[\s,]+")
+
+
+def _columns(table_oid: str, text: str, where: str) -> tuple[int, ...]:
+    table = sv.TABLES.get(table_oid)
+    by_name = {name: cid for cid, name in table.columns.items()} if table else {}
+    out: list[int] = []
+    for item in (part for part in _COLUMN_SPLIT.split(text.strip()) if part):
+        if item.isdigit() and 0 < int(item) < 2**32:
+            column = int(item)
+        elif item in by_name:
+            column = by_name[item]
+        else:
+            known = f" (columns of {table.name}: {', '.join(by_name)})" if table else ""
+            raise ValueError(f"{where}: {item[:40]!r} is not a column number or name{known}")
+        if column not in out:
+            out.append(column)
+    return tuple(out)
+
+
+def parse_spec_line(text: str, line: int) -> OidSpec | None:
+    """One line → :class:`OidSpec`; ``None`` for a blank or ``#`` comment line."""
+    body = text.strip()
+    if not body or body.startswith("#"):
+        return None
+    where = f"line {line}"
+    words = body.split(None, 1)
+    op = _OPS.get(words[0].lower())
+    if op is None:
+        raise ValueError(
+            f"{where}: unknown operation {words[0][:40]!r}; one of get, getnext, walk, table"
+        )
+    rest = words[1].strip() if len(words) > 1 else ""
+    if not rest:
+        raise ValueError(f"{where}: {op} needs an OID")
+    try:
+        if op == "table":
+            table_word, *more = rest.split(None, 1)
+            columns = more[0] if more else ""
+            oid = sv.resolve_oid(table_word)
+            if oid.endswith(".1") and oid[:-2] in sv.TABLES:
+                oid = oid[:-2]  # the entry was named (ifEntry = ifTable.1): take its table
+            return OidSpec(line, "table", (oid,), _columns(oid, columns, where))
+        oids = tuple(sv.resolve_oid(word) for word in rest.split())
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+    if op == "walk" and len(oids) != 1:
+        raise ValueError(f"{where}: walk takes one OID (write one walk line per subtree)")
+    if len(oids) > MAX_GET_OIDS:
+        raise ValueError(f"{where}: more than {MAX_GET_OIDS} OIDs on one line")
+    return OidSpec(line, op, oids)
+
+
+def _split_lines(text: str) -> list[str]:
+    # ";" too: XML attribute values lose their newlines unless written as &#10;
+    return [part for line in text.splitlines() for part in line.split(";")]
+
+
+def parse_spec_list(value: Any) -> tuple[OidSpec, ...]:
+    """``oid_spec_list`` (text with one operation a line, or a list of lines) → specs.
+
+    Lines are separated by newlines or ``;`` and numbered from 1 in that order (blank and
+    ``#`` comment lines count), which is how errors name them.
+    """
+    if isinstance(value, str):
+        lines = _split_lines(value)
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        lines = [part for item in value for part in (_split_lines(item) or [""])]
+    else:
+        raise ValueError("must be text (one operation a line) or a list of lines")
+    if len(lines) > MAX_SPEC_LINES:
+        raise ValueError(f"more than {MAX_SPEC_LINES} lines")
+    specs = [spec for n, text in enumerate(lines, 1) if (spec := parse_spec_line(text, n))]
+    if not specs:
+        raise ValueError("no operation given (e.g. 'get 1.3.6.1.2.1.1.5.0')")
+    return tuple(specs)
+
+
+def normalize_version(value: Any) -> Version | None:
+    if value is None or value == "":
+        return None
+    key = str(value).strip().lower()
+    if key not in _VERSION_ALIASES:
+        raise ValueError(f"{str(value)[:20]!r} is not an SNMP version; one of 1, 2c, 3")
+    return _VERSION_ALIASES[key]  # type: ignore[return-value]
+
+
+class SnmpParams(ProbeParams):
+    """A job. ``oid_spec_list`` holds the canonical lines (numeric OIDs, column numbers)."""
+
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(161, ge=1, le=65535)
+    version: Version | None = None  # None: from the credential (community → 2c, snmpv3 → 3)
+    credential_id: str | None = Field(None, min_length=1, max_length=200)
+    oid_spec_list: tuple[str, ...] = DEFAULT_SPEC
+    max_repetitions: int = Field(10, ge=1, le=100)
+    timeout: float = Field(2.0, gt=0, le=60)  # seconds per try of one request
+    retries: int = Field(1, ge=0, le=10)  # more tries after a timeout
+    max_varbinds: int = Field(10_000, ge=1)
+    chunk_varbinds: int = Field(1000, ge=1, le=100_000)  # varbinds in one result chunk
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Version | None:
+        try:
+            return normalize_version(value)
+        except ValueError as exc:
+            raise _clean_error(exc) from None
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("[") and value.endswith("]"):
+                value = value[1:-1]
+            if value and not _is_ip(value) and not _HOST_RE.match(value):
+                raise _clean_error(ValueError(f"{value[:80]!r} is not an IP address or host name"))
+        return value
+
+    @field_validator("oid_spec_list", mode="before")
+    @classmethod
+    def _spec(cls, value: Any) -> tuple[str, ...]:
+        try:
+            return tuple(spec.text() for spec in parse_spec_list(value))
+        except ValueError as exc:
+            raise _clean_error(exc) from None
+
+    def specs(self) -> tuple[OidSpec, ...]:
+        return _canonical_specs(self.oid_spec_list)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_specs(lines: tuple[str, ...]) -> tuple[OidSpec, ...]:
+    return parse_spec_list(list(lines))
+
+
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?$")
+
+
+def _is_ip(text: str) -> bool:
+    return _ip_literal(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_literal(text: str) -> str | None:
+    """The canonical text of an IP literal, ``None`` for anything else."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+class SnmpSettings(BaseModel):
+    """``[probes.settings.SNMP]``: defaults of the parameters and limits of the pool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout: float = Field(2.0, gt=0, le=60)
+    retries: int = Field(1, ge=0, le=10)
+    max_repetitions: int = Field(10, ge=1, le=100)
+    max_varbinds: int = Field(10_000, ge=1, le=10_000_000)  # default and ceiling per job
+    chunk_varbinds: int = Field(1000, ge=1, le=100_000)
+    sessions_per_target: int = Field(2, ge=1, le=64)  # concurrent leases per agent+credential
+    max_sessions: int = Field(1024, ge=1, le=65_536)  # idle sessions kept across agents
+    idle_seconds: float = Field(300.0, gt=0)  # an idle session older than this is dropped
+
+
+def settings_of(raw: Mapping[str, Any]) -> SnmpSettings:
+    """The probe's settings, validated (once per distinct settings: jobs ask every time)."""
+    try:
+        key = tuple(sorted(raw.items()))
+        cached = _SETTINGS.get(key)
+    except TypeError:  # an unhashable value: validation will name it
+        key, cached = None, None
+    if cached is not None:
+        return cached
+    settings = _validate_settings(raw)
+    if key is not None:
+        if len(_SETTINGS) > 64:
+            _SETTINGS.clear()
+        _SETTINGS[key] = settings
+    return settings
+
+
+_SETTINGS: dict[tuple[tuple[str, Any], ...], SnmpSettings] = {}
+
+
+def _validate_settings(raw: Mapping[str, Any]) -> SnmpSettings:
+    try:
+        return SnmpSettings.model_validate(dict(raw))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        raise ConfigError(
+            str(first.get("msg", "invalid")), field=f"probes.settings.{TOPIC}.{loc}"
+        ) from None
+
+
+def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> SnmpParams:
+    """Parameters from the payload; ``host`` defaults to the record's ``source``."""
+    cfg = settings_of(settings)
+    data = {k: v for k, v in record.payload.items() if v is not None}
+    if "host" not in data:
+        if not record.source.strip():
+            raise BadParameter("no host: give payload 'host' or the record's source", field="host")
+        data["host"] = record.source
+    for key in ("timeout", "retries", "max_repetitions", "max_varbinds", "chunk_varbinds"):
+        data.setdefault(key, getattr(cfg, key))
+    params = parse_params(SnmpParams, data)
+    if params.max_varbinds > cfg.max_varbinds:
+        raise Refused(
+            f"max_varbinds {params.max_varbinds} is over the limit of {cfg.max_varbinds}"
+            f" (probes.settings.{TOPIC}.max_varbinds)",
+            field="max_varbinds",
+        )
+    return params
+
+
+# --------------------------------------------------------------------------- credentials
+
+_AUTH: dict[str, type[Any]] = {
+    "MD5": Md5Key,
+    "SHA": Sha1Key,
+    "SHA1": Sha1Key,
+    "SHA224": Sha224Key,
+    "SHA256": Sha256Key,
+    "SHA384": Sha384Key,
+    "SHA512": Sha512Key,
+}
+# name → (key class, AES-192/256 key expansion)
+_PRIV: dict[str, tuple[type[Any], KeyExpansion]] = {
+    "DES": (DesKey, KeyExpansion.Blumenthal),
+    "AES": (Aes128Key, KeyExpansion.Blumenthal),
+    "AES128": (Aes128Key, KeyExpansion.Blumenthal),
+    "AES192": (Aes192Key, KeyExpansion.Blumenthal),
+    "AES256": (Aes256Key, KeyExpansion.Blumenthal),
+    "AES192C": (Aes192Key, KeyExpansion.Cisco),
+    "AES256C": (Aes256Key, KeyExpansion.Cisco),
+}
+
+
+def _protocol(name: str) -> str:
+    return re.sub(r"[\s_-]", "", name).upper()
+
+
+def v3_user(cred: Credential) -> User:
+    """The gufo-snmp ``User`` of an ``snmpv3`` credential; errors name fields, never values."""
+    fields = cred.fields
+    where = f"credential.{cred.id}"
+    if fields.get("context"):
+        raise CredentialError(
+            "SNMPv3 context names are not supported (the SNMP library, gufo-snmp, always "
+            "queries the default context): remove 'context' or use another credential",
+            field=f"{where}.context",
+        )
+    auth_name = _protocol(fields.get("auth_protocol", ""))
+    priv_name = _protocol(fields.get("priv_protocol", ""))
+    auth_key = fields.get("auth_key", "")
+    priv_key = fields.get("priv_key", "")
+    auth: Any = None
+    priv: Any = None
+    expansion = KeyExpansion.Blumenthal
+    if auth_key:
+        if auth_name not in _AUTH:
+            raise CredentialError(
+                f"auth_protocol must be one of {', '.join(sorted(_AUTH))} (it is "
+                f"{'missing' if not auth_name else 'not supported'})",
+                field=f"{where}.auth_protocol",
+            )
+        auth = _AUTH[auth_name](auth_key.encode())
+    elif auth_name not in ("", "NONE"):
+        raise CredentialError("auth_protocol is set but auth_key is not", field=f"{where}.auth_key")
+    if priv_key:
+        if auth is None:
+            raise CredentialError(
+                "priv_key needs auth_key (authPriv); SNMPv3 has no privacy without authentication",
+                field=f"{where}.auth_key",
+            )
+        if priv_name not in _PRIV:
+            raise CredentialError(
+                f"priv_protocol must be one of {', '.join(sorted(_PRIV))} (it is "
+                f"{'missing' if not priv_name else 'not supported'})",
+                field=f"{where}.priv_protocol",
+            )
+        priv_class, expansion = _PRIV[priv_name]
+        priv = priv_class(priv_key.encode())
+    elif priv_name not in ("", "NONE"):
+        raise CredentialError("priv_protocol is set but priv_key is not", field=f"{where}.priv_key")
+    return User(fields["user"], auth_key=auth, priv_key=priv, key_expansion=expansion)
+
+
+def _fingerprint(cred: Credential) -> str:
+    """Tells credentials apart in the pool without keeping their secrets in its keys.
+
+    The id, and a hash of the fields: a credential file reloaded with a new key for the
+    same id gets new sessions.
+    """
+    return f"{cred.id}:{hash(tuple(sorted(cred.fields.items()))) & 0xFFFFFFFFFFFF:x}"
+
+
+def version_for(cred: Credential, wanted: Version | None) -> Version:
+    if cred.type == SNMPV3:
+        return "3"
+    return wanted if wanted in ("1", "2c") else "2c"
+
+
+# --------------------------------------------------------------------------- client
+
+_END = object()  # the library said the walk is over (or a GETBULK answer was refused)
+_DECODE = object()  # the answer did not decode (e.g. larger than the receive buffer)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    timeout: float  # seconds per try
+    retries: int  # more tries after a timeout
+
+    @property
+    def tries(self) -> int:
+        return self.retries + 1
+
+
+class SnmpClient:
+    """One leased gufo session plus the retry policy of the job that holds it."""
+
+    def __init__(self, session: SnmpSession, *, version: Version, has_priv: bool, policy: Policy):
+        self.session = session
+        self.version = version
+        self.has_priv = has_priv
+        self.policy = policy
+        self.requests = 0  # sent, retries included
+        self.resumed = 0  # GETBULK answers the library refused; the walk went on by GETNEXT
+
+    async def _retry(self, make: Callable[[], Awaitable[T]]) -> T:
+        """``make()`` with our timeout, ``retries`` more times on silence."""
+        for _ in range(self.policy.tries):
+            self.requests += 1
+            deadline = asyncio.timeout(self.policy.timeout)
+            try:
+                async with deadline:
+                    return await make()
+            except TimeoutError:
+                if deadline.expired():
+                    continue
+                # Not our deadline: gufo-snmp reports a refused port (ICMP port
+                # unreachable) as an immediate TimeoutError.
+                raise ConnectionRefused(
+                    "nothing listens on this UDP port (the host answered port unreachable)"
+                ) from None
+            except SnmpAuthError:
+                raise AuthFailed(
+                    "the agent refused the SNMPv3 user or its authentication key/protocol"
+                ) from None
+            except SnmpError as exc:  # what gufo-snmp does not name more precisely
+                raise ProtocolError(f"SNMP error from the library: {str(exc)[:200]}") from None
+            except ConnectionRefusedError:
+                raise ConnectionRefused(
+                    "nothing listens on this UDP port (the host answered port unreachable)"
+                ) from None
+            except OSError as exc:
+                raise BridgeError(f"network error: {exc.strerror or exc}") from None
+        raise self._silence()
+
+    def _silence(self) -> ProbeTimeout:
+        """The error for an agent that never answered."""
+        tries = f"{self.policy.tries} {'try' if self.policy.tries == 1 else 'tries'}"
+        message = f"no answer from the agent ({tries} of {self.policy.timeout:g} s)"
+        if self.version != "3":
+            message += "; a wrong community gets no answer either"
+        return ProbeTimeout(message)
+
+    async def _exchange(self, send: Callable[[], None], recv: Callable[[], T]) -> T | object:
+        """One request on the library's socket: ``_END`` / ``_DECODE`` instead of raising."""
+        try:
+            await self.session._send(send)
+            return await self.session._recv(recv)
+        except StopAsyncIteration:
+            return _END
+        except SnmpDecodeError:
+            return _DECODE
+
+    async def refresh(self) -> None:
+        """SNMPv3 engine discovery (new session) and time sync, with our timeout and retries."""
+        await self._retry(self.session.refresh)
+
+    async def discover(self) -> None:
+        """:meth:`refresh` for a new v3 session, telling a wrong privacy key from silence.
+
+        The agent answers discovery in clear, then drops the encrypted time sync that
+        follows if the privacy key or protocol is wrong (no report, no error).
+        """
+        try:
+            await self.refresh()
+        except ProbeTimeout:
+            if self.has_priv and self.session.get_engine_id():
+                raise AuthFailed(
+                    "the agent answered SNMPv3 engine discovery but not the encrypted request"
+                    " that follows: the privacy key or protocol is wrong"
+                ) from None
+            raise
+
+    async def get(self, oids: Sequence[str]) -> dict[str, Any]:
+        """``{oid: value}`` for every OID; one the agent lacks maps to ``_Missing(kind)``."""
+        found: dict[str, Any] = {}
+        for start in range(0, len(oids), _GET_BATCH):
+            batch = list(oids[start : start + _GET_BATCH])
+            answer = await self._get_many(batch)
+            if self.version == "1" and (len(answer) < len(batch) or None in answer.values()):
+                # v1: one noSuchName voids the whole answer; ask one by one
+                answer = {}
+                for oid in batch:
+                    value = await self._get_one(oid)
+                    if value is not None:
+                        answer[oid] = value
+            found.update(answer)
+        for oid in oids:
+            if oid not in found or (self.version == "1" and found[oid] is None):
+                found[oid] = _Missing(await self.missing_kind(oid))
+        return found
+
+    async def _get_many(self, oids: list[str]) -> dict[str, Any]:
+        async def ask() -> dict[str, Any]:
+            try:
+                return await self.session.get_many(oids)
+            except SnmpDecodeError:
+                raise ProtocolError("the agent's answer did not decode") from None
+
+        return await self._retry(ask)
+
+    async def _get_one(self, oid: str) -> Any:
+        async def ask() -> Any:
+            try:
+                return await self.session.get(oid)
+            except SnmpDecodeError:
+                raise ProtocolError("the agent's answer did not decode") from None
+            except SnmpError:  # NoSuchInstance and the v1 error statuses
+                return None
+
+        return await self._retry(ask)
+
+    async def walk(self, root: str, max_repetitions: int) -> AsyncGenerator[tuple[str, Any], None]:
+        """Every ``(oid, value)`` under ``root``, in order, by GETBULK (GETNEXT for v1)."""
+        sock = self.session._sock
+        bulk = self.version != "1" and max_repetitions > 1
+        ctx = GetIter(root, max_repetitions) if bulk else GetIter(root)
+        stepping = 0  # GETNEXTs to send before the next GETBULK
+
+        def send_bulk() -> None:
+            sock.send_get_bulk(ctx)
+
+        def recv_bulk() -> list[tuple[str, Any] | None]:
+            return sock.recv_get_bulk(ctx)
+
+        def send_next() -> None:
+            sock.send_get_next(ctx)
+
+        def recv_next() -> tuple[str, Any]:
+            return sock.recv_get_next(ctx)
+
+        while True:
+            if bulk and stepping == 0:
+                got: Any = await self._retry(lambda: self._exchange(send_bulk, recv_bulk))
+                if got is _END or got is _DECODE:
+                    # Too big for the library (or the end of the MIB view): go on one by one.
+                    self.resumed += 1
+                    stepping = max_repetitions
+                    continue
+                if not got:
+                    return
+                for item in got:
+                    if item is None:
+                        return
+                    yield item
+            else:
+                got = await self._retry(lambda: self._exchange(send_next, recv_next))
+                if got is _END:
+                    return
+                if got is _DECODE:
+                    raise ProtocolError(f"an answer while walking {root} did not decode")
+                yield got
+                if stepping:
+                    stepping -= 1
+
+    async def first_under(self, root: str) -> tuple[str, Any] | None:
+        """The first ``(oid, value)`` strictly under ``root``: one GETNEXT."""
+        sock = self.session._sock
+        ctx = GetIter(root)
+
+        def send() -> None:
+            sock.send_get_next(ctx)
+
+        def recv() -> tuple[str, Any]:
+            return sock.recv_get_next(ctx)
+
+        got: Any = await self._retry(lambda: self._exchange(send, recv))
+        if got is _END:
+            return None
+        if got is _DECODE:
+            raise ProtocolError(f"the answer to a GETNEXT of {root} did not decode")
+        return got  # type: ignore[no-any-return]
+
+    async def successor(self, oid: str, max_repetitions: int, limit: int) -> tuple[str, Any] | None:
+        """What a GETNEXT of ``oid`` answers (``None``: end of the MIB view).
+
+        gufo-snmp only walks within a subtree, so: the first OID under ``oid``; else the
+        first OID after it under its parent, its grandparent, ... (at most ``limit``
+        varbinds read on the way).
+        """
+        first = await self.first_under(oid)
+        if first is not None:
+            return first
+        arcs = oid.split(".")
+        key = sv.oid_key(oid)
+        scanned = 0
+        for depth in range(len(arcs) - 1, 1, -1):
+            parent = ".".join(arcs[:depth])
+            async with contextlib.aclosing(self.walk(parent, max_repetitions)) as items:
+                async for found, value in items:
+                    if sv.oid_key(found) > key:
+                        return found, value
+                    scanned += 1
+                    if scanned >= limit:
+                        raise BridgeError(
+                            f"getnext {oid}: no answer within {limit} varbinds read forward"
+                            " from its parent (use walk for this subtree)"
+                        )
+        return None
+
+    async def missing_kind(self, oid: str) -> str:
+        """noSuchInstance if the object (``oid`` minus its last part) has instances."""
+        parent = oid.rsplit(".", 1)[0]
+        if parent.count(".") < 1:
+            return sv.NO_SUCH_OBJECT
+        found = await self.first_under(parent)
+        return sv.NO_SUCH_INSTANCE if found is not None else sv.NO_SUCH_OBJECT
+
+
+@dataclass(frozen=True, slots=True)
+class _Missing:
+    kind: str
+
+
+# --------------------------------------------------------------------------- pool
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    address: str  # IP literal
+    port: int
+    version: Version
+
+
+@dataclass(slots=True, eq=False)
+class _Pooled:
+    session: SnmpSession
+    has_priv: bool
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Group:
+    sem: asyncio.Semaphore
+    idle: list[_Pooled] = field(default_factory=list)
+    leased: int = 0
+
+
+def new_session(target: Target, cred: Credential) -> tuple[SnmpSession, bool]:
+    """A gufo session for ``cred`` (not yet discovered for v3) and whether it encrypts."""
+    try:
+        if target.version == "3":
+            user = v3_user(cred)
+            session = SnmpSession(
+                addr=target.address,
+                port=target.port,
+                user=user,
+                version=SnmpVersion.v3,
+                timeout=_SESSION_TIMEOUT,
+            )
+            return session, user.priv_key is not None
+        return (
+            SnmpSession(
+                addr=target.address,
+                port=target.port,
+                community=cred.fields["community"],
+                version=_GUFO_VERSION[target.version],
+                timeout=_SESSION_TIMEOUT,
+            ),
+            False,
+        )
+    except OSError as exc:
+        raise BridgeError(f"cannot open a UDP socket: {exc.strerror or exc}") from None
+
+
+class _Lease:
+    """One lease of :class:`SnmpPool` (a class, not a generator: it runs once per job)."""
+
+    __slots__ = ("cred", "group", "policy", "pool", "pooled", "target")
+
+    def __init__(
+        self, pool: SnmpPool, group: _Group, target: Target, cred: Credential, policy: Policy
+    ) -> None:
+        self.pool = pool
+        self.group = group
+        self.target = target
+        self.cred = cred
+        self.policy = policy
+        self.pooled: _Pooled | None = None
+        group.leased += 1  # from now on: the group is in use, the sweep keeps it
+
+    async def __aenter__(self) -> SnmpClient:
+        try:
+            await self.group.sem.acquire()
+        except BaseException:
+            self.group.leased -= 1
+            raise
+        try:
+            self.pooled = await self.pool._take(self.group, self.target, self.cred, self.policy)
+        except BaseException:
+            self.pool._give_back(self.group, None, keep=False)
+            raise
+        return SnmpClient(
+            self.pooled.session,
+            version=self.target.version,
+            has_priv=self.pooled.has_priv,
+            policy=self.policy,
+        )
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        keep = exc is None or _sound(exc)
+        self.pool._give_back(self.group, self.pooled, keep)
+
+
+class SnmpPool:
+    """Sessions kept per (address, port, version, credential); one job per session at a time.
+
+    A v3 session costs an engine discovery and a time sync when made (~450 sessions/s
+    against one agent, where a kept session answers thousands of GETs/s), and gufo-snmp
+    mixes up answers when two requests share a session. So each job *leases* a session:
+    an idle one if there is one, else a new one while fewer than ``per_target`` are
+    leased for that key, else it waits. Sessions idle longer than ``idle_seconds`` are
+    dropped (gufo-snmp sessions have no close: dropping the last reference closes the
+    socket). The pool also remembers which credential last worked for an agent, so a job
+    that tries several starts with that one.
+    """
+
+    def __init__(
+        self, *, per_target: int = 2, max_sessions: int = 1024, idle_seconds: float = 300.0
+    ) -> None:
+        self.per_target = per_target
+        self.max_sessions = max_sessions
+        self.idle_seconds = idle_seconds
+        self._groups: dict[tuple[Target, str], _Group] = {}
+        self._working: dict[tuple[str, int], str] = {}  # (address, port) → credential id
+        self._idle_count = 0
+        self._last_sweep = time.monotonic()
+        self._closed = False
+        self.created = 0  # sessions made over the pool's life (v3: one discovery each)
+
+    @property
+    def idle(self) -> int:
+        return self._idle_count
+
+    def preferred(self, address: str, port: int) -> str | None:
+        return self._working.get((address, port))
+
+    def remember(self, address: str, port: int, cred_id: str) -> None:
+        if len(self._working) >= 65_536:
+            self._working.clear()
+        self._working[(address, port)] = cred_id
+
+    def lease(self, target: Target, cred: Credential, policy: Policy) -> _Lease:
+        """``async with pool.lease(...) as client``: a session of its own for the block."""
+        if self._closed:
+            raise BridgeError("the SNMP session pool is closed (the bridge is stopping)")
+        key = (target, _fingerprint(cred))
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(asyncio.Semaphore(self.per_target))
+        return _Lease(self, group, target, cred, policy)
+
+    def _give_back(self, group: _Group, pooled: _Pooled | None, keep: bool) -> None:
+        if pooled is not None and keep and not self._closed:
+            pooled.last_used = time.monotonic()
+            group.idle.append(pooled)
+            self._idle_count += 1
+        group.sem.release()
+        group.leased -= 1
+        self._sweep()
+
+    async def _take(
+        self, group: _Group, target: Target, cred: Credential, policy: Policy
+    ) -> _Pooled:
+        while group.idle:
+            pooled = group.idle.pop()
+            self._idle_count -= 1
+            if target.version != "3" or time.monotonic() - pooled.last_used < _V3_REFRESH_AFTER:
+                return pooled
+            client = SnmpClient(
+                pooled.session, version="3", has_priv=pooled.has_priv, policy=policy
+            )
+            try:
+                await client.refresh()  # engine time window: 150 s
+            except AuthFailed:
+                continue  # the agent changed (engine id, users): make a new session
+            return pooled
+        session, has_priv = new_session(target, cred)
+        self.created += 1
+        if target.version == "3":
+            await SnmpClient(session, version="3", has_priv=has_priv, policy=policy).discover()
+        return _Pooled(session, has_priv)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if self._idle_count <= self.max_sessions and now - self._last_sweep < _SWEEP_EVERY:
+            return
+        self._last_sweep = now
+        for key, group in list(self._groups.items()):
+            fresh = [p for p in group.idle if now - p.last_used < self.idle_seconds]
+            self._idle_count -= len(group.idle) - len(fresh)
+            group.idle = fresh
+            if not group.idle and group.leased == 0:
+                del self._groups[key]
+        excess = self._idle_count - self.max_sessions
+        if excess > 0:  # drop the least recently used
+            idle = [(p, g) for g in self._groups.values() for p in g.idle]
+            idle.sort(key=lambda item: item[0].last_used)
+            for pooled, group in idle[:excess]:
+                group.idle.remove(pooled)
+            self._idle_count -= excess
+
+    async def aclose(self) -> None:
+        """Drop every session (their sockets close with them)."""
+        self._closed = True
+        self._groups.clear()
+        self._working.clear()
+        self._idle_count = 0
+
+
+def _sound(exc: BaseException) -> bool:
+    """Whether a session that saw ``exc`` may serve the next job.
+
+    Timeouts, cancellation and the job's own errors leave it sound (gufo-snmp drops late
+    answers by request id); an authentication or decoding failure, or a bug, do not.
+    """
+    if isinstance(exc, AuthFailed | ProtocolError):
+        return False
+    return isinstance(exc, BridgeError) or not isinstance(exc, Exception)
+
+
+def pool_of(ctx: ProbeContext, settings: SnmpSettings) -> SnmpPool:
+    pool = ctx.resources.get(RESOURCE)
+    if not isinstance(pool, SnmpPool):
+        pool = SnmpPool(
+            per_target=settings.sessions_per_target,
+            max_sessions=settings.max_sessions,
+            idle_seconds=settings.idle_seconds,
+        )
+        ctx.resources[RESOURCE] = pool
+    return pool
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+async def resolve_host(host: str, port: int) -> str:
+    """An IP literal as is; a name → its first address (IPv4 first)."""
+    literal = _ip_literal(host)
+    if literal is not None:
+        return literal
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        raise BadParameter(f"{host[:80]!r} does not resolve", field="host") from None
+    addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: ":" in a)
+    if not addresses:
+        raise BadParameter(f"{host[:80]!r} does not resolve", field="host")
+    return str(addresses[0])
+
+
+async def credentials_for(job: Job[SnmpParams], ctx: ProbeContext) -> list[Credential]:
+    params = job.params
+    if ctx.credentials is None:
+        raise CredentialError("this bridge has no credentials configured", field="credential_id")
+    types: tuple[str, ...]
+    if params.version == "3":
+        types = (SNMPV3,)
+    elif params.version in ("1", "2c"):
+        types = (COMMUNITY,)
+    else:
+        types = (COMMUNITY, SNMPV3)
+    return await ctx.credentials.resolve(
+        job.record, credential_id=params.credential_id, types=types
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    pool: SnmpPool,
+    address: str,
+    port: int,
+    creds: Sequence[Credential],
+    version: Version | None,
+    policy: Policy,
+) -> AsyncIterator[tuple[SnmpClient, Credential]]:
+    """A leased client for the first credential the agent accepts.
+
+    With one credential, no extra request: its errors surface from the job's own requests.
+    With several, each is tried in order (the one that last worked here first) with a GET
+    of sysObjectID.0; silence and authentication failures move on to the next one.
+    """
+    if len(creds) == 1:
+        cred = creds[0]
+        async with pool.lease(
+            Target(address, port, version_for(cred, version)), cred, policy
+        ) as one:
+            yield one, cred
+        return
+    ordered = list(creds)
+    preferred = pool.preferred(address, port)
+    ordered.sort(key=lambda c: c.id != preferred)
+    failures: list[tuple[str, BridgeError]] = []
+    for cred in ordered:
+        target = Target(address, port, version_for(cred, version))
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(pool.lease(target, cred, policy))
+            await client.get([SYS_OBJECT_ID])
+        except (ProbeTimeout, AuthFailed) as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            failures.append((cred.id, exc))
+            continue
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        async with stack:
+            pool.remember(address, port, cred.id)
+            yield client, cred
+        return
+    tried = ", ".join(cred_id for cred_id, _ in failures)
+    if any(isinstance(exc, AuthFailed) for _, exc in failures):
+        raise AuthFailed(f"no credential was accepted (tried {tried})", field="credential_id")
+    raise ProbeTimeout(
+        f"no answer with any credential (tried {tried}; a wrong community gets no answer)",
+        field="credential_id",
+    )
+
+
+class _Output:
+    """Result chunks: op entries of varbinds (or rows), at most ``chunk`` varbinds a chunk."""
+
+    def __init__(self, header: dict[str, Any], *, chunk: int, cap: int) -> None:
+        self.header = header
+        self.chunk = chunk
+        self.cap = cap
+        self.results: list[dict[str, Any]] = []
+        self.entry: dict[str, Any] | None = None  # the op entry being filled
+        self.items = "varbinds"
+        self.in_chunk = 0
+        self.total = 0
+        self.truncated = False
+
+    @property
+    def remaining(self) -> int:
+        return self.cap - self.total
+
+    def start(self, index: int, spec: OidSpec, oid: str, **extra: Any) -> None:
+        self.items = "rows" if spec.op == "table" else "varbinds"
+        self.entry = {
+            "spec": index,
+            "op": spec.op,
+            "oid": oid,
+            **extra,
+            self.items: [],
+            "truncated": False,
+            "more": False,
+        }
+        self.results.append(self.entry)
+
+    def add(self, item: dict[str, Any], cost: int = 1) -> bool:
+        """Append to the open entry; ``False`` (and nothing added) past the cap."""
+        assert self.entry is not None
+        if self.total + cost > self.cap:
+            self.truncate()
+            return False
+        self.entry[self.items].append(item)
+        self.total += cost
+        self.in_chunk += cost
+        return True
+
+    def truncate(self) -> None:
+        self.truncated = True
+        if self.entry is not None:
+            self.entry["truncated"] = True
+
+    @property
+    def full(self) -> bool:
+        return self.in_chunk >= self.chunk
+
+    def flush(self, *, open_entry: bool) -> dict[str, Any]:
+        """The chunk so far; an unfinished entry goes on in the next chunk (``more``)."""
+        chunk = {**self.header, "results": self.results}
+        self.results = []
+        self.in_chunk = 0
+        if open_entry and self.entry is not None:
+            self.entry["more"] = True
+            self.entry = {**self.entry, self.items: [], "more": False}
+            self.results.append(self.entry)
+        return chunk
+
+
+def _cell(oid: str, value: Any) -> dict[str, Any]:
+    cell = sv.typed(oid, value)
+    del cell["oid"]
+    return cell
+
+
+async def _table(
+    client: SnmpClient, spec: OidSpec, params: SnmpParams, budget: int
+) -> tuple[dict[str, str], list[dict[str, Any]], bool]:
+    """``(columns, rows, truncated)`` of a table, reading at most ``budget`` cells."""
+    table_oid = spec.oids[0]
+    known = sv.TABLES.get(table_oid)
+    entry = f"{table_oid}.1"
+
+    def name(column: int) -> str:
+        return known.columns.get(column, str(column)) if known else str(column)
+
+    rows: dict[str, dict[str, Any]] = {}
+    columns: dict[str, str] = {}
+    cells = 0
+    roots = [f"{entry}.{c}" for c in spec.columns] if spec.columns else [entry]
+    for root in roots:
+        if spec.columns:
+            columns[name(int(root.rsplit(".", 1)[1]))] = root
+        async with contextlib.aclosing(client.walk(root, params.max_repetitions)) as items:
+            async for oid, value in items:
+                if cells >= budget:
+                    return columns, _sorted_rows(rows), True
+                rest = oid[len(entry) + 1 :].split(".", 1)
+                if len(rest) != 2:
+                    continue  # not a cell (an agent answering outside the table)
+                column = name(int(rest[0]))
+                columns.setdefault(column, f"{entry}.{rest[0]}")
+                rows.setdefault(rest[1], {})[column] = _cell(oid, value)
+                cells += 1
+    return columns, _sorted_rows(rows), False
+
+
+def _sorted_rows(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"index": index, "values": rows[index]} for index in sorted(rows, key=sv.oid_key)]
+
+
+async def run(job: Job[SnmpParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
+    params = job.params
+    settings = settings_of(ctx.settings)
+    specs = params.specs()
+    pool = pool_of(ctx, settings)
+    address = await resolve_host(params.host, params.port)
+    creds = await credentials_for(job, ctx)
+    policy = Policy(params.timeout, params.retries)
+    async with open_client(pool, address, params.port, creds, params.version, policy) as (
+        client,
+        cred,
+    ):
+        out = _Output(
+            {
+                "host": params.host,
+                "address": address,
+                "port": params.port,
+                "version": client.version,
+                "credential_id": cred.id,
+            },
+            chunk=params.chunk_varbinds,
+            cap=params.max_varbinds,
+        )
+        for index, spec in enumerate(specs):
+            if spec.op == "get":
+                values = await client.get(spec.oids)
+                for oid in spec.oids:
+                    out.start(index, spec, oid)
+                    value = values[oid]
+                    item = (
+                        sv.exception(oid, value.kind)
+                        if isinstance(value, _Missing)
+                        else sv.typed(oid, value)
+                    )
+                    if not out.add(item):
+                        break
+            elif spec.op == "getnext":
+                for oid in spec.oids:
+                    out.start(index, spec, oid)
+                    found = await client.successor(
+                        oid, params.max_repetitions, max(params.max_varbinds, 1000)
+                    )
+                    item = (
+                        sv.exception(oid, sv.END_OF_MIB_VIEW)
+                        if found is None
+                        else sv.typed(found[0], found[1])
+                    )
+                    if not out.add(item):
+                        break
+            elif spec.op == "walk":
+                out.start(index, spec, spec.oids[0])
+                async with contextlib.aclosing(
+                    client.walk(spec.oids[0], params.max_repetitions)
+                ) as items:
+                    async for oid, value in items:
+                        if not out.add(sv.typed(oid, value)):
+                            break
+                        if out.full:
+                            yield out.flush(open_entry=True)
+            else:
+                table = sv.TABLES.get(spec.oids[0])
+                columns, rows, cut = await _table(client, spec, params, out.remaining)
+                out.start(
+                    index, spec, spec.oids[0], name=table.name if table else None, columns=columns
+                )
+                for row in rows:
+                    out.add(row, cost=len(row["values"]))
+                    if out.full:
+                        yield out.flush(open_entry=True)
+                if cut:
+                    out.truncate()
+            out.entry = None
+            if out.truncated:
+                break
+            if out.full:
+                yield out.flush(open_entry=False)
+        final = out.flush(open_entry=False)
+        final["summary"] = {
+            "varbinds": out.total,
+            "truncated": out.truncated,
+            "requests": client.requests,
+            "bulk_resumed": client.resumed,
+        }
+        yield final
+
+
+SPEC = ProbeSpec(
+    topic=TOPIC,
+    params=SnmpParams,
+    run=run,
+    build_params=build_params,
+    target_host=lambda params: params.host,
+    needs_credentials=True,
+)
+
+
+# --------------------------------------------------------------------------- Shazzam's tap
+
+TAP_OIDS = (SYS_DESCR, SYS_OBJECT_ID, SYS_NAME)
+
+
+async def snmp_tap(
+    host: str,
+    communities: Sequence[str],
+    *,
+    port: int = 161,
+    timeout: float = 1.0,
+    taps: int = 2,
+    interval: float = 0.2,
+    version: Literal["1", "2c"] = "2c",
+) -> dict[str, Any] | None:
+    """Is there an SNMP agent at ``host:port`` that answers one of ``communities``?
+
+    Like ServiceNow's SNMP port probe: a GET of sysDescr.0, sysObjectID.0 and sysName.0
+    with every community at once, sent again (a second *tap*, on a fresh socket) every
+    ``interval`` seconds while nothing answered, ``taps`` times in all; the first answer
+    within ``timeout`` seconds wins. A wrong community, a closed port and no host at all
+    look the same: ``None``. ``host`` must be an IP literal.
+
+    Returns ``{"host", "port", "version", "community_index", "sys_descr",
+    "sys_object_id", "sys_name", "rtt_ms"}``: the index into ``communities`` that was
+    answered (never the community itself); a field is ``None`` when the agent does not
+    have that object.
+    """
+    if not communities or taps < 1:
+        return None
+    address = str(ipaddress.ip_address(host))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + timeout
+
+    async def ask(index: int, community: str) -> tuple[int, dict[str, Any]] | None:
+        session = SnmpSession(
+            addr=address,
+            port=port,
+            community=community,
+            version=_GUFO_VERSION[version],
+            timeout=_SESSION_TIMEOUT,
+        )
+        try:
+            return index, await session.get_many(list(TAP_OIDS))
+        except (SnmpError, OSError):
+            return None  # something answered, but not an agent we can read
+
+    pending: set[asyncio.Task[tuple[int, dict[str, Any]] | None]] = set()
+    try:
+        for tap in range(taps):
+            for index, community in enumerate(communities):
+                pending.add(asyncio.create_task(ask(index, community)))
+            until = deadline if tap == taps - 1 else min(deadline, loop.time() + interval)
+            while pending and (left := until - loop.time()) > 0:
+                done, pending = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                answers = [task.result() for task in done]
+                for answer in answers:
+                    if answer is not None:
+                        index, values = answer
+                        return {
+                            "host": address,
+                            "port": port,
+                            "version": version,
+                            "community_index": index,
+                            "sys_descr": sv.text_value(values.get(SYS_DESCR)),
+                            "sys_object_id": sv.text_value(values.get(SYS_OBJECT_ID)),
+                            "sys_name": sv.text_value(values.get(SYS_NAME)),
+                            "rtt_ms": round((loop.time() - started) * 1000.0, 3),
+                        }
+            if loop.time() >= deadline:
+                break
+        return None
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def snmp_tap_credentials(
+    host: str, credentials: Sequence[Credential], **options: Any
+) -> dict[str, Any] | None:
+    """:func:`snmp_tap` with ``snmp_community`` credentials: adds ``credential_id``."""
+    usable = [c for c in credentials if c.type == COMMUNITY and c.fields.get("community")]
+    answer = await snmp_tap(host, [c.fields["community"] for c in usable], **options)
+    if answer is not None:
+        answer["credential_id"] = usable[answer["community_index"]].id
+    return answer
