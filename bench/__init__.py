@@ -77,7 +77,7 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
         print("midbridge bench: --rounds must be at least 1", file=sys.stderr)
         return 2
 
-    from bench.common import machine_info, raise_nofile_limit, render, to_json
+    from bench.common import loadavg, machine_info, raise_nofile_limit, render, to_json
 
     raise_nofile_limit()
     machine = machine_info()
@@ -88,8 +88,6 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
     except BenchError as exc:
         print(f"midbridge bench {name}: {exc}", file=sys.stderr)
         return 1
-    from bench.common import loadavg
-
     machine["loadavg_after"] = loadavg()
     result.machine = {**machine, **result.machine}
     print(to_json(result) if as_json else render(result))

@@ -123,7 +123,18 @@ class Result:
     def ratio(self) -> float:
         return self.ours_rate / self.peer_rate if self.peer_rate else 0.0
 
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Peer's CPU per unit / ours (median over rounds): the rate ratio if each measured
+        process had a core to itself and CPU were all that limited it."""
+        peer = [r.peer.cpu_s / r.peer.count for r in self.rounds if r.peer.cpu_s and r.peer.count]
+        ours = [r.ours.cpu_s / r.ours.count for r in self.rounds if r.ours.cpu_s and r.ours.count]
+        if not peer or not ours:
+            return None
+        return median(peer) / median(ours)
+
     def as_dict(self) -> dict[str, Any]:
+        cpu_ratio = self.cpu_ratio
         return {
             "name": self.name,
             "unit": self.unit,
@@ -135,6 +146,7 @@ class Result:
             "goal": self.goal,
             "goal_met": self.ratio >= self.goal,
             "median_of_round_ratios": round(median([r.ratio for r in self.rounds]), 3),
+            "cpu_ratio": round(cpu_ratio, 3) if cpu_ratio is not None else None,
             "workload": self.workload,
             "peer_command": self.peer_command,
             "ours_command": self.ours_command,
@@ -209,11 +221,18 @@ def render(result: Result) -> str:
         left=2,
     )
     verdict = "met" if result.ratio >= result.goal else "NOT met"
+    summary = f"ratio ours/peer {result.ratio:.2f} (goal ≥ {result.goal:g}: {verdict})"
+    cpu_ratio = result.cpu_ratio
+    if cpu_ratio is not None:
+        summary += (
+            f"; CPU per unit, peer/ours: {cpu_ratio:.2f} (the ratio if each measured process "
+            "had a core of its own)"
+        )
     parts = [
         render_table(main),
         f"peer: {result.peer}\n  $ {' '.join(result.peer_command)}",
         f"ours: {result.ours}\n  $ {' '.join(result.ours_command)}",
-        f"ratio ours/peer {result.ratio:.2f} (goal ≥ {result.goal:g}: {verdict})",
+        summary,
     ]
     parts += [render_table(t) for t in result.tables]
     m = result.machine

@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -65,7 +65,9 @@ LATENCY_JOBS = 300
 WARMUP_JOBS = 2_000
 RECEIVE_WINDOW = LimitsConfig().max_in_flight  # the bridge's bulk window; the peer uses it too
 PREFIX = "ecc"
-STALL_S = 15.0  # no answer for this long while jobs are outstanding: the run failed
+STALL_S = 5.0  # no answer for this long while jobs are outstanding: a stall
+MAX_ATTEMPTS = 5  # a stalled measurement is made again, this many times at most
+T = TypeVar("T")
 
 
 # --- the peer: a minimal gmqtt echo responder (child process) -----------------------------------
@@ -175,8 +177,16 @@ async def responder_process(command: list[str]) -> AsyncIterator[asyncio.subproc
 # --- the driver: the same for both sides --------------------------------------------------------
 
 
+class Stalled(BenchError):
+    """Jobs were outstanding and no answer came for ``STALL_S`` seconds."""
+
+
 class Driver:
-    """The platform side: publishes Echo jobs one record per message, collects the answers."""
+    """The platform side: publishes Echo jobs one record per message, collects the answers.
+
+    Only answers to the current batch count; answers to an abandoned (stalled) batch that
+    arrive later are ignored.
+    """
 
     def __init__(self, endpoint: BrokerEndpoint, agent: str) -> None:
         self.agent_id = f"mid.server.{agent}"
@@ -185,6 +195,7 @@ class Driver:
         )
         self.client = EccClient(self.broker, agent=agent, prefix=PREFIX, on_record=self._answer)
         self._room: asyncio.Semaphore | None = None
+        self._current: set[str] = set()  # sys_ids of the batch, not yet answered
         self._answered = 0
         self._wanted = 0
         self._all = asyncio.Event()
@@ -199,10 +210,14 @@ class Driver:
     def _answer(self, record: dict[str, Any]) -> None:
         if not record.get("complete"):
             return
+        sys_id = record.get("response_to")
+        if sys_id not in self._current:
+            return
+        self._current.discard(sys_id)
         self._answered += 1
         if self._room is not None:
             self._room.release()
-        if self._answered >= self._wanted:
+        if not self._current:
             self._all.set()
 
     def _jobs(self, count: int) -> list[tuple[str, bytes]]:
@@ -211,6 +226,9 @@ class Driver:
             record = output_record("Echo", agent=self.agent_id, payload={"message": "ping"})
             jobs.append((record["sys_id"], orjson.dumps(record)))
         self.client.expect(sys_id for sys_id, _ in jobs)
+        self._current = {sys_id for sys_id, _ in jobs}
+        self._answered, self._wanted = 0, count
+        self._all.clear()
         return jobs
 
     async def flood(self, count: int, window: int) -> Side:
@@ -218,42 +236,49 @@ class Driver:
         session = self.client.session
         topic = self.client.topics.output
         self._room = asyncio.Semaphore(window)
-        self._answered, self._wanted = 0, count
-        self._all.clear()
         pubacks = []
-        started = time.perf_counter()
-        for _sys_id, body in jobs:
-            await self._room.acquire()
-            pubacks.append(await session.publish_start(topic, body))
-        await self._wait_all()
-        seconds = time.perf_counter() - started
-        await asyncio.gather(*pubacks)
-        self._room = None
+        try:
+            started = time.perf_counter()
+            for _sys_id, body in jobs:
+                await self._room.acquire()
+                pubacks.append(await session.publish_start(topic, body))
+            await self._wait_all()
+            seconds = time.perf_counter() - started
+            await asyncio.gather(*pubacks)
+        except Stalled:
+            self._abandon(jobs)
+            raise
+        finally:
+            self._room = None
         self._check(jobs)
         return Side(count, seconds)
 
     async def _wait_all(self) -> None:
-        """Wait for every answer; fail if none arrives for ``STALL_S`` seconds."""
+        """Wait for every answer; ``Stalled`` if none arrives for ``STALL_S`` seconds."""
         seen = -1
         while not self._all.is_set():
             if self._answered == seen:
-                raise BenchError(self._stalled())
+                raise Stalled(self._stalled())
             seen = self._answered
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all.wait(), STALL_S)
 
     def _stalled(self) -> str:
         return (
-            f"stalled: {self._answered:,} of {self._wanted:,} jobs answered, no answer for "
-            f"{STALL_S:g} s ({self.client.received_records:,} input records received in all)"
+            f"{self._answered:,} of {self._wanted:,} jobs answered, then no answer for "
+            f"{STALL_S:g} s"
         )
+
+    def _abandon(self, jobs: list[tuple[str, bytes]]) -> None:
+        self._current = set()
+        for sys_id, _ in jobs:
+            self.client.results.pop(sys_id, None)
 
     async def sequential(self, count: int) -> list[float]:
         """Round-trip times in seconds, one job in flight at a time."""
         jobs = self._jobs(count)
         session = self.client.session
         topic = self.client.topics.output
-        self._answered, self._wanted = 0, count
         times = []
         for sys_id, body in jobs:
             result = self.client.results[sys_id]
@@ -262,7 +287,9 @@ class Driver:
             try:
                 await asyncio.wait_for(result.finished.wait(), STALL_S)
             except TimeoutError:
-                raise BenchError(self._stalled()) from None
+                message = self._stalled()
+                self._abandon(jobs)
+                raise Stalled(message) from None
             times.append(time.perf_counter() - started)
             await puback
         self._check(jobs)
@@ -278,18 +305,40 @@ class Driver:
             raise BenchError(f"{failed} of {len(jobs)} Echo jobs were not answered correctly")
 
 
-async def measure(driver: Driver, meter: CpuMeter, broker_meter: CpuMeter) -> Side:
-    meter.start()
-    broker_meter.start()
-    driver_cpu = time.process_time()
-    side = await driver.flood(FLOOD_JOBS, WINDOW)
-    driver_cpu = time.process_time() - driver_cpu
-    side.cpu_s = meter.stop()
-    broker_cpu = broker_meter.stop()
-    if broker_cpu is not None:
-        side.extra["broker_cpu_us_per_job"] = round(broker_cpu / side.count * 1e6, 1)
-    side.extra["driver_cpu_us_per_job"] = round(driver_cpu / side.count * 1e6, 1)
-    times = await driver.sequential(LATENCY_JOBS)
+async def _retrying(what: str, stalls: list[str], attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run ``attempt``; a stall is written down and the attempt made again from scratch."""
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            return await attempt()
+        except Stalled as exc:
+            stalls.append(f"{what}: {exc}")
+            progress(f"{what} stalled ({exc}); measuring it again")
+    raise BenchError(f"{what} stalled {MAX_ATTEMPTS} times in a row; last: {stalls[-1]}")
+
+
+async def warm_up(who: str, driver: Driver, stalls: list[str]) -> None:
+    await _retrying(f"{who} warm-up", stalls, lambda: driver.flood(WARMUP_JOBS, WINDOW))
+    await _retrying(f"{who} warm-up", stalls, lambda: driver.sequential(20))
+
+
+async def measure(
+    who: str, driver: Driver, meter: CpuMeter, broker_meter: CpuMeter, stalls: list[str]
+) -> Side:
+    async def flood() -> Side:
+        meter.start()
+        broker_meter.start()
+        driver_cpu = time.process_time()
+        side = await driver.flood(FLOOD_JOBS, WINDOW)
+        driver_cpu = time.process_time() - driver_cpu
+        side.cpu_s = meter.stop()
+        broker_cpu = broker_meter.stop()
+        if broker_cpu is not None:
+            side.extra["broker_cpu_us_per_job"] = round(broker_cpu / side.count * 1e6, 1)
+        side.extra["driver_cpu_us_per_job"] = round(driver_cpu / side.count * 1e6, 1)
+        return side
+
+    side = await _retrying(f"{who} flood", stalls, flood)
+    times = await _retrying(f"{who} latency", stalls, lambda: driver.sequential(LATENCY_JOBS))
     side.extra["latency_ms"] = {
         "p50": round(percentile(times, 0.50) * 1000, 3),
         "p99": round(percentile(times, 0.99) * 1000, 3),
@@ -352,16 +401,18 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                 "state_dir, broker)",
             }
 
+            stalls: list[str] = []
             progress(f"warm-up: {WARMUP_JOBS:,} untimed jobs through each side")
             for side in ("peer", "ours"):
-                await drivers[side].flood(WARMUP_JOBS, WINDOW)
-                await drivers[side].sequential(20)
+                await warm_up(side, drivers[side], stalls)
 
             for index in range(1, rounds + 1):
                 order = ("peer", "ours") if index % 2 else ("ours", "peer")
                 sides: dict[str, Side] = {}
                 for side in order:
-                    sides[side] = await measure(drivers[side], meters[side], broker_meter)
+                    sides[side] = await measure(
+                        side, drivers[side], meters[side], broker_meter, stalls
+                    )
                 rnd = Round(index, order, sides["peer"], sides["ours"])
                 result.rounds.append(rnd)
                 progress(
@@ -370,6 +421,14 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                     f"jobs/s (p50 {_latency(rnd.ours, 'p50'):.2f} ms), ratio {rnd.ratio:.2f}"
                 )
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
+
+    result.details["stalls"] = stalls
+    if stalls:
+        result.warnings.append(
+            f"{len(stalls)} measurement(s) stalled (jobs outstanding, no answer for "
+            f"{STALL_S:g} s) and were made again; only complete measurements are reported: "
+            + "; ".join(stalls)
+        )
 
     latency = {
         who: {

@@ -1,4 +1,4 @@
-"""The ``midbridge`` command: run, sweep, demo, bench."""
+"""The ``midbridge`` command: run, sweep, demo, bench, instance."""
 
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--broker", type=_broker_arg, default=None)
     bench.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
+
+    # The built-in instance: `midbridge instance ...` (bridge/instance/cli.py).
+    from bridge.instance.cli import add_instance_parser
+
+    add_instance_parser(sub)
     return parser
 
 
@@ -167,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level or "warning")
             return _run_loop(run_demo(broker=args.broker, hosts=args.hosts, embedded=args.embedded))
+        if args.command == "instance":  # the built-in instance (bridge/instance/cli.py)
+            from bridge.instance.cli import run_instance_command
+
+            _setup_logging(args.log_level or "info")
+            return run_instance_command(args, run_loop=_run_loop)
         if args.command == "bench":
             from bench import run_bench
 

@@ -132,7 +132,9 @@ class EccClient:
             subscriptions=[self.topics.input],
             on_message=self._on_message,
             receive_maximum=65535,
-            clean_start=True,
+            # A persistent session: answers published while this client reconnects (or
+            # while the broker restarts) wait for it instead of being dropped.
+            clean_start=False,
         )
 
     async def __aenter__(self) -> EccClient:

@@ -31,9 +31,10 @@ from bridge.config import Config
 from bridge.control import CONTROL_RESOURCE
 from bridge.credentials import LocalCredentials, NoCredentials
 from bridge.egress import Egress
-from bridge.errors import BridgeError, CredentialError, Refused, UnknownTopic
+from bridge.errors import BridgeError, BrokerRefused, CredentialError, Refused, UnknownTopic
 from bridge.identity import Identity, SignatureCheck
 from bridge.jobs import Credential, CredentialResolver, ProbeContext, ProbeSpec
+from bridge.mqtt_acks import PublishFailed, PublishRefused
 from bridge.ratelimit import RateLimiter
 from bridge.records import OutputRecord, Rejected, decode_outputs
 from bridge.runner import Counters, answer_rejected, run_job
@@ -149,6 +150,7 @@ class Bridge:
         )
         self.status = "Up"
         self.last_heartbeat: float | None = None
+        self._status_refused = False
         self._intake_open = asyncio.Event()
         self._intake_open.set()
         self.host = socket.gethostname()
@@ -226,7 +228,19 @@ class Bridge:
             self._connected_sessions.append(self.bulk)
             await self.express.__aenter__()
             self._connected_sessions.append(self.express)
-            await self.publish_status()
+            try:
+                await self.publish_status()
+            except PublishRefused as exc:
+                # Mosquitto grants any SUBSCRIBE and only filters deliveries, so the first
+                # refusal we can see is a publish the ACL denies.
+                self._status_refused = True
+                raise BrokerRefused(
+                    f"the broker refused our status record on {self.topics.status} "
+                    f"(reason 0x{exc.reason_code:02x}: not authorised): this broker user may "
+                    f"not act as agent {cfg.bridge.agent!r}",
+                    field="broker.username",
+                ) from None
+            self.out.on_reconnect.append(self._republish_status)
             self._service_tasks.append(self._tasks.create_task(self._status_loop(), name="status"))
         except BaseException:
             await self._stack.aclose()
@@ -281,12 +295,25 @@ class Bridge:
         self.resources.clear()
 
     async def _publish_down(self) -> None:
-        if self.out.connected.is_set():
+        if self.out.connected.is_set() and not self._status_refused:
             try:
                 async with asyncio.timeout(2.0):
                     await self.publish_status("Down")
-            except Exception:
-                log.warning("could not publish the Down status", exc_info=True)
+            except (TimeoutError, PublishFailed) as exc:
+                log.warning("could not publish the Down status: %s", exc)
+
+    def _republish_status(self) -> None:
+        """After a reconnect (our will may have turned the status Down): say we are back."""
+        if self._tasks is None:
+            return
+
+        async def republish() -> None:
+            try:
+                await self.publish_status()
+            except PublishFailed as exc:
+                log.warning("status publish after reconnect failed: %s", exc)
+
+        self._tasks.create_task(republish(), name="status-after-reconnect")
 
     async def _disconnect_sessions(self) -> None:
         if self.out in self._connected_sessions:

@@ -18,10 +18,11 @@ from typing import Any
 
 import orjson
 
-from bridge.mqtt_acks import PublishFailed
+from bridge.mqtt_acks import PublishFailed, PublishRefused
 from bridge.store import OutboxRow, StateStore
 
 log = logging.getLogger("midbridge.egress")
+REFUSED_RETRY_S = 5.0
 
 Publisher = Callable[[str, bytes], Awaitable["asyncio.Future[None]"]]
 
@@ -60,6 +61,7 @@ class Egress:
         self._wake_publisher = asyncio.Event()
         self._room = asyncio.Condition()
         self.published_records = 0
+        self.refused_publishes = 0
         self._closing = False
 
     # --- producers -------------------------------------------------------------------
@@ -138,8 +140,23 @@ class Egress:
             try:
                 try:
                     await fut
-                except PublishFailed as exc:  # dropped unsent: read it again from disk
-                    log.warning("record batch %s not delivered (%s); sending it again", row.id, exc)
+                except PublishFailed as exc:  # dropped unsent or refused: read it again
+                    if isinstance(exc, PublishRefused):
+                        # An ACL that denies our results: say so loudly, keep them on disk,
+                        # and try again slowly (an operator may fix the ACL).
+                        log.error(
+                            "the broker refused results on %s (%s): check the broker ACL; "
+                            "they stay in the outbox, next try in %.0f s",
+                            row.topic,
+                            exc,
+                            REFUSED_RETRY_S,
+                        )
+                        self.refused_publishes += 1
+                        await asyncio.sleep(REFUSED_RETRY_S)
+                    else:
+                        log.warning(
+                            "record batch %s not delivered (%s); sending it again", row.id, exc
+                        )
                     rewind_to = row.id - 1 if rewind_to is None else min(rewind_to, row.id - 1)
                     self._wake_publisher.set()
                     return

@@ -38,6 +38,13 @@ class RateLimiter:
             wait = 0.0 if granted else (1.0 - self._tokens) / self.rate
             return granted, wait
 
+    def refund(self, unused: int) -> None:
+        """Give back tokens taken but not spent (never past the burst)."""
+        if self.rate == 0 or unused <= 0:
+            return
+        with self._lock:
+            self._tokens = min(self.burst, self._tokens + unused)
+
     def take_blocking(self, wanted: int) -> int:
         """For a worker thread: wait until at least one token is granted."""
         while True:

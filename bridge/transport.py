@@ -120,6 +120,7 @@ class MqttSession:
         self._closing = False
         self._session_present = False
         self.generation = 0  # connections made so far; a PUBACK belongs to one of them
+        self.on_reconnect: list[Callable[[], None]] = []  # called after every reconnect
         self.pending = 0  # handlers running
         self._pause_at = receive_maximum
         self._resume_at = max(1, receive_maximum * 9 // 10)
@@ -186,6 +187,9 @@ class MqttSession:
             self._subacks_seen = 0
             for topic in self.subscriptions:
                 client.subscribe(topic, qos=1)
+        if self.generation > 1:
+            for callback in self.on_reconnect:
+                callback()
 
     def _handle_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         if self.connected.is_set() and not self._closing:

@@ -71,6 +71,8 @@ class RateBudget(Protocol):
 
     def take(self, wanted: int) -> tuple[int, float]: ...
 
+    def refund(self, unused: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class SweepOptions:
@@ -236,7 +238,9 @@ class Engine:
         opt = self._opt
         ports = opt.ports
         timeout = opt.timeout
-        per_host = opt.per_host
+        # A host never has more connects in flight than it has ports: counting more would
+        # take rate tokens no connect spends.
+        per_host = max(1, min(opt.per_host, len(ports)))
         banner = opt.banner
         banner_timeout = opt.banner_timeout
         banner_bytes = opt.banner_bytes
@@ -379,6 +383,8 @@ class Engine:
                         ready.append(host)
                     else:
                         host.queued = False
+                if rate is not None and room > 0:
+                    rate.refund(room)  # taken for connects this round did not make
 
             if exhausted and not inflight and not ready:
                 break

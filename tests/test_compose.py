@@ -88,3 +88,92 @@ def test_dockerfile_lints() -> None:
     assert users
     assert users[-1].split()[1] != "root", "the image must not run as root"
     assert any(ln.startswith("CMD") and "midbridge" in ln for ln in lines)
+
+
+# --- the secure variant: docker-compose.secure.yml over docker-compose.yml -----------------
+
+
+def secure_overlay() -> dict[str, Any]:
+    data = yaml.safe_load((COMPOSE / "docker-compose.secure.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def mosquitto_listeners(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(global options, one dict of options per listener, with its ``listener`` value)."""
+    head: dict[str, str] = {}
+    listeners: list[dict[str, str]] = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            listeners.append({"listener": value.strip()})
+        elif listeners and key in {"allow_anonymous", "password_file", "acl_file"}:
+            listeners[-1][key] = value.strip()
+        else:
+            head[key] = value.strip()
+    return head, listeners
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path → source (relative to compose/) of a service's bind mounts."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        found[target] = source
+    return found
+
+
+def test_secure_overlay_replaces_the_broker_config_and_mounts_what_it_names() -> None:
+    base = compose()["services"]
+    overlay = secure_overlay()["services"]
+    assert set(overlay) <= set(base)
+    broker = mounts(overlay["mosquitto"])
+    # Compose merges volumes by container path: the same target replaces the open config.
+    assert broker["/mosquitto/config/mosquitto.conf"] == "./mosquitto-secure.conf"
+    assert mounts(base["mosquitto"])["/mosquitto/config/mosquitto.conf"] == "./mosquitto.conf"
+    for source in broker.values():
+        assert (COMPOSE / source).exists(), source
+    head, listeners = mosquitto_listeners(COMPOSE / "mosquitto-secure.conf")
+    assert head["per_listener_settings"] == "true"  # else allow_anonymous is one for all
+    mqtt, health = listeners
+    assert mqtt["listener"] == "1883 0.0.0.0"
+    assert mqtt["allow_anonymous"] == "false"
+    for key in ("password_file", "acl_file"):
+        directory = str(Path(mqtt[key]).parent)
+        assert broker[directory] == "./mosquitto/auth", f"{key} {mqtt[key]} is not mounted"
+    # The anonymous listener is the health check's: loopback only, its own ACL, mounted.
+    assert health["listener"].endswith(" 127.0.0.1")
+    assert (COMPOSE / broker[health["acl_file"]]).read_text().count("topic ") == 1
+    check = overlay["mosquitto"]["healthcheck"]["test"]
+    assert check[check.index("-p") + 1] == health["listener"].split()[0]
+    assert check[check.index("-h") + 1] == "127.0.0.1"
+    # The raised limits of the open config hold here too.
+    open_head, _ = mosquitto_listeners(COMPOSE / "mosquitto.conf")
+    for key in ("max_queued_messages", "max_queued_bytes", "max_inflight_messages", "persistence"):
+        assert head[key] == open_head[key], key
+
+
+def test_secure_overlay_logs_the_bridge_in_as_its_mid_user() -> None:
+    env = secure_overlay()["services"]["bridge"]["environment"]
+    agent = load_config(COMPOSE / "midbridge.toml", environ={}).bridge.agent
+    # make-mid-user.sh's default user name for an agent.
+    assert env["MIDBRIDGE_BROKER__USERNAME"] == f"mid.user.{agent}"
+    # The password comes from the environment, never from the file.
+    assert re.fullmatch(r"\$\{MID_PASSWORD:\?[^}]+\}", env["MIDBRIDGE_BROKER__PASSWORD"])
+
+
+def test_make_mid_user_script_and_templates_are_in_place() -> None:
+    script = COMPOSE / "make-mid-user.sh"
+    assert script.read_text().startswith("#!/bin/sh\n")
+    assert script.stat().st_mode & 0o111, "make-mid-user.sh must be executable"
+    for name in ("mid.acl.template", "platform.acl.template"):
+        text = (COMPOSE / "mosquitto" / name).read_text()
+        rules = [ln for ln in text.splitlines() if ln.startswith(("topic", "pattern"))]
+        assert rules, name
+        # Only topic lines, each naming the prefix and a direction: no `pattern` (it would
+        # apply to every user) and no readwrite.
+        assert all(re.fullmatch(r"topic (read|write) @PREFIX@/\S+", ln) for ln in rules), rules
+    ignored = (COMPOSE / "mosquitto" / "auth" / ".gitignore").read_text().split()
+    assert "*" in ignored, "the password file must not be committed"

@@ -68,3 +68,17 @@ def test_shipped_example_config_parses() -> None:
     config = load_config(REPO / "compose" / "midbridge.toml", environ={})
     assert isinstance(config, Config)
     assert config.broker.host == "mosquitto"
+
+
+def test_hardened_example_config_parses() -> None:
+    config = load_config(REPO / "compose" / "midbridge-hardened.toml", environ={})
+    assert config.security.require_signatures
+    assert config.security.require_validation
+    assert config.broker.tls
+
+
+def test_signatures_without_a_platform_key_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[security]\nrequire_signatures = true\n"), environ={})
+    assert info.value.field == "security"
+    assert "platform_key" in str(info.value)

@@ -1,0 +1,190 @@
+"""``midbridge instance ...``: run the built-in instance, manage its users.
+
+- ``midbridge instance [--host H] [--port P] [--db PATH]``: serve until SIGINT/SIGTERM.
+  On first start the ``admin`` user is created with ``$MIDBRIDGE_ADMIN_PASSWORD``, or a
+  generated password that is printed once.
+- ``midbridge instance user create NAME [--first-name F] [--last-name L] [--email E]
+  [--role R ...] [--web-service-only] [--inactive] [--password-stdin]``: the password is
+  asked for twice (no echo), or read as one line from stdin.
+- ``midbridge instance user list``.
+
+``--db`` (default ``$MIDBRIDGE_INSTANCE_DB`` or ``midbridge-state/instance.db``) may be
+given before or after the ``user`` subcommand. Exit status: 0, or 2 with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bridge.instance.auth import PasswordError, create_user, roles_of, seed_roles
+from bridge.instance.sqlite_store import SQLiteStore
+from bridge.instance.store import Conflict, StoreError
+
+DEFAULT_DB = Path("midbridge-state/instance.db")
+DB_ENV = "MIDBRIDGE_INSTANCE_DB"
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as ``midbridge instance: <message>``, exit 2."""
+
+
+def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``instance`` (and its ``user`` subcommands) to the ``midbridge`` parser."""
+    default_db = Path(os.environ.get(DB_ENV) or DEFAULT_DB)
+    inst = sub.add_parser("instance", help="the built-in instance: serve it, manage its users")
+    inst.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    inst.add_argument("--port", type=int, default=8080, help="port to listen on (0: any)")
+    inst.add_argument("--db", type=Path, default=default_db, help=f"database file ({DEFAULT_DB})")
+    inst_sub = inst.add_subparsers(dest="instance_command")
+    user = inst_sub.add_parser("user", help="users of the instance")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+
+    def db_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="database file")
+
+    create = user_sub.add_parser("create", help="create a user (and grant roles)")
+    create.add_argument("name", help="user_name, e.g. mid.user")
+    create.add_argument("--first-name", default="")
+    create.add_argument("--last-name", default="")
+    create.add_argument("--email", default="")
+    create.add_argument(
+        "--role", action="append", default=[], help="role name (repeatable), e.g. mid_server"
+    )
+    create.add_argument(
+        "--web-service-only",
+        action="store_true",
+        help="web service access only (the API, not web pages)",
+    )
+    create.add_argument("--inactive", action="store_true", help="create the user inactive")
+    create.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (one line)"
+    )
+    db_option(create)
+    listing = user_sub.add_parser("list", help="list users and their roles")
+    db_option(listing)
+
+
+def run_instance_command(
+    args: argparse.Namespace, run_loop: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+) -> int:
+    """Run a parsed ``midbridge instance ...`` command; ``run_loop`` runs the coroutine."""
+    try:
+        if args.instance_command is None:
+            return run_loop(_serve(args.host, args.port, args.db))
+        if args.user_command == "create":
+            password = _read_password(args.password_stdin)
+            return run_loop(_user_create(args, password))
+        return run_loop(_user_list(args.db))
+    except CommandError as exc:
+        print(f"midbridge instance: {exc}", file=sys.stderr)
+    except StoreError as exc:
+        print(f"midbridge instance: {exc.message}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        print(f"midbridge instance: database {args.db}: {exc}", file=sys.stderr)
+    return 2
+
+
+async def _serve(host: str, port: int, db: Path) -> int:
+    from bridge.instance.server import ADMIN_PASSWORD_ENV, Instance, InstanceConfig
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        instance = Instance(InstanceConfig(host=host, port=port, db=db))
+        async with instance as inst:
+            print(f"midbridge instance on {inst.url} (database {db})", flush=True)
+            generated = inst.generated_admin_password
+            if generated:
+                print(f"admin password (first start, shown only now): {generated}", flush=True)
+            await stop.wait()
+    except PasswordError as exc:
+        raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise CommandError("--password-stdin: no password on stdin")
+        return line.rstrip("\r\n")
+    try:
+        first = getpass.getpass("Password: ")
+        second = getpass.getpass("Password (again): ")
+    except EOFError:
+        raise CommandError("no password given (use --password-stdin to pipe one)") from None
+    if first != second:
+        raise CommandError("the passwords differ")
+    return first
+
+
+async def _open(db: Path) -> SQLiteStore:
+    store = await SQLiteStore.open(db)
+    await seed_roles(store)
+    return store
+
+
+async def _user_create(args: argparse.Namespace, password: str) -> int:
+    store = await _open(args.db)
+    try:
+        user = await create_user(
+            store,
+            args.name,
+            password,
+            roles=args.role,
+            first_name=args.first_name,
+            last_name=args.last_name,
+            email=args.email,
+            web_service_access_only=args.web_service_only,
+            active=not args.inactive,
+        )
+    except PasswordError as exc:
+        raise CommandError(str(exc)) from None
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    except Conflict:
+        raise CommandError(f"user {args.name} already exists") from None
+    finally:
+        await store.close()
+    roles = ", ".join(args.role) or "none"
+    print(f"created user {user['user_name']} (sys_id {user['sys_id']}); roles: {roles}")
+    return 0
+
+
+async def _user_list(db: Path) -> int:
+    store = await _open(db)
+    try:
+        users = await store.query("sys_user", "ORDERBYuser_name")
+        rows = [("user_name", "name", "active", "web_service_only", "roles")]
+        for user in users:
+            name = f"{user['first_name']} {user['last_name']}".strip()
+            roles = ",".join(sorted(await roles_of(store, user["sys_id"])))
+            rows.append(
+                (
+                    user["user_name"],
+                    name,
+                    "true" if user["active"] else "false",
+                    "true" if user["web_service_access_only"] else "false",
+                    roles,
+                )
+            )
+    finally:
+        await store.close()
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0

@@ -1,0 +1,667 @@
+"""The instance's broker connector: ECC output records out, input records in.
+
+One MQTT session (the platform's side of ``docs/wire-contract.md``):
+
+- **Out.** The store tells us of every committed write (``Store.add_listener``); an output
+  record that becomes ``ready`` wakes the pusher at once. It claims what is ready in one
+  atomic statement (``update_query``: ``ready → processing``, a lease, ``attempts + 1``),
+  attaches sealed credentials where a job needs them and the agent is validated, signs
+  each record (Ed25519), and publishes them batched (a JSON array, at most
+  ``batch_records`` a message and under ``max_message_bytes``) to
+  ``<prefix>/<agent>/output``, or ``.../output/interactive`` for priority 0,
+  ``HeartbeatProbe`` and ``SystemCommand``. A scan every ``sweep_interval`` catches what
+  no event announced (records written before we started, or by another process).
+- **Hold.** Work for an agent that is Down or has never reported stays ``ready`` (control
+  jobs excepted) and goes out when its status record says it is up: nothing is pushed
+  into a void.
+- **Leases.** An output pushed but not answered by ``lease_until`` is pushed again
+  (at-least-once; the bridge drops repeats by ``sys_id``). Each chunk that arrives for it
+  moves the lease on, so a long sweep that streams results is not pushed again.
+- **In.** Input records from ``<prefix>/+/input`` are stored once each
+  (``insert_input_once``: same ``sys_id``, or same ``response_to``/``run``/``sequence``),
+  only when the output they answer belongs to the agent whose topic they came on. The
+  output becomes ``processed`` (``error`` if the complete record has an ``error_string``)
+  when one run's complete record and every sequence before it are stored; chunks of
+  other runs are kept and change nothing.
+- **Status.** Retained status records from ``<prefix>/+/status`` feed ``ecc_agent``
+  (:class:`bridge.instance.agents.Agents`, which also runs the heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.config import BrokerConfig
+from bridge.errors import BadRecord, BridgeError
+from bridge.identity import encrypt_credential
+from bridge.instance.agents import (
+    HEARTBEAT,
+    NAME_PATTERN,
+    SYSTEM_COMMAND,
+    Agents,
+    add_routes,
+    agent_id,
+    agent_name,
+)
+from bridge.instance.platform_credentials import (
+    PlatformKeys,
+    credential_hook,
+    credentials_for_job,
+    needs_credentials,
+)
+from bridge.instance.query import escape
+from bridge.instance.server import Instance
+from bridge.instance.store import Change, Record, Store
+from bridge.records import now_text, parse_xml_parameters
+from bridge.transport import Delivery, MqttSession
+
+log = logging.getLogger("midbridge.instance.connector")
+
+ECC = "ecc_queue"
+EXPRESS_TOPICS = frozenset({HEARTBEAT, SYSTEM_COMMAND})
+_SYS_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_IN_CHUNK = 400  # sys_ids in one ``sys_idIN`` claim
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorSettings:
+    prefix: str = "ecc"
+    lease: float = 300.0  # seconds an output may stay unanswered before it is pushed again
+    sweep_interval: float = 5.0  # scan for ready outputs no event announced
+    lease_check_interval: float = 5.0  # scan for expired leases
+    linger: float = 0.001  # seconds to let a burst of inserts gather into one batch
+    batch_records: int = 200  # output records in one MQTT message
+    max_message_bytes: int = 1_000_000  # below the bridge's limits.max_message_bytes
+    max_input_bytes: int = 16 * 1024 * 1024  # an inbound message larger than this is dropped
+    heartbeat_interval: float = 300.0
+    heartbeat_timeout: float = 60.0
+    client_id: str | None = None  # default: midbridge-instance-<prefix>
+    receive_maximum: int = 1000
+
+
+@dataclass(slots=True)
+class ConnectorStats:
+    pushed: int = 0  # output records published (first time)
+    repushed: int = 0  # pushed again after their lease ran out
+    inputs: int = 0  # input records stored
+    duplicates: int = 0  # input records already stored
+    finished: int = 0  # outputs moved to processed or error
+    refused_inputs: int = 0  # input records for another agent's output, or malformed
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "pushed": self.pushed,
+            "repushed": self.repushed,
+            "inputs": self.inputs,
+            "duplicates": self.duplicates,
+            "finished": self.finished,
+            "refused_inputs": self.refused_inputs,
+        }
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What is stored of one output's answers: sequences per run, complete records."""
+
+    output: Record
+    runs: dict[str, set[int]] = field(default_factory=dict)
+    completes: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    finished: bool = False
+
+    def has(self, run: str, seq: int) -> bool:
+        return seq in self.runs.get(run, ())
+
+    def add(self, run: str, seq: int, complete: bool, record: dict[str, Any]) -> None:
+        self.runs.setdefault(run, set()).add(seq)
+        if complete and run not in self.completes:
+            self.completes[run] = (seq, record)
+
+    def final(self) -> dict[str, Any] | None:
+        """The complete record of the first run whose every chunk is stored."""
+        for run, (last, record) in self.completes.items():
+            seqs = self.runs.get(run, set())
+            if all(i in seqs for i in range(last + 1)):
+                return record
+        return None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _priority(value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return 2
+    return number if number in (0, 1, 2) else 2
+
+
+def is_express(record: Mapping[str, Any]) -> bool:
+    """Priority 0 and control topics go to ``.../output/interactive``."""
+    return _priority(record.get("priority")) == 0 or record.get("topic") in EXPRESS_TOPICS
+
+
+def output_topic(prefix: str, name: str, record: Mapping[str, Any]) -> str:
+    base = f"{prefix}/{name}/output"
+    return base + "/interactive" if is_express(record) else base
+
+
+def wire_payload(payload: Any) -> Any:
+    """A stored payload (text) as it goes on the wire: JSON object text becomes an object."""
+    if isinstance(payload, dict):
+        return payload
+    text = _text(payload)
+    stripped = text.lstrip()
+    if not stripped:
+        return {}
+    if stripped.startswith("{"):
+        try:
+            decoded = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text  # the bridge answers it with a bad_record error
+        return decoded if isinstance(decoded, dict) else text
+    return text
+
+
+def parameters(payload: Any) -> dict[str, Any]:
+    """The job's parameters (JSON object or XML ``<parameters>``); {} if unreadable."""
+    value = wire_payload(payload)
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("<"):
+        try:
+            return parse_xml_parameters(value)
+        except BridgeError:
+            return {}
+    return {}
+
+
+def output_wire(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``ecc_queue`` output row as the bridge takes it (docs/wire-contract.md)."""
+    return {
+        "sys_id": row["sys_id"],
+        "agent": _text(row.get("agent")),
+        "topic": _text(row.get("topic")),
+        "name": _text(row.get("name")),
+        "source": _text(row.get("source")),
+        "queue": "output",
+        "state": _text(row.get("state")) or "ready",
+        "response_to": _text(row.get("response_to")),
+        "agent_correlator": _text(row.get("agent_correlator")),
+        "priority": _priority(row.get("priority")),
+        "error_string": _text(row.get("error_string")),
+        "payload": wire_payload(row.get("payload")),
+        "sys_created_on": _text(row.get("sys_created_on")),
+    }
+
+
+def _sequence(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+def input_row(record: Mapping[str, Any], agent: str, response_to: str) -> dict[str, Any]:
+    """An input record from the wire as an ``ecc_queue`` row (payload as JSON text)."""
+    payload = record.get("payload")
+    row: dict[str, Any] = {
+        "agent": agent,
+        "topic": _text(record.get("topic"))[:128],
+        "name": _text(record.get("name")),
+        "source": _text(record.get("source")),
+        "queue": "input",
+        "state": "ready",
+        "response_to": response_to,
+        "agent_correlator": _text(record.get("agent_correlator")),
+        "priority": _priority(record.get("priority")),
+        "error_string": _text(record.get("error_string")),
+        "payload": payload if isinstance(payload, str) else orjson.dumps(payload).decode(),
+        "sequence": _sequence(record.get("sequence")),
+        "complete": record.get("complete") is True,
+        "run": _text(record.get("run"))[:64],
+    }
+    sys_id = record.get("sys_id")
+    if isinstance(sys_id, str) and _SYS_ID.match(sys_id):
+        row["sys_id"] = sys_id
+    return row
+
+
+def _batches(bodies: list[bytes], max_records: int, max_bytes: int) -> Iterable[bytes]:
+    """Encoded records joined into JSON arrays within both limits (a single one stays bare)."""
+    group: list[bytes] = []
+    size = 2
+    for body in bodies:
+        if group and (len(group) >= max_records or size + len(body) + 1 > max_bytes):
+            yield group[0] if len(group) == 1 else b"[" + b",".join(group) + b"]"
+            group, size = [], 2
+        group.append(body)
+        size += len(body) + 1
+    if group:
+        yield group[0] if len(group) == 1 else b"[" + b",".join(group) + b"]"
+
+
+class Connector:
+    """An async context manager: the instance's session on the broker and its tasks."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: BrokerConfig,
+        *,
+        settings: ConnectorSettings | None = None,
+        keys: PlatformKeys | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings or ConnectorSettings()
+        self.keys = keys
+        self._log = logger or log
+        prefix = self.settings.prefix
+        self.agents = Agents(
+            store,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            on_up=self._agent_up,
+            logger=self._log,
+        )
+        client_id = self.settings.client_id or "midbridge-instance-" + re.sub(
+            r"[^A-Za-z0-9_.-]", "-", prefix
+        )
+        self.session = MqttSession(
+            broker,
+            client_id=client_id,
+            subscriptions=[f"{prefix}/+/input", f"{prefix}/+/status"],
+            on_message=self._on_message,
+            receive_maximum=self.settings.receive_maximum,
+            logger=self._log,
+        )
+        self.stats = ConnectorStats()
+        self._pending: dict[str, Record] = {}
+        self._wake = asyncio.Event()
+        self._scan_now = False
+        self._progress: OrderedDict[str, _Progress] = OrderedDict()
+        self._input_lock = asyncio.Lock()
+        self._stack = AsyncExitStack()
+        self.running = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Connector:
+        try:
+            await self.agents.load()
+            remove = self.store.add_listener(self._on_change)
+            self._stack.callback(remove)
+            tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+            self._stack.push_async_callback(self._cancel_tasks)
+            await self.session.__aenter__()
+            self._stack.push_async_callback(self.session.__aexit__, None, None, None)
+            self._tasks = [
+                tasks.create_task(self._push_loop(), name="connector-push"),
+                tasks.create_task(self.agents.run(), name="connector-heartbeats"),
+            ]
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.running = True
+        self._log.info(
+            "connector up: %s/+/output from ecc_queue, inputs from %s/+/input",
+            self.settings.prefix,
+            self.settings.prefix,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.running = False
+        await self._stack.aclose()
+
+    async def _cancel_tasks(self) -> None:
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+
+    # --- events -----------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        """Store listener: a ``ready`` output was written: push it now."""
+        if change.table != ECC or change.op == "delete":
+            return
+        record = change.record
+        if record.get("queue") == "output" and record.get("state") == "ready":
+            self._pending[record["sys_id"]] = record
+            self._wake.set()
+
+    def _agent_up(self, name: str) -> None:
+        """An agent came up: what waited for it (ready or leased out) goes now."""
+        self._scan_now = True
+        self._wake.set()
+
+    def notify(self) -> None:
+        """Scan for ready and expired work now (for writers the store does not announce)."""
+        self._scan_now = True
+        self._wake.set()
+
+    # --- pushing ----------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        settings = self.settings
+        next_sweep = 0.0
+        next_lease = 0.0
+        while True:
+            now = time.monotonic()
+            wait = min(next_sweep, next_lease) - now
+            if not self._pending and not self._scan_now and wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+            self._wake.clear()
+            if self._pending and settings.linger > 0:
+                await asyncio.sleep(settings.linger)
+            await self.session.connected.wait()
+            try:
+                rows = list(self._pending.values())
+                self._pending.clear()
+                now = time.monotonic()
+                scan = self._scan_now
+                self._scan_now = False
+                if scan or now >= next_sweep:
+                    rows += await self.store.query(
+                        ECC, "queue=output^state=ready^ORDERBYsys_created_on", limit=10_000
+                    )
+                    next_sweep = now + settings.sweep_interval
+                if rows:
+                    await self._push_ready(rows)
+                if scan or now >= next_lease:
+                    await self._push_expired()
+                    next_lease = now + settings.lease_check_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("pushing output records failed; retrying")
+                await asyncio.sleep(0.5)
+
+    def _routable(self, row: Mapping[str, Any]) -> str | None:
+        """The agent's name if its work may go out now (held while it is Down)."""
+        name = agent_name(row.get("agent"))
+        if name is None:
+            return None
+        if row.get("topic") in EXPRESS_TOPICS:
+            return name
+        status = self.agents.status_of(name)
+        return name if status is not None and status != "Down" else None
+
+    async def _push_ready(self, rows: list[Record]) -> None:
+        """Claim the ready ones among ``rows`` (atomically) and publish them."""
+        order: dict[str, int] = {}
+        groups: dict[int, list[str]] = {}
+        for row in rows:
+            sys_id = row.get("sys_id")
+            if not isinstance(sys_id, str) or sys_id in order:
+                continue
+            if row.get("queue") != "output" or row.get("state") != "ready":
+                continue
+            if agent_name(row.get("agent")) is None:
+                await self._fail(row, BadRecord("must be mid.server.<name>", field="agent"))
+                continue
+            if self._routable(row) is None:
+                continue
+            order[sys_id] = len(order)
+            groups.setdefault(int(row.get("attempts") or 0), []).append(sys_id)
+        if not order:
+            return
+        lease_until = time.time() + self.settings.lease
+        claimed: list[Record] = []
+        for attempts, ids in groups.items():
+            for start in range(0, len(ids), _IN_CHUNK):
+                part = ",".join(ids[start : start + _IN_CHUNK])
+                claimed += await self.store.update_query(
+                    ECC,
+                    f"sys_idIN{part}^state=ready",
+                    {"state": "processing", "lease_until": lease_until, "attempts": attempts + 1},
+                )
+        claimed.sort(key=lambda r: order.get(r["sys_id"], 0))
+        self.stats.pushed += await self._publish(claimed)
+
+    async def _push_expired(self) -> None:
+        """Push again what was pushed and not answered within its lease."""
+        now = time.time()
+        rows = await self.store.query(
+            ECC,
+            f"queue=output^state=processing^lease_until<{now:.3f}^ORDERBYsys_created_on",
+            limit=10_000,
+        )
+        again: list[Record] = []
+        for row in rows:
+            if self._routable(row) is None:
+                continue  # its agent is Down: it goes when the agent is back
+            attempts = int(row.get("attempts") or 0)
+            claim = f"sys_id={escape(row['sys_id'])}^state=processing^" + (
+                f"attempts={attempts}" if row.get("attempts") is not None else "attemptsISEMPTY"
+            )
+            again += await self.store.update_query(
+                ECC, claim, {"lease_until": now + self.settings.lease, "attempts": attempts + 1}
+            )
+        if again:
+            self._log.info("%d output record(s) not answered within their lease: pushed again",
+                           len(again))  # fmt: skip
+            self.stats.repushed += await self._publish(again)
+
+    async def _wire(self, row: Record, name: str) -> dict[str, Any]:
+        record = output_wire(row)
+        params = parameters(row.get("payload"))
+        topic = record["topic"]
+        if self.keys is not None and needs_credentials(topic, params):
+            key = await self.agents.sealing_key(name)
+            if key is not None:  # never to an agent that is not validated
+                clear = await credentials_for_job(self.store, self.keys, topic, params)
+                if clear:
+                    record["credentials"] = [
+                        encrypt_credential(key, cred, sys_id=record["sys_id"]) for cred in clear
+                    ]
+                del clear
+        if self.keys is not None:
+            record = self.keys.sign(record)
+        return record
+
+    async def _publish(self, rows: list[Record]) -> int:
+        """Publish claimed rows, batched per topic; the count sent. Failures wait for the lease."""
+        settings = self.settings
+        by_topic: dict[str, list[bytes]] = {}
+        for row in rows:
+            name = agent_name(row.get("agent"))
+            if name is None:
+                continue
+            try:
+                body = orjson.dumps(await self._wire(row, name))
+            except BridgeError as exc:
+                await self._fail(row, exc)
+                continue
+            if len(body) > settings.max_message_bytes:
+                await self._fail(
+                    row,
+                    BadRecord(
+                        f"record of {len(body)} bytes is over the limit of "
+                        f"{settings.max_message_bytes}"
+                    ),
+                )
+                continue
+            by_topic.setdefault(output_topic(settings.prefix, name, row), []).append(body)
+        futures = []
+        sent = 0
+        for topic, bodies in by_topic.items():
+            for message in _batches(bodies, settings.batch_records, settings.max_message_bytes):
+                futures.append(await self.session.publish_start(topic, message))
+            sent += len(bodies)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            self._log.warning(
+                "%d message(s) of output records not acknowledged by the broker (%s); "
+                "their lease will push them again",
+                len(failures),
+                type(failures[0]).__name__,
+            )
+        return sent
+
+    async def _fail(self, row: Mapping[str, Any], error: BridgeError) -> None:
+        """Close an output that cannot be sent (bad agent, too large, bad credential row)."""
+        self._log.warning("output %s cannot be sent: %s", row.get("sys_id"), error)
+        await self.store.update_query(
+            ECC,
+            f"sys_id={escape(str(row['sys_id']))}^stateINready,processing",
+            {"state": "error", "error_string": f"{error.kind}: {error}", "processed": now_text(),
+             "lease_until": None},
+        )  # fmt: skip
+
+    # --- inbound ----------------------------------------------------------------------
+
+    async def _on_message(self, delivery: Delivery) -> bool:
+        prefix = self.settings.prefix + "/"
+        if not delivery.topic.startswith(prefix):
+            return True
+        parts = delivery.topic[len(prefix) :].split("/")
+        if len(parts) != 2 or not NAME_PATTERN.match(parts[0]):
+            return True
+        name, kind = parts
+        if len(delivery.payload) > self.settings.max_input_bytes:
+            self._log.warning("dropped a %d-byte message on %s", len(delivery.payload),
+                              delivery.topic)  # fmt: skip
+            return True
+        try:
+            data = orjson.loads(delivery.payload)
+        except orjson.JSONDecodeError:
+            self._log.warning("dropped a message that is not JSON on %s", delivery.topic)
+            return True
+        if kind == "status":
+            if isinstance(data, dict):
+                await self.agents.on_status(name, data)
+            return True
+        if kind == "input":
+            records = data if isinstance(data, list) else [data]
+            async with self._input_lock:
+                await self._store_inputs(name, records)
+        return True
+
+    async def _progress_for(self, response_to: str, agent: str) -> tuple[_Progress | None, bool]:
+        """The output's progress (None: no such output), and whether it is another agent's."""
+        progress = self._progress.get(response_to)
+        if progress is None:
+            output = await self.store.get(ECC, response_to)
+            if output is None or output.get("queue") != "output":
+                return None, False
+            progress = _Progress(output, finished=output.get("state") in ("processed", "error"))
+            stored = await self.store.query(ECC, f"queue=input^response_to={escape(response_to)}")
+            for row in stored:
+                seq = _sequence(row.get("sequence"))
+                if seq is not None:
+                    progress.add(_text(row.get("run")), seq, bool(row.get("complete")), row)
+            self._progress[response_to] = progress
+            while len(self._progress) > 20_000:
+                self._progress.popitem(last=False)
+        else:
+            self._progress.move_to_end(response_to)
+        return progress, progress.output.get("agent") not in ("", agent)
+
+    async def _store_inputs(self, name: str, records: list[Any]) -> None:
+        agent = agent_id(name)
+        touched: dict[str, _Progress] = {}
+        for record in records:
+            if not isinstance(record, dict):
+                self.stats.refused_inputs += 1
+                continue
+            response_to = record.get("response_to")
+            if not isinstance(response_to, str) or not _SYS_ID.match(response_to):
+                response_to = ""
+            progress, foreign = (
+                await self._progress_for(response_to, agent) if response_to else (None, False)
+            )
+            if foreign:
+                self.stats.refused_inputs += 1
+                self._log.warning(
+                    "agent %s answered output %s of another agent: dropped", name, response_to
+                )
+                continue
+            row = input_row(record, agent, response_to)
+            seq = row["sequence"]
+            if progress is not None and seq is not None and progress.has(row["run"], seq):
+                self.stats.duplicates += 1
+                continue
+            _stored, inserted = await self.store.insert_input_once(row)
+            if inserted:
+                self.stats.inputs += 1
+            else:
+                self.stats.duplicates += 1
+            if progress is not None and seq is not None:
+                progress.add(row["run"], seq, row["complete"], record)
+                touched[response_to] = progress
+        for progress in touched.values():
+            if progress.finished:
+                continue
+            final = progress.final()
+            if final is not None:
+                await self._finish(progress, final)
+            else:
+                await self._extend_lease(progress)
+
+    async def _finish(self, progress: _Progress, final: Mapping[str, Any]) -> None:
+        sys_id = progress.output["sys_id"]
+        error = _text(final.get("error_string"))
+        done = await self.store.update_query(
+            ECC,
+            f"sys_id={escape(sys_id)}^stateINready,processing",
+            {"state": "error" if error else "processed", "processed": now_text(),
+             "error_string": error, "lease_until": None},
+        )  # fmt: skip
+        progress.finished = True
+        if not done:
+            return  # closed meanwhile (a heartbeat given up on, an administrator)
+        self.stats.finished += 1
+        progress.output = done[0]
+        try:
+            await self.agents.on_answer(done[0], final)
+        except Exception:
+            self._log.exception("handling the answer to %s failed", sys_id)
+
+    async def _extend_lease(self, progress: _Progress) -> None:
+        """Chunks are arriving: the job is alive, do not push it again yet."""
+        lease_until = progress.output.get("lease_until")
+        now = time.time()
+        if not isinstance(lease_until, int | float) or lease_until - now > self.settings.lease / 2:
+            return
+        sys_id = progress.output["sys_id"]
+        moved = await self.store.update_query(
+            ECC,
+            f"sys_id={escape(sys_id)}^state=processing",
+            {"lease_until": now + self.settings.lease},
+        )
+        if moved:
+            progress.output = moved[0]
+
+
+def install(instance: Instance, keys: PlatformKeys) -> None:
+    """Before ``async with instance``: seal credentials written through the Table API, and
+    serve the agent actions and the platform key (``bridge.instance.agents.add_routes``)."""
+    instance.before_write("discovery_credentials", credential_hook(keys))
+    add_routes(instance.app, instance.store, platform_key=keys.public_key_b64)
+
+
+def keys_for(db: Path | str) -> PlatformKeys:
+    """The instance's keys beside its database file (in memory for ``":memory:"``)."""
+    if str(db) == ":memory:":
+        return PlatformKeys.ephemeral()
+    return PlatformKeys.load_or_create(Path(db))
