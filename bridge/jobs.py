@@ -19,7 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bridge.errors import BadParameter, BridgeError
+from bridge.errors import BadParameter, BridgeError, ConfigError
 from bridge.ratelimit import RateLimiter
 from bridge.records import OutputRecord
 
@@ -94,6 +94,20 @@ def validation_to_error(exc: ValidationError) -> BadParameter:
     loc = ".".join(str(part) for part in first.get("loc", ())) or "payload"
     message = str(first.get("msg", "invalid"))
     return BadParameter(message, field=loc)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_settings(model: type[M], settings: Mapping[str, Any], topic: str) -> M:
+    """A probe's ``[probes.settings.<topic>]`` table; a fault is a ``ConfigError`` naming it."""
+    try:
+        return model.model_validate(dict(settings))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        message = "unknown key" if first.get("type") == "extra_forbidden" else first["msg"]
+        raise ConfigError(str(message), field=f"probes.settings.{topic}.{loc}") from None
 
 
 def parse_params(model: type[P], data: Mapping[str, Any]) -> P:

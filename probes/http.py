@@ -33,14 +33,13 @@ import aiohttp
 import orjson
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from bridge.errors import (
     BadParameter,
     BridgeError,
-    ConfigError,
     ConnectionRefused,
     CredentialError,
     ProbeTimeout,
@@ -48,7 +47,15 @@ from bridge.errors import (
     TlsError,
     Unreachable,
 )
-from bridge.jobs import Credential, Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from bridge.jobs import (
+    Credential,
+    Job,
+    ProbeContext,
+    ProbeParams,
+    ProbeSpec,
+    parse_params,
+    parse_settings,
+)
 from bridge.records import OutputRecord
 
 TOPIC = "RESTProbe"
@@ -102,13 +109,7 @@ def _cached_settings(key: frozenset[tuple[str, Any]]) -> RESTSettings:
 
 
 def _load_settings(settings: Mapping[str, Any]) -> RESTSettings:
-    try:
-        return RESTSettings.model_validate(dict(settings))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first.get("loc", ()))
-        message = "unknown key" if first.get("type") == "extra_forbidden" else first["msg"]
-        raise ConfigError(str(message), field=f"probes.settings.{TOPIC}.{loc}") from None
+    return parse_settings(RESTSettings, settings, TOPIC)
 
 
 def _clean(message: str) -> PydanticCustomError:

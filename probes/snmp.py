@@ -70,21 +70,28 @@ from gufo.snmp import (
 )
 from gufo.snmp._fast import GetIter
 from gufo.snmp.aio.client import SnmpSession
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from bridge.errors import (
     AuthFailed,
     BadParameter,
     BridgeError,
-    ConfigError,
     ConnectionRefused,
     CredentialError,
     ProbeTimeout,
     ProtocolError,
     Refused,
 )
-from bridge.jobs import Credential, Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from bridge.jobs import (
+    Credential,
+    Job,
+    ProbeContext,
+    ProbeParams,
+    ProbeSpec,
+    parse_params,
+    parse_settings,
+)
 from bridge.records import OutputRecord
 from probes import snmp_values as sv
 
@@ -362,14 +369,7 @@ _SETTINGS: dict[tuple[tuple[str, Any], ...], SnmpSettings] = {}
 
 
 def _validate_settings(raw: Mapping[str, Any]) -> SnmpSettings:
-    try:
-        return SnmpSettings.model_validate(dict(raw))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first.get("loc", ()))
-        raise ConfigError(
-            str(first.get("msg", "invalid")), field=f"probes.settings.{TOPIC}.{loc}"
-        ) from None
+    return parse_settings(SnmpSettings, raw, TOPIC)
 
 
 def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> SnmpParams:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncssh
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.config import BridgeSection
 from bridge.errors import (
@@ -56,7 +56,15 @@ from bridge.errors import (
     Refused,
     Unreachable,
 )
-from bridge.jobs import Credential, Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from bridge.jobs import (
+    Credential,
+    Job,
+    ProbeContext,
+    ProbeParams,
+    ProbeSpec,
+    parse_params,
+    parse_settings,
+)
 from bridge.records import OutputRecord
 
 TOPIC = "SSHCommand"
@@ -117,14 +125,7 @@ class SSHSettings(BaseModel):
 
 
 def load_settings(settings: Mapping[str, Any]) -> SSHSettings:
-    try:
-        return SSHSettings.model_validate(dict(settings))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first.get("loc", ()))
-        raise ConfigError(
-            str(first.get("msg", "invalid")), field=f"probes.settings.{TOPIC}.{loc}"
-        ) from None
+    return parse_settings(SSHSettings, settings, TOPIC)
 
 
 class SSHCommandParams(ProbeParams):
