@@ -90,7 +90,7 @@ class LimitsConfig(Section):
     default_timeout: float = Field(300.0, gt=0)  # seconds a job may run if its record says not
     max_message_bytes: int = Field(1_048_576, ge=1024)  # checked before parsing
     max_batch: int = Field(1000, ge=1)  # records in one inbound MQTT message
-    egress_linger_ms: float = Field(2.0, ge=0, le=1000)  # gather input records this long
+    egress_linger_ms: float = Field(0.0, ge=0, le=1000)  # extra gathering before a commit
     egress_batch: int = Field(200, ge=1, le=10_000)  # input records in one MQTT message
     outbox_max_records: int = Field(1_000_000, ge=100)  # on disk; past it jobs wait
     dedupe_window: float = Field(7 * 86_400.0, ge=0)  # seconds a finished sys_id is remembered

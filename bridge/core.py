@@ -45,6 +45,13 @@ from bridge.transport import Delivery, MqttSession
 log = logging.getLogger("midbridge.bridge")
 
 
+def probe_settings(config: Config, topic: str) -> dict[str, Any]:
+    """The settings a probe's ``build_params`` and ``run`` get for ``topic``."""
+    if topic == "Shazzam":
+        return config.probes.shazzam.model_dump()
+    return dict(config.probes.settings.get(topic, {}))
+
+
 class _GatedCredentials:
     """A job's credentials: sealed in its record for this bridge, then the local file.
 
@@ -138,6 +145,7 @@ class Bridge:
         self.express: MqttSession
         self.out: MqttSession
         self._contexts: dict[str, ProbeContext] = {}
+        self._settings_cache: dict[str, dict[str, Any]] = {}
         self.credentials: CredentialResolver = NoCredentials()
         if config.bridge.credentials_file is not None:
             self.credentials = LocalCredentials.from_file(config.bridge.credentials_file)
@@ -352,6 +360,12 @@ class Bridge:
         )
         waits: list[asyncio.Future[None]] = []
         try:
+            if len(items) == 1:
+                self.counters.received += 1
+                done = await self._accept(items[0], admission, inline=True)
+                return done is None or (
+                    done.done() and not done.cancelled() and done.exception() is None
+                )
             for item in items:
                 self.counters.received += 1
                 fut = await self._accept(item, admission)
@@ -364,9 +378,13 @@ class Bridge:
         return True
 
     async def _accept(
-        self, item: OutputRecord | Rejected, admission: Admission
+        self, item: OutputRecord | Rejected, admission: Admission, *, inline: bool = False
     ) -> asyncio.Future[None] | None:
-        """Start one record; return what to wait for (None: it is answered already)."""
+        """Start one record; return what to wait for (None: it is answered already).
+
+        ``inline``: run the job in the calling task (a message of one record: no second
+        task, no gather) and return its finished future.
+        """
         if not self.accepting:
             raise _Stopping
         if isinstance(item, Rejected):
@@ -399,6 +417,10 @@ class Bridge:
         lane = CONTROL_LANE if spec.control else item.priority
         entry = RunningJob(item.sys_id, lane, loop.create_future())
         self.scheduler.running[item.sys_id] = entry
+        if inline:
+            entry.task = asyncio.current_task()
+            await self._run(item, params, spec, entry, admission)
+            return entry.done
         assert self._jobs is not None
         entry.task = self._jobs.create_task(
             self._run(item, params, spec, entry, admission), name=f"job-{item.sys_id}"
@@ -421,10 +443,11 @@ class Bridge:
         return spec
 
     def _settings(self, topic: str) -> dict[str, Any]:
-        probes = self.config.probes
-        if topic == "Shazzam":
-            return probes.shazzam.model_dump()
-        return dict(probes.settings.get(topic, {}))
+        """A probe's settings (read-only; computed once per topic)."""
+        cached = self._settings_cache.get(topic)
+        if cached is None:
+            cached = self._settings_cache[topic] = probe_settings(self.config, topic)
+        return cached
 
     def context_for(self, spec: ProbeSpec) -> ProbeContext:
         ctx = self._contexts.get(spec.topic)

@@ -1,11 +1,14 @@
 """Egress: input records → durable outbox → broker, in order, batched.
 
-``submit`` returns once the records are safely in the outbox on disk (group commit every
-``linger_ms``); only then may the bridge acknowledge the output they answer. A publisher
-task sends the outbox in ``id`` order, many records to one MQTT message, several
-messages in flight, and deletes what the broker acknowledged. A broker outage just
-lets the outbox grow (bounded: past ``max_records`` submitters wait); a restart
-republishes whatever was not yet acknowledged.
+``submit`` returns once the records are safely in the outbox on disk; only then may the
+bridge acknowledge the output they answer. The writer commits whatever accumulated while
+the previous commit ran (group commit: no waiting when idle, large batches under load;
+``linger_ms`` adds an optional gathering delay). A publisher task sends the outbox in
+``id`` order, many records to one MQTT message, several messages in flight, and deletes
+what the broker acknowledged. Rows just written are published from memory; the disk is
+read only after a restart, a failed publish, or when memory would grow past a bound. A
+broker outage just lets the outbox grow (bounded: past ``max_records`` submitters wait);
+a restart republishes whatever was not yet acknowledged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from bridge.store import OutboxRow, StateStore
 
 log = logging.getLogger("midbridge.egress")
 REFUSED_RETRY_S = 5.0
+FRESH_ROWS_MAX = 4096  # rows kept in memory for the publisher; past that it reads the disk
 
 Publisher = Callable[[str, bytes], Awaitable["asyncio.Future[None]"]]
 
@@ -44,7 +48,7 @@ class Egress:
         publish: Publisher,
         connected: asyncio.Event,
         *,
-        linger_ms: float = 2.0,
+        linger_ms: float = 0.0,
         batch_records: int = 200,
         max_records: int = 1_000_000,
         publish_window: int = 64,
@@ -60,16 +64,19 @@ class Egress:
         self._wake_writer = asyncio.Event()
         self._wake_publisher = asyncio.Event()
         self._room = asyncio.Condition()
+        self._fresh: dict[int, OutboxRow] = {}  # rows written, not yet taken by the publisher
         self.published_records = 0
         self.refused_publishes = 0
-        self._closing = False
 
     # --- producers -------------------------------------------------------------------
 
     async def submit(
         self, topic: str, records: list[dict[str, Any]], *, done_id: str | None = None
     ) -> None:
-        """Return once ``records`` are durable; ``done_id`` marks that job finished."""
+        """Return once ``records`` are durable; ``done_id`` marks that job finished.
+
+        Once handed over, the records are written even if the caller is cancelled.
+        """
         if self.store.outbox_records >= self.max_records:
             async with self._room:
                 while self.store.outbox_records >= self.max_records:
@@ -77,21 +84,20 @@ class Egress:
         item = _Pending(topic, records, done_id)
         self._pending.append(item)
         self._wake_writer.set()
-        await asyncio.shield(item.safe)
+        await item.safe
 
     # --- background tasks ------------------------------------------------------------
 
     async def run_writer(self) -> None:
-        """Group commit: gather for ``linger`` then write one transaction."""
+        """Group commit: each transaction takes everything submitted while the last ran."""
         while True:
             await self._wake_writer.wait()
             if self.linger:
                 await asyncio.sleep(self.linger)
             self._wake_writer.clear()
             batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            await self._write(batch)
+            if batch:
+                await self._write(batch)
 
     async def _write(self, batch: list[_Pending]) -> None:
         rows: list[tuple[str, bytes, int]] = []
@@ -105,17 +111,37 @@ class Egress:
                 rows.append((topic, body, len(part)))
         done_ids = [item.done_id for item in batch if item.done_id]
         try:
-            await self.store.append(rows, done_ids)
+            written = await self.store.append(rows, done_ids)
         except Exception as exc:  # disk full, I/O error: the jobs stay unacknowledged
             log.error("outbox write failed: %s", exc)
             for item in batch:
                 if not item.safe.done():
                     item.safe.set_exception(exc)
             return
+        if len(self._fresh) + len(written) <= FRESH_ROWS_MAX:
+            for row in written:
+                self._fresh[row.id] = row
         for item in batch:
             if not item.safe.done():
                 item.safe.set_result(None)
         self._wake_publisher.set()
+
+    async def _next_rows(self, after_id: int) -> list[OutboxRow]:
+        """The rows after ``after_id`` in order: from memory when it has them, else disk."""
+        rows: list[OutboxRow] = []
+        next_id = after_id + 1
+        while (row := self._fresh.pop(next_id, None)) is not None:
+            rows.append(row)
+            next_id += 1
+            if len(rows) >= 256:
+                return rows
+        if rows or next_id >= self.store.next_id:
+            return rows
+        # Not in memory (a restart, a rewind, or memory was full): read the disk.
+        rows = await self.store.read(after_id, 256)
+        for row in rows:
+            self._fresh.pop(row.id, None)
+        return rows
 
     async def run_publisher(self) -> None:
         """Send the outbox in order with a window of messages awaiting PUBACK."""
@@ -170,12 +196,13 @@ class Egress:
 
         async with asyncio.TaskGroup() as tg:
             while True:
+                # Clear before looking: a wake-up that comes while we look is not lost.
+                self._wake_publisher.clear()
                 if rewind_to is not None:
                     last_id, rewind_to = min(last_id, rewind_to), None
-                rows = await self.store.read(last_id, 256)
+                rows = await self._next_rows(last_id)
                 if not rows:
                     await flush_acked()
-                    self._wake_publisher.clear()
                     await self._wake_publisher.wait()
                     continue
                 for row in rows:

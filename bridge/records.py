@@ -8,9 +8,10 @@ the XML ``<parameters><parameter name=".." value=".."/></parameters>`` form, or 
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,13 +65,25 @@ class Rejected:
     priority: int = PRIORITY_STANDARD
 
 
+_now_cache: tuple[int, str] = (0, "")
+
+
 def now_text() -> str:
     """ServiceNow's ``sys_created_on`` shape (UTC): ``2026-11-27 13:04:05``."""
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    global _now_cache
+    second = int(time.time())
+    if _now_cache[0] != second:
+        _now_cache = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    return _now_cache[1]
+
+
+_ID_PREFIX = os.urandom(8).hex()  # per process: ids stay unique across restarts and bridges
+_id_counter = itertools.count(1)
 
 
 def new_sys_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, unique: a random per-process prefix and a counter (cheaper than uuid4)."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def parse_xml_parameters(text: str) -> dict[str, Any]:

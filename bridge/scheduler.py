@@ -11,8 +11,6 @@ The global cap of jobs in flight is applied at intake (``Admission``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 CONTROL_LANE = 3  # heartbeats and SystemCommands: never behind other work
@@ -53,6 +51,24 @@ class _HostSlot:
     users: int = 0
 
 
+class _Slot:
+    """``async with scheduler.slot(lane, host)``: a plain class, cheaper than a generator."""
+
+    __slots__ = ("_host", "_host_slot", "_lane", "_sched")
+
+    def __init__(self, sched: Scheduler, lane: int, host: str | None) -> None:
+        self._sched = sched
+        self._lane = lane
+        self._host = host
+        self._host_slot: _HostSlot | None = None
+
+    async def __aenter__(self) -> None:
+        self._host_slot = await self._sched._enter(self._lane, self._host)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sched._leave(self._lane, self._host, self._host_slot)
+
+
 @dataclass
 class Scheduler:
     lane_workers: tuple[int, int, int]
@@ -66,33 +82,41 @@ class Scheduler:
         self._lanes = [asyncio.Semaphore(n) for n in workers]
         self._hosts: dict[str, _HostSlot] = {}
 
-    @asynccontextmanager
-    async def slot(self, lane: int, host: str | None) -> AsyncIterator[None]:
+    def slot(self, lane: int, host: str | None) -> _Slot:
         """Hold a worker of ``lane`` (and of ``host``) for the duration of a job."""
+        return _Slot(self, lane, host)
+
+    async def _enter(self, lane: int, host: str | None) -> _HostSlot | None:
         self.lane_waiting[lane] += 1
         try:
             await self._lanes[lane].acquire()
         finally:
             self.lane_waiting[lane] -= 1
         self.lane_running[lane] += 1
+        if host is None:
+            return None
+        slot = self._hosts.get(host)
+        if slot is None:
+            slot = self._hosts[host] = _HostSlot(asyncio.Semaphore(self.per_host))
+        slot.users += 1
         try:
-            if host is None:
-                yield
-                return
-            slot = self._hosts.get(host)
-            if slot is None:
-                slot = self._hosts[host] = _HostSlot(asyncio.Semaphore(self.per_host))
-            slot.users += 1
-            try:
-                async with slot.sem:
-                    yield
-            finally:
-                slot.users -= 1
-                if slot.users == 0:
-                    del self._hosts[host]
-        finally:
-            self.lane_running[lane] -= 1
-            self._lanes[lane].release()
+            await slot.sem.acquire()
+        except BaseException:
+            self._leave(lane, host, slot, acquired=False)
+            raise
+        return slot
+
+    def _leave(
+        self, lane: int, host: str | None, slot: _HostSlot | None, *, acquired: bool = True
+    ) -> None:
+        if host is not None and slot is not None:
+            if acquired:
+                slot.sem.release()
+            slot.users -= 1
+            if slot.users == 0:
+                del self._hosts[host]
+        self.lane_running[lane] -= 1
+        self._lanes[lane].release()
 
     def cancel(self, sys_id: str) -> bool:
         job = self.running.get(sys_id)

@@ -60,6 +60,9 @@ class StateStore:
         self._done_recent: OrderedDict[str, float] = OrderedDict()
         self._memory_complete = True  # False once the memory set no longer holds every id
         self.outbox_records = 0  # records waiting in the outbox (kept in step with the table)
+        # Outbox ids are ours and contiguous (no gaps until published), so the publisher
+        # knows the row after ``id`` is ``id + 1`` and can take it from memory.
+        self.next_id = 1
 
     async def __aenter__(self) -> StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +95,11 @@ class StateStore:
             rows = rows[: self.dedupe_memory]
         for sys_id, at in reversed(rows):
             self._done_recent[sys_id] = at
-        (count,) = db.execute("SELECT COALESCE(SUM(records), 0) FROM outbox").fetchone()
+        count, top = db.execute(
+            "SELECT COALESCE(SUM(records), 0), COALESCE(MAX(id), 0) FROM outbox"
+        ).fetchone()
         self.outbox_records = int(count)
+        self.next_id = int(top) + 1
 
     def _close(self) -> None:
         if self._db is not None:
@@ -105,12 +111,17 @@ class StateStore:
             raise RuntimeError("state store is not open")
         return self._db
 
-    def _append(self, rows: list[tuple[str, bytes, int]], done_ids: list[str]) -> None:
+    def _append(
+        self, rows: list[tuple[str, bytes, int]], done_ids: list[str], first_id: int
+    ) -> None:
         db = self._conn()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO outbox(topic, payload, records) VALUES (?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO outbox(id, topic, payload, records) VALUES (?, ?, ?, ?)",
+                [(first_id + i, t, p, n) for i, (t, p, n) in enumerate(rows)],
+            )
             if done_ids:
                 db.executemany(
                     "INSERT OR REPLACE INTO done(sys_id, at) VALUES (?, ?)",
@@ -128,10 +139,10 @@ class StateStore:
         )
         return [OutboxRow(int(i), str(t), bytes(p), int(n)) for i, t, p, n in cur.fetchall()]
 
-    def _delete(self, ids: list[int]) -> None:
+    def _delete(self, ranges: list[tuple[int, int]]) -> None:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
-        db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        db.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", ranges)
         db.execute("COMMIT")
 
     def _is_done_db(self, sys_id: str) -> bool:
@@ -150,9 +161,21 @@ class StateStore:
 
     # --- async API ------------------------------------------------------------------
 
-    async def append(self, rows: list[tuple[str, bytes, int]], done_ids: list[str]) -> None:
-        """Durably add encoded messages (topic, payload, record count); mark jobs done."""
-        await self._call(self._append, rows, done_ids)
+    async def append(
+        self, rows: list[tuple[str, bytes, int]], done_ids: list[str]
+    ) -> list[OutboxRow]:
+        """Durably add encoded messages (topic, payload, record count); mark jobs done.
+
+        Returns the rows with their ids, in order.
+        """
+        first_id = self.next_id
+        self.next_id += len(rows)
+        try:
+            await self._call(self._append, rows, done_ids, first_id)
+        except BaseException:
+            if self.next_id == first_id + len(rows):
+                self.next_id = first_id  # nothing else was appended meanwhile: no gap
+            raise
         self.outbox_records += sum(n for _t, _p, n in rows)
         now = time.time()
         for sys_id in done_ids:
@@ -161,6 +184,7 @@ class StateStore:
         while len(self._done_recent) > self.dedupe_memory:
             self._done_recent.popitem(last=False)
             self._memory_complete = False
+        return [OutboxRow(first_id + i, t, p, n) for i, (t, p, n) in enumerate(rows)]
 
     async def read(self, after_id: int, limit: int) -> list[OutboxRow]:
         result: list[OutboxRow] = await self._call(self._read, after_id, limit)
@@ -169,7 +193,14 @@ class StateStore:
     async def delete(self, rows: list[OutboxRow]) -> None:
         if not rows:
             return
-        await self._call(self._delete, [row.id for row in rows])
+        ids = sorted(row.id for row in rows)
+        ranges: list[tuple[int, int]] = []
+        for row_id in ids:
+            if ranges and row_id == ranges[-1][1] + 1:
+                ranges[-1] = (ranges[-1][0], row_id)
+            else:
+                ranges.append((row_id, row_id))
+        await self._call(self._delete, ranges)
         self.outbox_records -= sum(row.records for row in rows)
 
     async def is_done(self, sys_id: str) -> bool:
