@@ -1,4 +1,4 @@
-"""The ``midbridge`` command: run, sweep, demo, bench, instance."""
+"""The ``midbridge`` command: run, sweep, demo, bench, instance, relay."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     from bridge.instance.cli import add_instance_parser
 
     add_instance_parser(sub)
+
+    # --- relay to a ServiceNow instance: `midbridge relay ...` (bridge/instance/relay.py) ---
+    from bridge.instance.relay import add_relay_parser
+
+    add_relay_parser(sub)
+    # --- end relay ---
     return parser
 
 
@@ -177,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level or "info")
             return run_instance_command(args, run_loop=_run_loop)
+        # --- relay (bridge/instance/relay.py) ---
+        if args.command == "relay":
+            from bridge.instance.relay import run_command
+
+            _setup_logging(args.log_level or "info")
+            return _run_loop(run_command(args))
+        # --- end relay ---
         if args.command == "bench":
             from bench import run_bench
 

@@ -93,3 +93,41 @@ async def test_sweep_command_against_a_running_bridge(
     assert "127.0.0.3" in text
     assert f"{port}/" in text
     assert "5 addresses, 5 alive, 1 open ports" in text
+
+
+def test_instance_serves_with_its_connector(broker: BrokerAddress, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "instance",
+            "--port",
+            "0",
+            "--db",
+            str(tmp_path / "i.db"),
+            "--broker",
+            f"{broker.host}:{broker.port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "MIDBRIDGE_ADMIN_PASSWORD": "admin-pass-123"},
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for _ in range(10):
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("connector:"):
+                break
+        assert any(line.startswith("midbridge instance on http://127.0.0.1:") for line in lines)
+        assert any("platform signing key" in line for line in lines)
+        assert any(line.startswith("connector: ECC queue on mqtt://") for line in lines), lines
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err

@@ -43,7 +43,9 @@ from bridge.instance.store import (
 log = logging.getLogger("midbridge.instance.api")
 
 API_PREFIX = "/api/now/table"
-JSON_TEXT_FIELDS = frozenset({("ecc_queue", "payload"), ("ecc_agent", "stats")})
+JSON_TEXT_FIELDS = frozenset(
+    {("ecc_queue", "payload"), ("ecc_agent", "stats"), ("discovery_credentials", "secret")}
+)
 IGNORED_PARAMS = frozenset(
     {
         "sysparm_exclude_reference_link",  # references are always plain sys_ids here
@@ -206,7 +208,9 @@ class TableApi:
         self.authenticator = Authenticator(store)
         self.hooks.add_before_write("sys_user", _hash_password_hook)
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, app: web.Application, *, root_page: bool = True) -> None:
+        """The Table API and the Basic page at ``/nav`` (and ``/`` unless ``root_page`` is
+        False: the dashboard then serves ``/``, and hands API clients to ``home_page``)."""
         app.router.add_get(API_PREFIX + "/{table}", self.list_records)
         app.router.add_post(API_PREFIX + "/{table}", self.create_record)
         one = API_PREFIX + "/{table}/{sys_id}"
@@ -214,7 +218,8 @@ class TableApi:
         app.router.add_patch(one, self.update_record)
         app.router.add_put(one, self.update_record)
         app.router.add_delete(one, self.delete_record)
-        app.router.add_get("/", self.home_page)
+        if root_page:
+            app.router.add_get("/", self.home_page)
         app.router.add_get("/nav", self.home_page)
 
     # --- request pieces -------------------------------------------------------------------
@@ -558,17 +563,27 @@ async def _hash_password_hook(write: Write) -> None:
     write.fields["user_password"] = await asyncio.to_thread(auth.hash_password, password)
 
 
+TABLE_API = web.AppKey("midbridge_table_api", TableApi)
+
+
 def make_app(
-    store: Store, settings: ApiSettings | None = None, hooks: Hooks | None = None
+    store: Store,
+    settings: ApiSettings | None = None,
+    hooks: Hooks | None = None,
+    *,
+    root_page: bool = True,
 ) -> web.Application:
-    """The aiohttp application serving ``store``."""
+    """The aiohttp application serving ``store`` (its ``TableApi`` is ``app[TABLE_API]``)."""
     settings = settings or ApiSettings()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
-    TableApi(store, settings, hooks or Hooks()).add_routes(app)
+    table_api = TableApi(store, settings, hooks or Hooks())
+    table_api.add_routes(app, root_page=root_page)
+    app[TABLE_API] = table_api
     return app
 
 
 __all__ = [
+    "TABLE_API",
     "ApiError",
     "ApiSettings",
     "BeforeWrite",

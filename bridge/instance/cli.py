@@ -22,9 +22,11 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from bridge.config import BrokerConfig
 from bridge.instance.auth import PasswordError, create_user, roles_of, seed_roles
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Conflict, StoreError
@@ -44,6 +46,18 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     inst.add_argument("--host", default="127.0.0.1", help="address to listen on")
     inst.add_argument("--port", type=int, default=8080, help="port to listen on (0: any)")
     inst.add_argument("--db", type=Path, default=default_db, help=f"database file ({DEFAULT_DB})")
+    inst.add_argument(
+        "--broker",
+        default=None,
+        metavar="HOST:PORT",
+        help="connect the ECC queue to this MQTT broker (the connector); none: API only",
+    )
+    inst.add_argument(
+        "--broker-username",
+        default=None,
+        help=f"broker user (password from ${BROKER_PASSWORD_ENV})",
+    )
+    inst.add_argument("--topic-prefix", default="ecc", help="topic prefix (as the bridges')")
     inst_sub = inst.add_subparsers(dest="instance_command")
     user = inst_sub.add_parser("user", help="users of the instance")
     user_sub = user.add_subparsers(dest="user_command", required=True)
@@ -79,7 +93,7 @@ def run_instance_command(
     """Run a parsed ``midbridge instance ...`` command; ``run_loop`` runs the coroutine."""
     try:
         if args.instance_command is None:
-            return run_loop(_serve(args.host, args.port, args.db))
+            return run_loop(_serve(args.host, args.port, args.db, broker=_broker(args)))
         if args.user_command == "create":
             password = _read_password(args.password_stdin)
             return run_loop(_user_create(args, password))
@@ -93,7 +107,28 @@ def run_instance_command(
     return 2
 
 
-async def _serve(host: str, port: int, db: Path) -> int:
+BROKER_PASSWORD_ENV = "MIDBRIDGE_INSTANCE_BROKER_PASSWORD"
+
+
+def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
+    if not args.broker:
+        return None
+    host, _, port = str(args.broker).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(f"--broker must be HOST:PORT, got {args.broker!r}")
+    cfg = BrokerConfig(
+        host=host,
+        port=int(port),
+        username=args.broker_username,
+        password=os.environ.get(BROKER_PASSWORD_ENV),
+    )
+    return cfg, str(args.topic_prefix)
+
+
+async def _serve(
+    host: str, port: int, db: Path, *, broker: tuple[BrokerConfig, str] | None = None
+) -> int:
+    from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import ADMIN_PASSWORD_ENV, Instance, InstanceConfig
 
     stop = asyncio.Event()
@@ -102,11 +137,24 @@ async def _serve(host: str, port: int, db: Path) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         instance = Instance(InstanceConfig(host=host, port=port, db=db))
-        async with instance as inst:
+        keys = keys_for(db)
+        install(instance, keys)  # sealed credentials, agent actions, the platform key
+        async with AsyncExitStack() as stack:
+            inst = await stack.enter_async_context(instance)
             print(f"midbridge instance on {inst.url} (database {db})", flush=True)
             generated = inst.generated_admin_password
             if generated:
                 print(f"admin password (first start, shown only now): {generated}", flush=True)
+            print(
+                f"platform signing key (bridges' security.platform_key): {keys.public_key_b64}",
+                flush=True,
+            )
+            if broker is not None:
+                cfg, prefix = broker
+                await stack.enter_async_context(
+                    Connector(inst.store, cfg, settings=ConnectorSettings(prefix=prefix), keys=keys)
+                )
+                print(f"connector: ECC queue on mqtt://{cfg.host}:{cfg.port}", flush=True)
             await stop.wait()
     except PasswordError as exc:
         raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -62,10 +62,12 @@ from bridge.instance.platform_credentials import (
     needs_credentials,
 )
 from bridge.instance.query import escape
-from bridge.instance.server import Instance
 from bridge.instance.store import Change, Record, Store
 from bridge.records import now_text, parse_xml_parameters
 from bridge.transport import Delivery, MqttSession
+
+if TYPE_CHECKING:
+    from bridge.instance.server import Instance
 
 log = logging.getLogger("midbridge.instance.connector")
 
@@ -79,6 +81,7 @@ _IN_CHUNK = 400  # sys_ids in one ``sys_idIN`` claim
 class ConnectorSettings:
     prefix: str = "ecc"
     lease: float = 300.0  # seconds an output may stay unanswered before it is pushed again
+    lease_margin: float = 30.0  # added to a record's own timeout, when it has one
     sweep_interval: float = 5.0  # scan for ready outputs no event announced
     lease_check_interval: float = 5.0  # scan for expired leases
     linger: float = 0.001  # seconds to let a burst of inserts gather into one batch
@@ -207,6 +210,8 @@ def output_wire(row: Mapping[str, Any]) -> dict[str, Any]:
         "error_string": _text(row.get("error_string")),
         "payload": wire_payload(row.get("payload")),
         "sys_created_on": _text(row.get("sys_created_on")),
+        # Only if the table has them (ecc_queue does not yet): passed on as they are.
+        **{k: row[k] for k in ("timeout", "expires_at") if row.get(k) not in (None, "")},
     }
 
 
@@ -299,6 +304,9 @@ class Connector:
         self._progress: OrderedDict[str, _Progress] = OrderedDict()
         self._input_lock = asyncio.Lock()
         self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handling = 0  # message handlers running
+        self._idle = asyncio.Event()
         self.running = False
 
     # --- lifecycle --------------------------------------------------------------------
@@ -310,16 +318,17 @@ class Connector:
             self._stack.callback(remove)
             tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
             self._stack.push_async_callback(self._cancel_tasks)
+            self.running = True  # before connecting: retained status records come at once
             await self.session.__aenter__()
-            self._stack.push_async_callback(self.session.__aexit__, None, None, None)
+            self._stack.push_async_callback(self._close_session)
             self._tasks = [
                 tasks.create_task(self._push_loop(), name="connector-push"),
                 tasks.create_task(self.agents.run(), name="connector-heartbeats"),
             ]
         except BaseException:
+            self.running = False
             await self._stack.aclose()
             raise
-        self.running = True
         self._log.info(
             "connector up: %s/+/output from ecc_queue, inputs from %s/+/input",
             self.settings.prefix,
@@ -331,8 +340,16 @@ class Connector:
         self.running = False
         await self._stack.aclose()
 
+    async def _close_session(self) -> None:
+        """Disconnect, then let the handlers already running finish their store writes."""
+        await self.session.__aexit__(None, None, None)
+        if self._handling:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._idle.wait()
+
     async def _cancel_tasks(self) -> None:
-        for task in getattr(self, "_tasks", []):
+        for task in self._tasks:
             task.cancel()
 
     # --- events -----------------------------------------------------------------------
@@ -380,9 +397,7 @@ class Connector:
                 scan = self._scan_now
                 self._scan_now = False
                 if scan or now >= next_sweep:
-                    rows += await self.store.query(
-                        ECC, "queue=output^state=ready^ORDERBYsys_created_on", limit=10_000
-                    )
+                    rows += await self._ready_rows()
                     next_sweep = now + settings.sweep_interval
                 if rows:
                     await self._push_ready(rows)
@@ -394,6 +409,17 @@ class Connector:
             except Exception:
                 self._log.exception("pushing output records failed; retrying")
                 await asyncio.sleep(0.5)
+
+    async def _ready_rows(self) -> list[Record]:
+        """Ready outputs that may go now: control jobs, and work for agents that are up."""
+        ready = "queue=output^state=ready^ORDERBYsys_created_on"
+        control = ",".join(sorted(EXPRESS_TOPICS))
+        rows = await self.store.query(ECC, f"topicIN{control}^{ready}", limit=10_000)
+        up = sorted(agent_id(n) for n, s in self.agents.statuses.items() if s != "Down")
+        for start in range(0, len(up), _IN_CHUNK):
+            agents = ",".join(up[start : start + _IN_CHUNK])
+            rows += await self.store.query(ECC, f"agentIN{agents}^{ready}", limit=10_000)
+        return rows
 
     def _routable(self, row: Mapping[str, Any]) -> str | None:
         """The agent's name if its work may go out now (held while it is Down)."""
@@ -408,7 +434,7 @@ class Connector:
     async def _push_ready(self, rows: list[Record]) -> None:
         """Claim the ready ones among ``rows`` (atomically) and publish them."""
         order: dict[str, int] = {}
-        groups: dict[int, list[str]] = {}
+        groups: dict[tuple[int, float], list[str]] = {}
         for row in rows:
             sys_id = row.get("sys_id")
             if not isinstance(sys_id, str) or sys_id in order:
@@ -421,21 +447,32 @@ class Connector:
             if self._routable(row) is None:
                 continue
             order[sys_id] = len(order)
-            groups.setdefault(int(row.get("attempts") or 0), []).append(sys_id)
+            key = (int(row.get("attempts") or 0), self._lease_for(row))
+            groups.setdefault(key, []).append(sys_id)
         if not order:
             return
-        lease_until = time.time() + self.settings.lease
+        now = time.time()
         claimed: list[Record] = []
-        for attempts, ids in groups.items():
+        for (attempts, lease), ids in groups.items():
             for start in range(0, len(ids), _IN_CHUNK):
                 part = ",".join(ids[start : start + _IN_CHUNK])
                 claimed += await self.store.update_query(
                     ECC,
                     f"sys_idIN{part}^state=ready",
-                    {"state": "processing", "lease_until": lease_until, "attempts": attempts + 1},
+                    {"state": "processing", "lease_until": now + lease, "attempts": attempts + 1},
                 )
         claimed.sort(key=lambda r: order.get(r["sys_id"], 0))
         self.stats.pushed += await self._publish(claimed)
+
+    def _lease_for(self, row: Mapping[str, Any]) -> float:
+        """``lease``, or the record's own ``timeout`` plus ``lease_margin`` if longer."""
+        try:
+            timeout = float(row.get("timeout") or 0)
+        except (TypeError, ValueError):
+            timeout = 0.0
+        if timeout <= 0:
+            return self.settings.lease
+        return max(self.settings.lease, timeout + self.settings.lease_margin)
 
     async def _push_expired(self) -> None:
         """Push again what was pushed and not answered within its lease."""
@@ -454,7 +491,7 @@ class Connector:
                 f"attempts={attempts}" if row.get("attempts") is not None else "attemptsISEMPTY"
             )
             again += await self.store.update_query(
-                ECC, claim, {"lease_until": now + self.settings.lease, "attempts": attempts + 1}
+                ECC, claim, {"lease_until": now + self._lease_for(row), "attempts": attempts + 1}
             )
         if again:
             self._log.info("%d output record(s) not answered within their lease: pushed again",
@@ -531,6 +568,18 @@ class Connector:
     # --- inbound ----------------------------------------------------------------------
 
     async def _on_message(self, delivery: Delivery) -> bool:
+        if not self.running:
+            return False  # stopping: left unacknowledged, the broker keeps it for us
+        self._handling += 1
+        self._idle.clear()
+        try:
+            return await self._handle(delivery)
+        finally:
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> bool:
         prefix = self.settings.prefix + "/"
         if not delivery.topic.startswith(prefix):
             return True
@@ -641,13 +690,14 @@ class Connector:
         """Chunks are arriving: the job is alive, do not push it again yet."""
         lease_until = progress.output.get("lease_until")
         now = time.time()
-        if not isinstance(lease_until, int | float) or lease_until - now > self.settings.lease / 2:
+        lease = self._lease_for(progress.output)
+        if not isinstance(lease_until, int | float) or lease_until - now > lease / 2:
             return
         sys_id = progress.output["sys_id"]
         moved = await self.store.update_query(
             ECC,
             f"sys_id={escape(sys_id)}^state=processing",
-            {"lease_until": now + self.settings.lease},
+            {"lease_until": now + lease},
         )
         if moved:
             progress.output = moved[0]

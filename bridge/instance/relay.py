@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -223,6 +224,9 @@ class Relay:
         self._lock = asyncio.Lock()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
+        self._handling = 0  # message handlers running
+        self._idle = asyncio.Event()
+        self._closing = False
         self.stats = {"claimed": 0, "published": 0, "republished": 0, "inputs": 0,
                       "duplicates": 0, "closed": 0}  # fmt: skip
 
@@ -243,7 +247,7 @@ class Relay:
             tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
             self._stack.push_async_callback(self._cancel_tasks)
             await self.session.__aenter__()
-            self._stack.push_async_callback(self.session.__aexit__, None, None, None)
+            self._stack.push_async_callback(self._close_session)
             if self.settings.resume:
                 await self._resume()
             self._tasks = [
@@ -265,6 +269,15 @@ class Relay:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+
+    async def _close_session(self) -> None:
+        """Disconnect, then let the handlers already running finish their writes."""
+        self._closing = True
+        await self.session.__aexit__(None, None, None)
+        if self._handling:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._idle.wait()
 
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:
@@ -480,6 +493,18 @@ class Relay:
         return body
 
     async def _on_input(self, delivery: Delivery) -> bool:
+        if self._closing:
+            return False  # left unacknowledged: the broker keeps it for the next start
+        self._handling += 1
+        self._idle.clear()
+        try:
+            return await self._handle_input(delivery)
+        finally:
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
+
+    async def _handle_input(self, delivery: Delivery) -> bool:
         try:
             data = orjson.loads(delivery.payload)
         except orjson.JSONDecodeError:
@@ -536,8 +561,11 @@ class Relay:
 # --- the command ---------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``midbridge relay`` options."""
+def add_relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``midbridge relay`` to the command's parser."""
+    parser = sub.add_parser(
+        "relay", help="relay a ServiceNow instance's ECC queue to the broker (one MID)"
+    )
     parser.add_argument("--instance", required=True, help="https://<name>.service-now.com")
     parser.add_argument("--user", required=True, help="the MID's user (role mid_server)")
     parser.add_argument(

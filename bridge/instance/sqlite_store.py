@@ -244,9 +244,9 @@ class SQLiteStore:
             record[name] = value
         return record
 
-    def _select_sql(self, table: Table) -> str:
+    def _select_sql(self, table: Table, *, rowid: bool = False) -> str:
         cols = ", ".join(f'"{c}"' for c in self._columns[table.name])
-        return f'SELECT {cols} FROM "{table.name}"'
+        return f'SELECT {"rowid, " if rowid else ""}{cols} FROM "{table.name}"'
 
     def _get(self, table: Table, sys_id: str) -> Record | None:
         row = (
@@ -384,9 +384,7 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute(
-                "SELECT rowid, "
-                + self._select_sql(table)[len("SELECT ") :]
-                + ' WHERE "sys_id" = ?',
+                self._select_sql(table, rowid=True) + ' WHERE "sys_id" = ?',
                 (sys_id,),
             ).fetchone()
             if row is None:
@@ -407,7 +405,7 @@ class SQLiteStore:
     ) -> list[tuple[Record, Record]]:
         values = self._prepare_update(table, fields)
         db = self._conn()
-        text = "SELECT rowid, " + self._select_sql(table)[len("SELECT ") :]
+        text = self._select_sql(table, rowid=True)
         if sql.where:
             text += " WHERE " + sql.where
         text += " " + sql.order_by + " LIMIT ?"

@@ -117,6 +117,8 @@ TABLES: Mapping[str, Table] = {
             Field("run"),
             Field("lease_until", _REAL),
             Field("attempts", _INT, default=0),
+            Field("timeout", _REAL),  # seconds the job may run (passed to the bridge)
+            Field("expires_at", _REAL),  # epoch seconds: not started by then, it expires
         ),
         _table(
             "ecc_agent",
@@ -166,6 +168,81 @@ TABLES: Mapping[str, Table] = {
             Field("order", _INT, default=100),
             Field("active", _BOOL, default=True),
             Field("secret", write_only=True),
+        ),
+        # --- Discovery (docs/discovery.md) -----------------------------------------------
+        _table(
+            "discovery_schedule",
+            Field("name"),
+            Field("ranges"),  # CIDRs, ranges a-b, lists: what Shazzam takes
+            Field("exclusions"),  # the same forms, never scanned
+            Field("agent"),  # MID name (without mid.server.)
+            Field("ports"),  # empty: Shazzam's defaults
+            Field("snmp", _BOOL),
+            Field("credentials"),  # comma list of discovery_credentials names to try
+            Field("max_addresses", _INT, default=65536),
+            Field("batch_size", _INT, default=1000),  # addresses per Shazzam job
+            Field("parallel_batches", _INT, default=4),  # Shazzam jobs in flight at once
+            Field("active", _BOOL, default=True),
+            # Which open port calls which classifier (docs/discovery.md); port lists as text.
+            Field("ssh_ports", default="22"),
+            Field("http_ports", default="80,8080"),
+            Field("https_ports", default="443,8443"),
+            Field("snmp_port", _INT, default=161),  # UDP port of the SNMP tap and SNMP job
+            Field("chunk_hosts", _INT, default=256),  # hosts per Shazzam result chunk
+            unique=(("name",),),
+            display_field="name",
+        ),
+        _table(
+            "discovery_status",
+            Field("schedule", reference="discovery_schedule"),
+            Field("name"),
+            Field("agent"),
+            Field(
+                "state", default="Starting"
+            ),  # Starting Scanning Classifying Completed Error Cancelled
+            Field("started"),
+            Field("completed"),
+            Field("addresses", _INT, default=0),
+            Field("scanned", _INT, default=0),
+            Field("alive", _INT, default=0),
+            Field("batches", _INT, default=0),
+            Field("batches_done", _INT, default=0),
+            Field("classify_total", _INT, default=0),
+            Field("classified", _INT, default=0),
+            Field("cis_created", _INT, default=0),
+            Field("cis_updated", _INT, default=0),
+            Field("errors", _INT, default=0),
+            Field("progress", _REAL, default=0.0),  # 0..100
+            Field("log"),
+            Field("open_ports", _INT, default=0),  # open TCP ports found (sum over hosts)
+            Field("probes", _INT, default=0),  # TCP connects (addresses x ports), Shazzam's count
+            Field("classify_failed", _INT, default=0),  # hosts whose every classifier failed
+            Field("scan_duration", _REAL),  # seconds from the start to the last batch done
+            Field("duration", _REAL),  # seconds from the start to the end of the run
+        ),
+        _table(
+            "cmdb_ci",  # one table; sys_class_name is the class (cmdb_ci_linux_server, ...)
+            Field("name"),
+            Field("sys_class_name", default="cmdb_ci_ip_address"),
+            Field("ip_address"),
+            Field("mac_address"),  # comma list
+            Field("serial_number"),
+            Field("host_name"),
+            Field("os"),
+            Field("os_version"),
+            Field("kernel"),
+            Field("sys_descr"),
+            Field("sys_object_id"),
+            Field("http_server"),
+            Field("http_title"),
+            Field("tls_subject"),
+            Field("tls_not_after"),
+            Field("ports"),  # comma list of open TCP ports
+            Field("first_discovered"),
+            Field("last_discovered"),
+            Field("discovery_source", default="midbridge"),
+            Field("discovery_status", reference="discovery_status"),
+            display_field="name",
         ),
     )
 }
