@@ -131,3 +131,93 @@ def test_instance_serves_with_its_connector(broker: BrokerAddress, tmp_path: Pat
         _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
+
+
+def start_instance(
+    broker: BrokerAddress, tmp_path: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], str]:
+    """``midbridge instance`` with its connector; returns the process and its URL."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "instance",
+            "--port",
+            "0",
+            "--db",
+            str(tmp_path / "i.db"),
+            "--broker",
+            f"{broker.host}:{broker.port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.stdout is not None
+    url = ""
+    for _ in range(10):
+        line = proc.stdout.readline()
+        if line.startswith("midbridge instance on "):
+            url = line.split()[3]
+        if line.startswith("connector:"):
+            break
+    assert url.startswith("http://127.0.0.1:")
+    return proc, url
+
+
+async def test_instance_agent_actions_from_the_command_line(
+    broker: BrokerAddress, unique_agent: str, tmp_path: Path
+) -> None:
+    from tests.harness import bridge_and_client
+
+    env = {**os.environ, "MIDBRIDGE_ADMIN_PASSWORD": "admin-pass-123"}
+    proc, url = start_instance(broker, tmp_path, env)
+    try:
+        config = make_config(
+            broker.host,
+            broker.port,
+            unique_agent,
+            tmp_path / "state",
+            security={"require_validation": True},
+        )
+
+        async def cli(*args: str) -> tuple[int, str, str]:
+            sub = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bridge",
+                "instance",
+                "agent",
+                *args,
+                "--url",
+                url,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=REPO,
+                env=env,
+            )
+            out, err = await asyncio.wait_for(sub.communicate(), timeout=30)
+            return sub.returncode or 0, out.decode(), err.decode()
+
+        async with bridge_and_client(config) as (bridge, _client):
+            deadline = asyncio.get_running_loop().time() + 15
+            listed = ""
+            while unique_agent not in listed and asyncio.get_running_loop().time() < deadline:
+                _rc, listed, _err = await cli("list")
+                await asyncio.sleep(0.2)
+            assert unique_agent in listed
+            rc, _out, err = await cli("validate", unique_agent)
+            assert rc == 0, err
+            while not bridge.identity.validated and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert bridge.identity.validated
+            rc, _out, err = await cli("pause", "no-such-agent")
+            assert rc == 2
+            assert "HTTP 404" in err
+            assert "Traceback" not in err
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import getpass
 import os
 import signal
@@ -33,6 +34,9 @@ from bridge.instance.store import Conflict, StoreError
 
 DEFAULT_DB = Path("midbridge-state/instance.db")
 DB_ENV = "MIDBRIDGE_INSTANCE_DB"
+
+
+ADMIN_PASS_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
 
 
 class CommandError(Exception):
@@ -86,6 +90,16 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     listing = user_sub.add_parser("list", help="list users and their roles")
     db_option(listing)
 
+    agent = inst_sub.add_parser(
+        "agent", help="MID agents of a running instance: list, or an admin action"
+    )
+    agent.add_argument(
+        "action", choices=["list", "validate", "invalidate", "pause", "resume", "drain"]
+    )
+    agent.add_argument("name", nargs="?", help="the agent's name (without mid.server.)")
+    agent.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
+    agent.add_argument("--user", default="admin", help=f"admin user (password: ${ADMIN_PASS_ENV})")
+
 
 def run_instance_command(
     args: argparse.Namespace, run_loop: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
@@ -94,6 +108,8 @@ def run_instance_command(
     try:
         if args.instance_command is None:
             return run_loop(_serve(args.host, args.port, args.db, broker=_broker(args)))
+        if args.instance_command == "agent":
+            return run_loop(_agent_command(args))
         if args.user_command == "create":
             password = _read_password(args.password_stdin)
             return run_loop(_user_create(args, password))
@@ -108,6 +124,49 @@ def run_instance_command(
 
 
 BROKER_PASSWORD_ENV = "MIDBRIDGE_INSTANCE_BROKER_PASSWORD"
+
+
+async def _agent_command(args: argparse.Namespace) -> int:
+    """Agent actions go through the running instance's API, so its connector sends them."""
+    import aiohttp
+
+    password = os.environ.get(ADMIN_PASS_ENV)
+    if password is None:
+        password = getpass.getpass(f"Password for {args.user}: ")
+    token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
+    base = str(args.url).rstrip("/")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {token}"}) as http:
+        try:
+            if args.action == "list":
+                url = f"{base}/api/now/table/ecc_agent"
+                async with http.get(
+                    url, params={"sysparm_fields": "name,status,validated,last_heartbeat"}
+                ) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        raise CommandError(_api_error(resp.status, body))
+                for row in body.get("result", []):
+                    print(
+                        f"{row['name']:<24} {row['status']:<9} validated={row['validated']:<6} "
+                        f"last heartbeat {row['last_heartbeat'] or '-'}"
+                    )
+                return 0
+            if not args.name:
+                raise CommandError(f"agent {args.action}: name the agent")
+            url = f"{base}/api/midbridge/agents/{args.name}/{args.action}"
+            async with http.post(url) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status >= 300:
+                    raise CommandError(_api_error(resp.status, body))
+        except aiohttp.ClientError as exc:
+            raise CommandError(f"cannot reach the instance at {base}: {exc}") from None
+    print(f"{args.action} sent to {args.name}")
+    return 0
+
+
+def _api_error(status: int, body: Any) -> str:
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    return f"HTTP {status}: {error.get('message', 'error')} {error.get('detail', '')}".strip()
 
 
 def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
