@@ -240,7 +240,7 @@ class Driver:
         try:
             started = time.perf_counter()
             for _sys_id, body in jobs:
-                await self._room.acquire()
+                await self._take_slot()
                 pubacks.append(await session.publish_start(topic, body))
             await self._wait_all()
             seconds = time.perf_counter() - started
@@ -252,6 +252,24 @@ class Driver:
             self._room = None
         self._check(jobs)
         return Side(count, seconds)
+
+    async def _take_slot(self) -> None:
+        """Room for one more job; ``Stalled`` if the window stays full with no answer."""
+        room = self._room
+        assert room is not None
+        if not room.locked():
+            await room.acquire()
+            return
+        seen = self._answered
+        while True:
+            try:
+                await asyncio.wait_for(room.acquire(), STALL_S)
+            except TimeoutError:
+                if self._answered == seen:
+                    raise Stalled(self._stalled()) from None
+                seen = self._answered
+            else:
+                return
 
     async def _wait_all(self) -> None:
         """Wait for every answer; ``Stalled`` if none arrives for ``STALL_S`` seconds."""
