@@ -405,6 +405,11 @@ class Bridge:
         except BridgeError as exc:
             await answer_rejected(item, exc, self.agent_id, self._submit, self.counters)
             return None
+        except Exception as exc:  # a parser bug: answer it, log it, spoil nothing else
+            log.exception("parameters of %s (%s) could not be checked", item.sys_id, item.topic)
+            error = BridgeError(f"internal error checking parameters: {type(exc).__name__}")
+            await answer_rejected(item, error, self.agent_id, self._submit, self.counters)
+            return None
         if not spec.control:
             await self._intake_open.wait()  # paused or drained: the message waits unacked
             if not self.accepting:

@@ -158,6 +158,10 @@ def record_from_dict(raw: Any, verify: Verifier | None = None) -> OutputRecord |
             verify(raw)
         return _record_from_dict(raw)
     except BridgeError as exc:
+        # Drop the traceback and context: they hold the decoding frames, whose callers
+        # hold this Rejected, a cycle only a full collection frees (a flood grows memory).
+        exc.__traceback__ = None
+        exc.__context__ = None
         return Rejected(exc, **_partial_info(raw))
 
 

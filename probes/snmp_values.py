@@ -30,8 +30,8 @@ from typing import Any
 
 MAX_OID_ARCS = 128  # SMI limit on sub-identifiers in an OID
 _ARC_MAX = 2**32 - 1
-_OID_RE = re.compile(r"^\.?(\d+)(\.\d+)+$")
-_NAME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)((?:\.\d+)*)$")
+_OID_RE = re.compile(r"^\.?([0-9]+)(\.[0-9]+)+$")  # ASCII digits only
+_NAME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)((?:\.[0-9]+)*)$")
 
 # Varbind types of the result (``type`` field).
 OCTET_STRING = "OctetString"

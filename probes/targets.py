@@ -180,7 +180,7 @@ def parse_targets(value: Any) -> TargetSet:
 
 def _port(text: str, item: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 5:
-        raise ValueError(f"{item!r} is not a port number")
+        raise ValueError(f"{item[:40]!r} is not a port number")
     number = int(text)
     if not 1 <= number <= 65535:
         raise ValueError(f"port {number} is out of range 1-65535")
