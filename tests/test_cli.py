@@ -1,4 +1,4 @@
-"""The command line: demo (both embedded brokers), run with bad config, sweep."""
+"""The command line: run with bad config, sweep, instance (the demo: tests/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.brokers import BrokerAddress
 from tests.harness import REPO, BridgeProcess, make_config
@@ -25,20 +23,6 @@ def midbridge(
         timeout=timeout,
         env={**os.environ, "COLUMNS": "120", **(env or {})},
     )
-
-
-@pytest.mark.parametrize("embedded", ["mosquitto", "amqtt"])
-def test_demo_runs_a_sweep_and_prints_results(embedded: str) -> None:
-    done = midbridge("demo", "--embedded", embedded, "--hosts", "40")
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
-    assert f"broker: {embedded}" in out
-    assert "127.0.0.10" in out
-    assert "SSH-2.0-OpenSSH_9.2p1 midbridge-demo" in out
-    assert "127.0.0.12" in out
-    assert "5985/winrm" in out
-    assert "40 addresses, 40 alive" in out
-    assert "Traceback" not in done.stderr
 
 
 def test_run_refuses_unknown_config_key(tmp_path: Path) -> None:
@@ -218,6 +202,24 @@ async def test_instance_agent_actions_from_the_command_line(
             assert rc == 2
             assert "HTTP 404" in err
             assert "Traceback" not in err
+            sub = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bridge",
+                "instance",
+                "discovery",
+                "run",
+                "no-such",
+                "--url",
+                url,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=REPO,
+                env=env,
+            )
+            _o, e = await asyncio.wait_for(sub.communicate(), timeout=30)
+            assert sub.returncode == 2
+            assert "HTTP 404" in e.decode()
     finally:
         proc.terminate()
         proc.communicate(timeout=20)

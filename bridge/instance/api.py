@@ -7,6 +7,9 @@ Routes (``docs/instance.md`` is the reference):
   ``X-Total-Count`` and ``Link`` headers.
 - ``POST /api/now/table/<table>``: insert (201).
 - ``GET|PATCH|PUT|DELETE /api/now/table/<table>/<sys_id>``.
+- ``GET /api/now/table/<CI class>[/<sys_id>]`` (``cmdb_ci_linux_server``, ...): the
+  ``cmdb_ci`` records of that class and its subclasses (``bridge.instance.cmdb.CI_CLASSES``),
+  read-only.
 - ``GET /`` (and ``/nav``): a small HTML page for users who may use web pages.
 
 Every value is returned as a string, as ServiceNow does; input takes strings or JSON
@@ -29,7 +32,8 @@ from aiohttp import web
 
 from bridge.instance import auth
 from bridge.instance.auth import Authenticator, AuthError, Principal
-from bridge.instance.query import QueryError, escape
+from bridge.instance.cmdb import CI_TABLE, class_view
+from bridge.instance.query import QueryError, escape, parse
 from bridge.instance.store import (
     TABLES,
     Conflict,
@@ -233,9 +237,26 @@ class TableApi:
         name = request.match_info["table"]
         table = TABLES.get(name)
         if table is None:
+            if class_view(name) is not None:
+                auth.authorize_table(who, CI_TABLE)
+                raise ApiError(
+                    405,
+                    "Method not Supported",
+                    f"{name} is a read-only view of {CI_TABLE}: write {CI_TABLE} "
+                    "(sys_class_name holds the class)",
+                )
             raise ApiError(400, f"Invalid table {name}", "")
         auth.authorize_table(who, table.name)
         return table
+
+    @classmethod
+    def _readable(cls, request: web.Request, who: Principal) -> tuple[Table, tuple[str, ...]]:
+        """The table to read, and the CI classes it is limited to (a class view) or ()."""
+        classes = class_view(request.match_info["table"])
+        if classes is None:
+            return cls._table(request, who), ()
+        auth.authorize_table(who, CI_TABLE)
+        return TABLES[CI_TABLE], classes
 
     @staticmethod
     def _hidden(table: Table) -> list[str]:
@@ -370,7 +391,7 @@ class TableApi:
 
     async def list_records(self, request: web.Request) -> web.Response:
         who = await self._who(request)
-        table = self._table(request, who)
+        table, classes = self._readable(request, who)
         auth.authorize(who, table.name, "read")
         params = self._params(request, LIST_PARAMS, filters=True)
         query = params.pop("sysparm_query", "")
@@ -386,6 +407,8 @@ class TableApi:
                         400, f"Unknown field {key!r} in the query parameters", f"table {table.name}"
                     )
             query = "^".join(f"{k}={escape(v)}" for k, v in filters.items())
+        if classes:
+            query = restrict(query, "sys_class_nameIN" + ",".join(classes))
         fields = self._fields_param(table, params)
         limit = self._int_param(
             params, "sysparm_limit", self.settings.default_limit, self.settings.max_limit
@@ -407,12 +430,12 @@ class TableApi:
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self._who(request)
-        table = self._table(request, who)
+        table, classes = self._readable(request, who)
         auth.authorize(who, table.name, "read")
         params = self._params(request, frozenset({"sysparm_fields", "sysparm_display_value"}))
         fields = self._fields_param(table, params)
         record = await self.store.get(table.name, request.match_info["sys_id"])
-        if record is None:
+        if record is None or (classes and record.get("sys_class_name") not in classes):
             raise _not_found()
         return _json({"result": to_wire(table, record, fields)})
 
@@ -508,6 +531,34 @@ class TableApi:
         return _page(200, "midbridge instance", body)
 
 
+def restrict(query: str, condition: str) -> str:
+    """``query`` (an encoded query) with ``condition`` AND-ed into each of its ``^NQ``
+    branches; a syntax error in ``query`` raises ``QueryError`` as it would alone."""
+    parse(query)
+    terms: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(query):
+        if query.startswith("^^", i):
+            current.append("^^")  # a caret inside a value: kept as it is
+            i += 2
+        elif query[i] == "^":
+            terms.append("".join(current))
+            current = []
+            i += 1
+        else:
+            current.append(query[i])
+            i += 1
+    terms.append("".join(current))
+    out = [condition]
+    for term in terms:
+        if term.startswith("NQ"):
+            out += ["NQ" + condition, term[2:]]
+        else:
+            out.append(term)
+    return "^".join(out)
+
+
 def _not_found() -> ApiError:
     return ApiError(
         404, "No Record found", "Record doesn't exist or ACL restricts the record retrieval"
@@ -592,6 +643,7 @@ __all__ = [
     "Write",
     "error_response",
     "make_app",
+    "restrict",
     "to_wire",
     "wire_value",
 ]

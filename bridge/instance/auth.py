@@ -302,6 +302,8 @@ def _roles_text(roles: Iterable[str]) -> str:
 
 
 _ECC_READERS = ("mid_server", "discovery_admin")
+# discovery_admin reads runs and CIs, and writes schedules; the CI class views count too.
+_DISCOVERY_TABLES = frozenset({"discovery_schedule", "discovery_status", "cmdb_ci"})
 
 
 def authorize_table(who: Principal, table: str) -> None:
@@ -311,7 +313,14 @@ def authorize_table(who: Principal, table: str) -> None:
         return
     if table in ("ecc_queue", "ecc_agent") and who.has_any(*_ECC_READERS):
         return
-    needed = _roles_text(_ECC_READERS) if table in ("ecc_queue", "ecc_agent") else "admin"
+    if table in _DISCOVERY_TABLES and who.has_any("discovery_admin"):
+        return
+    if table in ("ecc_queue", "ecc_agent"):
+        needed = _roles_text(_ECC_READERS)
+    elif table in _DISCOVERY_TABLES:
+        needed = _roles_text(["discovery_admin"])
+    else:
+        needed = "admin"
     raise AuthError(403, f"table {table} requires role {needed}")
 
 
@@ -334,6 +343,9 @@ def authorize(
       delete: admin.
     - ``ecc_agent``: read with mid_server or discovery_admin; create and write with
       mid_server, except ``validated``; delete: admin.
+    - ``discovery_schedule``: read, create and write with discovery_admin; the run tables
+      and the CMDB (``discovery_status``, ``cmdb_ci``) are read with discovery_admin and
+      written by the instance itself.
     - ``sys_user``, ``sys_user_role``, ``sys_user_has_role``, ``discovery_credentials``:
       admin only.
     """
@@ -343,7 +355,9 @@ def authorize(
     if table in _ADMIN_ONLY or action == "delete":
         raise AuthError(403, f"{action} on {table} requires role admin")
     if action == "read":
-        if who.has_any(*_ECC_READERS):
+        if table in _DISCOVERY_TABLES and who.has_any("discovery_admin"):
+            return
+        if table not in _DISCOVERY_TABLES and who.has_any(*_ECC_READERS):
             return
         raise AuthError(403, f"read on {table} requires role {_roles_text(_ECC_READERS)}")
     if table == "ecc_queue":
@@ -369,6 +383,14 @@ def authorize(
                 + (f"; refused field: {extra[0]}" if extra and queue == "output" else ""),
             )
         return
+    if table == "discovery_schedule":
+        if who.has_any("discovery_admin"):
+            return
+        raise AuthError(
+            403, f"{action} on discovery_schedule requires role {_roles_text(['discovery_admin'])}"
+        )
+    if table in _DISCOVERY_TABLES:
+        raise AuthError(403, f"{table} is written by the instance's discovery only")
     if table == "ecc_agent":
         if not who.has_any("mid_server"):
             raise AuthError(

@@ -100,6 +100,12 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     agent.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
     agent.add_argument("--user", default="admin", help=f"admin user (password: ${ADMIN_PASS_ENV})")
 
+    disco = inst_sub.add_parser("discovery", help="start a discovery run on a running instance")
+    disco.add_argument("action", choices=["run"])
+    disco.add_argument("schedule", help="the discovery_schedule's name or sys_id")
+    disco.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
+    disco.add_argument("--user", default="admin", help=f"user (password: ${ADMIN_PASS_ENV})")
+
 
 def run_instance_command(
     args: argparse.Namespace, run_loop: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
@@ -108,7 +114,7 @@ def run_instance_command(
     try:
         if args.instance_command is None:
             return run_loop(_serve(args.host, args.port, args.db, broker=_broker(args)))
-        if args.instance_command == "agent":
+        if args.instance_command in ("agent", "discovery"):
             return run_loop(_agent_command(args))
         if args.user_command == "create":
             password = _read_password(args.password_stdin)
@@ -151,6 +157,18 @@ async def _agent_command(args: argparse.Namespace) -> int:
                         f"last heartbeat {row['last_heartbeat'] or '-'}"
                     )
                 return 0
+            if args.instance_command == "discovery":
+                url = f"{base}/api/midbridge/discovery/{args.schedule}/run"
+                async with http.post(url) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status >= 300:
+                        raise CommandError(_api_error(resp.status, body))
+                status = body.get("result", {}) if isinstance(body, dict) else {}
+                print(
+                    f"discovery run {status.get('sys_id', '?')} started "
+                    f"({status.get('addresses', '?')} addresses)"
+                )
+                return 0
             if not args.name:
                 raise CommandError(f"agent {args.action}: name the agent")
             url = f"{base}/api/midbridge/agents/{args.name}/{args.action}"
@@ -187,6 +205,7 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
 async def _serve(
     host: str, port: int, db: Path, *, broker: tuple[BrokerConfig, str] | None = None
 ) -> int:
+    from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import ADMIN_PASSWORD_ENV, Instance, InstanceConfig
 
@@ -198,6 +217,7 @@ async def _serve(
         instance = Instance(InstanceConfig(host=host, port=port, db=db))
         keys = keys_for(db)
         install(instance, keys)  # sealed credentials, agent actions, the platform key
+        discovery.install(instance)  # runs, their routes, the CI class views
         async with AsyncExitStack() as stack:
             inst = await stack.enter_async_context(instance)
             print(f"midbridge instance on {inst.url} (database {db})", flush=True)

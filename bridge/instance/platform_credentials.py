@@ -216,6 +216,8 @@ async def add_credential(
 def types_for(topic: str, params: Mapping[str, Any]) -> tuple[str, ...]:
     """The credential types a job of ``topic`` may use (SNMP narrows by its version)."""
     types = TOPIC_TYPES.get(topic, ())
+    if topic == "Shazzam":  # its SNMP scanner taps with communities
+        return ("snmp_community",) if _truthy(params.get("snmp", False)) else ()
     if topic == "SNMP":
         version = str(params.get("version") or "")
         if version == "3":
@@ -229,6 +231,8 @@ def needs_credentials(topic: str, params: Mapping[str, Any]) -> bool:
     """True when the connector should attach sealed credentials to this job."""
     if params.get("credential_id"):
         return True
+    if topic == "Shazzam":
+        return bool(types_for(topic, params))
     return topic in TOPIC_TYPES and topic not in BY_ID_ONLY
 
 
@@ -267,6 +271,10 @@ async def credentials_for_job(
             for r in await store.query(TABLE)
             if r.get("type") in types and _truthy(r.get("active", True))
         ]
+        only = params.get("snmp_credential_ids")  # Shazzam: the communities to tap with
+        if only:
+            names = {n.strip() for n in (only.split(",") if isinstance(only, str) else only)}
+            rows = [r for r in rows if r.get("name") in names or r.get("sys_id") in names]
         rows.sort(key=lambda r: (_order(r.get("order")), str(r.get("name"))))
         rows = rows[:MAX_SEALED]
         ids = [str(r.get("name")) for r in rows]
