@@ -1,6 +1,8 @@
 """The one typed configuration model: TOML file, defaults, ``MIDBRIDGE_*`` env overrides.
 
-Unknown keys are refused with the key named. Env overrides use ``__`` between levels:
+Unknown keys are refused with the key named. Env overrides use ``__`` between levels
+(a variable without ``__`` counts only if it names a top-level key such as ``LOG_LEVEL``;
+others belong to other commands and are left alone):
 ``MIDBRIDGE_BROKER__HOST=broker.lan``, ``MIDBRIDGE_LIMITS__MAX_IN_FLIGHT=500``,
 ``MIDBRIDGE_PROBES__SHAZZAM__MAX_ADDRESSES=4096``.
 """
@@ -136,6 +138,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) == 1 and path[0] not in Config.model_fields:
+            # Not a section key: a variable of another command (MIDBRIDGE_ADMIN_PASSWORD,
+            # MIDBRIDGE_INSTANCE_*, MIDBRIDGE_TEST_*). Keys inside a section are checked.
+            continue
         if not all(path):
             raise ConfigError(f"malformed environment variable name {key}", field=key)
         node = tree

@@ -82,3 +82,18 @@ def test_signatures_without_a_platform_key_are_refused(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[security]\nrequire_signatures = true\n"), environ={})
     assert info.value.field == "security"
     assert "platform_key" in str(info.value)
+
+
+def test_other_commands_variables_are_left_alone() -> None:
+    config = load_config(
+        None,
+        environ={
+            "MIDBRIDGE_ADMIN_PASSWORD": "x",
+            "MIDBRIDGE_INSTANCE_BROKER_PASSWORD": "y",
+            "MIDBRIDGE_LOG_LEVEL": "debug",
+        },
+    )
+    assert config.log_level == "debug"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"MIDBRIDGE_NOSUCH__KEY": "1"})
+    assert info.value.field == "nosuch"
