@@ -41,6 +41,26 @@ BENCHMARKS: dict[str, Benchmark] = {
             "trivial Echo jobs through the bridge vs a gmqtt echo responder (jobs/s, latency)",
             "bench.roundtrip",
         ),
+        Benchmark(
+            "snmp-walk",
+            "walk of snmpd's MIB-2 through the bridge vs snmpbulkwalk -Cr10 (varbinds/s)",
+            "bench.snmp_walk",
+        ),
+        Benchmark(
+            "snmp-get",
+            "GETs across 200 snmpd agents through the bridge vs a gufo-snmp loop (GETs/s)",
+            "bench.snmp",
+        ),
+        Benchmark(
+            "ssh",
+            "echo hi over SSH on 4 sshd addresses through the bridge vs asyncssh (commands/s)",
+            "bench.ssh",
+        ),
+        Benchmark(
+            "http",
+            "GETs of a small body through the bridge (RESTProbe) vs an aiohttp loop (req/s)",
+            "bench.http",
+        ),
     )
 }
 

@@ -470,7 +470,7 @@ class Bridge:
         return ctx
 
     def _may_use_credentials(self) -> bool:
-        return self.identity.validated or not self.config.security.require_validation
+        return not self.config.security.require_validation or self.identity.validated
 
     def _not_validated_message(self) -> str:
         return (

@@ -109,6 +109,7 @@ class Identity:
         self.key_path = self.dir / "x25519.pem"
         self.validated_path = self.dir / "validated"
         self.keys = self._load_or_make()
+        self._validated = self._read_validated()
 
     def _load_or_make(self) -> KeyPair:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -135,12 +136,16 @@ class Identity:
     def fingerprint(self) -> str:
         return self.keys.fingerprint
 
-    @property
-    def validated(self) -> bool:
+    def _read_validated(self) -> bool:
         try:
             return self.validated_path.read_text().strip() == self.fingerprint
         except FileNotFoundError:
             return False
+
+    @property
+    def validated(self) -> bool:
+        """Read on every job: kept in memory, changed only by ``validate``/``invalidate``."""
+        return self._validated
 
     def validate(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
@@ -151,10 +156,12 @@ class Identity:
         fd = os.open(self.validated_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(self.fingerprint)
+        self._validated = True
 
     def invalidate(self) -> None:
         """Drop the key pair, make a new one, not validated."""
         self.validated_path.unlink(missing_ok=True)
+        self._validated = False
         self.key_path.unlink(missing_ok=True)
         self.keys = self._load_or_make()
 

@@ -1,0 +1,212 @@
+"""``midbridge bench http``: GETs of a small body, through the bridge (RESTProbe) vs aiohttp.
+
+Workload: :data:`REQUESTS` ``GET /`` of a 3-byte body (``ok\\n``) from an aiohttp server on
+127.0.0.1 that runs in a process of its own (``python -m bench.targets http-server``, on
+uvloop, no access log), so it shares neither the bridge's nor the driver's event loop.
+
+- peer: a bare aiohttp loop (``python -m bench.http peer URL ...``, a child process on
+  uvloop): one ``ClientSession`` with ``TCPConnector(limit=100)``, :data:`IN_FLIGHT`
+  worker tasks each doing ``async with session.get(url) as r: await r.read()`` in turn.
+- ours: :data:`REQUESTS` RESTProbe jobs (``{"url": URL}``) published :data:`BATCH` to an
+  MQTT message, timed from the first publish to the last complete answer. The probe's
+  shared ``ClientSession`` has ``limit`` 100 and ``limit_per_host`` = ``limits.per_host``,
+  which is set to 100 here (the default, 8, would cap one target at 8 connections), and
+  the standard lane has 100 workers: 100 requests in flight, like the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BRIDGE_COMMAND,
+    Result,
+    Side,
+    bench_broker,
+    bridge_process,
+    broker_facts,
+    log_problems,
+)
+from bench.targets import (
+    HTTP_BODY,
+    JobDriver,
+    PeerProcess,
+    TreeMeter,
+    bench_config,
+    cpu_table,
+    http_server,
+    measure_ours,
+    measure_peer,
+    own_cpu,
+    pass_result,
+    random_tag,
+    run_peer,
+    side_by_side,
+    tool_versions,
+)
+from bridge.client import EccClient, JobResult, output_record
+from bridge.config import LimitsConfig
+
+REQUESTS = 10_000
+IN_FLIGHT = 100
+LIMIT = 100  # connections in the pool, both sides (RESTProbe's default)
+BATCH = 100
+LANE_WORKERS = (20, 50, 100)  # the defaults: the standard lane runs 100 jobs at a time
+PER_HOST = 100  # one target here: let it have the whole lane, like the peer's 100 in flight
+
+
+# --- the peer: a bare aiohttp loop (child process) ---------------------------------------------
+
+
+async def _peer_setup(
+    stack: contextlib.AsyncExitStack, url: str, requests: int
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    import aiohttp
+
+    session = await stack.enter_async_context(
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=LIMIT))
+    )
+
+    async def one_pass() -> dict[str, Any]:
+        jobs = iter(range(requests))
+        ok = failed = 0
+        example: list[str] = []
+
+        async def worker() -> None:
+            nonlocal ok, failed
+            for _ in jobs:
+                try:
+                    async with session.get(url) as resp:
+                        body = await resp.read()
+                except (aiohttp.ClientError, OSError) as exc:
+                    failed += 1
+                    example[:] = [f"{type(exc).__name__}: {exc}"[:200]]
+                    continue
+                if resp.status == 200 and body == HTTP_BODY:
+                    ok += 1
+                else:
+                    failed += 1
+
+        cpu = own_cpu()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        seconds = time.perf_counter() - started
+        return pass_result(
+            ok, seconds, failed, failures=example, own_cpu_s=round(own_cpu() - cpu, 3)
+        )
+
+    return one_pass
+
+
+def peer_main(argv: list[str]) -> int:
+    url, requests = argv[0], int(argv[1])
+    return run_peer(lambda stack: _peer_setup(stack, url, requests))
+
+
+def peer_command(url: str) -> list[str]:
+    return [sys.executable, "-m", "bench.http", "peer", url, str(REQUESTS)]
+
+
+# --- ours -------------------------------------------------------------------------------------
+
+
+def http_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
+    return [
+        output_record("RESTProbe", agent=agent_id, payload={"url": url}) for _ in range(requests)
+    ]
+
+
+def check_requests(results: list[JobResult]) -> tuple[int, list[str]]:
+    ok = 0
+    bad: list[str] = []
+    want = HTTP_BODY.decode()
+    for result in results:
+        payload = result.final.get("payload") or {}
+        if result.error_string:
+            bad.append(result.error_string)
+        elif payload.get("status") == 200 and payload.get("body") == want:
+            ok += 1
+        else:
+            bad.append(f"unexpected answer: status {payload.get('status')}")
+    return ok, bad
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
+    agent = f"bench-http-{random_tag()}"
+    result = Result(
+        name="http",
+        unit="req/s",
+        goal=0.7,
+        peer=f"bare aiohttp loop: one ClientSession, limit {LIMIT}, {IN_FLIGHT} in flight "
+        "(child process, uvloop)",
+        ours=f"RESTProbe jobs through the bridge (child process), {BATCH} records a message, "
+        f"lane_workers {list(LANE_WORKERS)}, per_host {PER_HOST}",
+        peer_command=[],
+        ours_command=BRIDGE_COMMAND,
+        workload=f"{REQUESTS:,} GET / of a {len(HTTP_BODY)}-byte body from an aiohttp server "
+        "in its own process on 127.0.0.1, keep-alive",
+    )
+    result.machine.update(tool_versions("aiohttp"))
+    with tempfile.TemporaryDirectory(prefix="midbridge-bench-") as tmp:
+        workdir = Path(tmp)
+        log_path = workdir / "bridge.log"
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(http_server())
+            endpoint = await stack.enter_async_context(bench_broker(broker))
+            result.broker = broker_facts(endpoint)
+            limits = LimitsConfig(drain_timeout=2.0, lane_workers=LANE_WORKERS, per_host=PER_HOST)
+            config = bench_config(endpoint, agent, workdir, credentials=None, limits=limits)
+            command = peer_command(server.url)
+            result.peer_command = command
+            peer = await stack.enter_async_context(PeerProcess(command))
+            bridge = await stack.enter_async_context(bridge_process(config, log_path))
+            client = await stack.enter_async_context(
+                EccClient(config.broker, agent=agent, prefix=config.bridge.topic_prefix)
+            )
+            driver = JobDriver(client)
+            meter = TreeMeter(server.pids)
+            agent_id = config.bridge.agent_id
+
+            async def peer_side() -> Side:
+                return await measure_peer(peer, meter)
+
+            async def ours_side() -> Side:
+                records = http_jobs(agent_id, server.url, REQUESTS)
+                return await measure_ours(driver, records, BATCH, bridge.pid, check_requests, meter)
+
+            await side_by_side(result, rounds, peer_side, ours_side)
+        result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
+    result.details["bridge_config"] = {
+        "limits": config.limits.model_dump(mode="json"),
+        "security.require_validation": False,
+        "probes.settings.RESTProbe": "defaults (limit 100, limit_per_host = per_host)",
+    }
+    result.details["requests"] = REQUESTS
+    result.details["in_flight_peer"] = IN_FLIGHT
+    result.details["batch"] = BATCH
+    result.details["choices"] = [
+        "the server runs in its own process (aiohttp + uvloop, no access log), the same for "
+        "both sides",
+        "both sides are child processes started before the rounds; one untimed warm-up pass "
+        "per side (the connection pools are warm when timing starts)",
+        "rounds alternate the order (peer first in odd rounds, ours first in even)",
+        "peer: time from its first request to its last answer, measured in the child; ours: "
+        "from the first publish to the last complete input record, in the bench",
+        "cpu_s: /proc/PID/stat of the measured process over the pass; target_cpu_s: the server's",
+    ]
+    result.tables.append(cpu_table(result, "server"))
+    return result
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["peer"]:
+    sys.exit(peer_main(sys.argv[2:]))
