@@ -50,11 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--banner", action="store_true", help="read a short banner on open ports")
     sweep.add_argument("--all", action="store_true", help="list hosts without open ports too")
 
-    demo = sub.add_parser("demo", help="everything on loopback: broker, bridge, targets, a sweep")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole loop on loopback: broker, instance, bridge, targets, a discovery run",
+    )
     demo.add_argument(
         "--broker", type=_broker_arg, default=None, help="use this broker instead of starting one"
     )
-    demo.add_argument("--hosts", type=int, default=254, help="loopback addresses to sweep")
+    demo.add_argument(
+        "--hosts", type=int, default=60, help="discover 127.0.0.1-127.0.0.N (default 60)"
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="stay up after the run (the dashboard) until Ctrl-C"
+    )
     demo.add_argument(
         "--embedded",
         choices=["auto", "mosquitto", "amqtt"],
@@ -177,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.demo import run_demo
 
             _setup_logging(args.log_level or "warning")
-            return _run_loop(run_demo(broker=args.broker, hosts=args.hosts, embedded=args.embedded))
+            return _run_loop(
+                run_demo(
+                    broker=args.broker, hosts=args.hosts, embedded=args.embedded, keep=args.keep
+                )
+            )
         if args.command == "instance":  # the built-in instance (bridge/instance/cli.py)
             from bridge.instance.cli import run_instance_command
 

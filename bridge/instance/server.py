@@ -26,7 +26,8 @@ from typing import Literal
 from aiohttp import web
 
 from bridge.instance import auth
-from bridge.instance.api import ApiSettings, BeforeWrite, Hooks, make_app
+from bridge.instance.api import TABLE_API, ApiSettings, BeforeWrite, Hooks, make_app
+from bridge.instance.dashboard import Dashboard, DashboardSettings
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import TABLES, Change, UnknownTable
 
@@ -43,6 +44,7 @@ class InstanceConfig:
     db: Path | str = ":memory:"  # a file path, or ":memory:" for a throwaway instance
     admin_password: str | None = None  # first start only; else $MIDBRIDGE_ADMIN_PASSWORD
     api: ApiSettings = field(default_factory=ApiSettings)
+    dashboard: DashboardSettings | None = field(default_factory=DashboardSettings)  # None: no UI
 
 
 class Instance:
@@ -52,7 +54,15 @@ class Instance:
         self.config = config or InstanceConfig()
         self.store = SQLiteStore(self.config.db)
         self.hooks = Hooks()
-        self.app = make_app(self.store, self.config.api, self.hooks)
+        dashboard = self.config.dashboard
+        self.app = make_app(self.store, self.config.api, self.hooks, root_page=dashboard is None)
+        # The web UI (bridge/instance/dashboard.py); None when InstanceConfig.dashboard is None.
+        self.dashboard: Dashboard | None = None
+        if dashboard is not None:
+            self.dashboard = Dashboard(
+                self.store, settings=dashboard, basic_page=self.app[TABLE_API].home_page
+            )
+            self.dashboard.add_routes(self.app)
         self.port = 0
         self.url = ""
         # The admin password generated on first start (None if given or not first start).
