@@ -28,10 +28,10 @@ import orjson
 import pytest
 from aiohttp import web
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 from yarl import URL
 
@@ -795,7 +795,17 @@ class Chromium:
             before = self.driver.find_element(By.TAG_NAME, "html")
             self.driver.find_element(By.CSS_SELECTOR, css).click()
             wait = WebDriverWait(self.driver, 20)
-            wait.until(expected_conditions.staleness_of(before))
+
+            def left(_driver: WebDriver) -> bool:
+                # Chromium 156 sometimes answers "Node ... does not belong to the document"
+                # (an unknown error) instead of a stale-element error: both mean it is gone.
+                try:
+                    before.is_enabled()
+                except WebDriverException:
+                    return True
+                return False
+
+            wait.until(left)
             wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
         await self.call(go)
