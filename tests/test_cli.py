@@ -79,48 +79,10 @@ async def test_sweep_command_against_a_running_bridge(
     assert "5 addresses, 5 alive, 1 open ports" in text
 
 
-def test_instance_serves_with_its_connector(broker: BrokerAddress, tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            "instance",
-            "--port",
-            "0",
-            "--db",
-            str(tmp_path / "i.db"),
-            "--broker",
-            f"{broker.host}:{broker.port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "MIDBRIDGE_ADMIN_PASSWORD": "admin-pass-123"},
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for _ in range(10):
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("connector:"):
-                break
-        assert any(line.startswith("midbridge instance on http://127.0.0.1:") for line in lines)
-        assert any("platform signing key" in line for line in lines)
-        assert any(line.startswith("connector: ECC queue on mqtt://") for line in lines), lines
-    finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err[-2000:]
-    assert "Traceback" not in err
-
-
 def start_instance(
     broker: BrokerAddress, tmp_path: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[str], str]:
-    """``midbridge instance`` with its connector; returns the process and its URL."""
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """``midbridge instance`` with its connector: the process, its URL, what it printed."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -142,14 +104,29 @@ def start_instance(
     )
     assert proc.stdout is not None
     url = ""
+    lines: list[str] = []
     for _ in range(10):
         line = proc.stdout.readline()
+        lines.append(line)
         if line.startswith("midbridge instance on "):
             url = line.split()[3]
         if line.startswith("connector:"):
             break
-    assert url.startswith("http://127.0.0.1:")
-    return proc, url
+    assert url.startswith("http://127.0.0.1:"), lines
+    return proc, url, lines
+
+
+def test_instance_serves_with_its_connector(broker: BrokerAddress, tmp_path: Path) -> None:
+    env = {**os.environ, "MIDBRIDGE_ADMIN_PASSWORD": "admin-pass-123"}
+    proc, _url, lines = start_instance(broker, tmp_path, env)
+    try:
+        assert any("platform signing key" in line for line in lines)
+        assert any(line.startswith("connector: ECC queue on mqtt://") for line in lines), lines
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
 
 
 async def test_instance_agent_actions_from_the_command_line(
@@ -158,7 +135,7 @@ async def test_instance_agent_actions_from_the_command_line(
     from tests.harness import bridge_and_client
 
     env = {**os.environ, "MIDBRIDGE_ADMIN_PASSWORD": "admin-pass-123"}
-    proc, url = start_instance(broker, tmp_path, env)
+    proc, url, _lines = start_instance(broker, tmp_path, env)
     try:
         config = make_config(
             broker.host,
