@@ -28,30 +28,23 @@ from typing import Any
 from bench.common import (
     BRIDGE_COMMAND,
     Result,
-    Side,
     bench_broker,
-    bridge_process,
     broker_facts,
     log_problems,
 )
 from bench.targets import (
     HTTP_BODY,
-    JobDriver,
-    PeerProcess,
-    TreeMeter,
     bench_config,
     cpu_table,
     http_server,
-    measure_ours,
-    measure_peer,
+    jobs_beside_peer,
     own_cpu,
     pass_result,
     random_tag,
     run_peer,
-    side_by_side,
     tool_versions,
 )
-from bridge.client import EccClient, JobResult, output_record
+from bridge.client import JobResult, output_record
 from bridge.config import LimitsConfig
 
 REQUESTS = 10_000
@@ -168,23 +161,18 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
             config = bench_config(endpoint, agent, workdir, credentials=None, limits=limits)
             command = peer_command(server.url)
             result.peer_command = command
-            peer = await stack.enter_async_context(PeerProcess(command))
-            bridge = await stack.enter_async_context(bridge_process(config, log_path))
-            client = await stack.enter_async_context(
-                EccClient(config.broker, agent=agent, prefix=config.bridge.topic_prefix)
+            await jobs_beside_peer(
+                stack,
+                result,
+                rounds,
+                peer_command=command,
+                config=config,
+                log_path=log_path,
+                target_pids=server.pids,
+                jobs=lambda agent_id: http_jobs(agent_id, server.url, REQUESTS),
+                batch=BATCH,
+                check=check_requests,
             )
-            driver = JobDriver(client)
-            meter = TreeMeter(server.pids)
-            agent_id = config.bridge.agent_id
-
-            async def peer_side() -> Side:
-                return await measure_peer(peer, meter)
-
-            async def ours_side() -> Side:
-                records = http_jobs(agent_id, server.url, REQUESTS)
-                return await measure_ours(driver, records, BATCH, bridge.pid, check_requests, meter)
-
-            await side_by_side(result, rounds, peer_side, ours_side)
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
     result.details["bridge_config"] = {
         "limits": config.limits.model_dump(mode="json"),

@@ -36,33 +36,26 @@ import orjson
 from bench.common import (
     BRIDGE_COMMAND,
     Result,
-    Side,
     bench_broker,
-    bridge_process,
     broker_facts,
     log_problems,
 )
 from bench.targets import (
     SNMP_COMMUNITY,
     SNMPD,
-    JobDriver,
-    PeerProcess,
     SnmpEndpoint,
-    TreeMeter,
     bench_config,
     cpu_table,
     first_line,
-    measure_ours,
-    measure_peer,
+    jobs_beside_peer,
     own_cpu,
     pass_result,
     random_tag,
     run_peer,
-    side_by_side,
     snmp_agents,
     tool_versions,
 )
-from bridge.client import EccClient, JobResult, output_record
+from bridge.client import JobResult, output_record
 from bridge.config import LimitsConfig
 
 SYS_DESCR = "1.3.6.1.2.1.1.1.0"
@@ -257,23 +250,18 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
             )
             command = peer_command(endpoints)
             result.peer_command = [*command[:4], f"<{len(endpoints)} endpoints>", *command[5:]]
-            peer = await stack.enter_async_context(PeerProcess(command))
-            bridge = await stack.enter_async_context(bridge_process(config, log_path))
-            client = await stack.enter_async_context(
-                EccClient(config.broker, agent=agent, prefix=config.bridge.topic_prefix)
+            await jobs_beside_peer(
+                stack,
+                result,
+                rounds,
+                peer_command=command,
+                config=config,
+                log_path=log_path,
+                target_pids=targets.pids,
+                jobs=lambda agent_id: get_jobs(agent_id, endpoints, GETS),
+                batch=BATCH,
+                check=check_gets,
             )
-            driver = JobDriver(client)
-            meter = TreeMeter(targets.pids)
-            agent_id = config.bridge.agent_id
-
-            async def peer_side() -> Side:
-                return await measure_peer(peer, meter)
-
-            async def ours_side() -> Side:
-                records = get_jobs(agent_id, endpoints, GETS)
-                return await measure_ours(driver, records, BATCH, bridge.pid, check_gets, meter)
-
-            await side_by_side(result, rounds, peer_side, ours_side)
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
     result.details["bridge_config"] = {
         "limits": config.limits.model_dump(mode="json"),

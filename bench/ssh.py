@@ -35,31 +35,24 @@ import orjson
 from bench.common import (
     BRIDGE_COMMAND,
     Result,
-    Side,
     bench_broker,
-    bridge_process,
     broker_facts,
     log_problems,
 )
 from bench.targets import (
     SSHD,
-    JobDriver,
-    PeerProcess,
-    TreeMeter,
     bench_config,
     cpu_table,
     first_line,
-    measure_ours,
-    measure_peer,
+    jobs_beside_peer,
     own_cpu,
     pass_result,
     random_tag,
     run_peer,
-    side_by_side,
     ssh_hosts,
     tool_versions,
 )
-from bridge.client import EccClient, JobResult, output_record
+from bridge.client import JobResult, output_record
 from bridge.config import LimitsConfig
 
 HOSTS = 4
@@ -251,23 +244,18 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
             )
             command = peer_command(hosts, targets.user, targets.key_file)
             result.peer_command = command
-            peer = await stack.enter_async_context(PeerProcess(command))
-            bridge = await stack.enter_async_context(bridge_process(config, log_path))
-            client = await stack.enter_async_context(
-                EccClient(config.broker, agent=agent, prefix=config.bridge.topic_prefix)
+            await jobs_beside_peer(
+                stack,
+                result,
+                rounds,
+                peer_command=command,
+                config=config,
+                log_path=log_path,
+                target_pids=targets.pids,
+                jobs=lambda agent_id: ssh_jobs(agent_id, hosts, COMMANDS),
+                batch=BATCH,
+                check=check_commands,
             )
-            driver = JobDriver(client)
-            meter = TreeMeter(targets.pids)
-            agent_id = config.bridge.agent_id
-
-            async def peer_side() -> Side:
-                return await measure_peer(peer, meter)
-
-            async def ours_side() -> Side:
-                records = ssh_jobs(agent_id, hosts, COMMANDS)
-                return await measure_ours(driver, records, BATCH, bridge.pid, check_commands, meter)
-
-            await side_by_side(result, rounds, peer_side, ours_side)
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
     result.details["bridge_config"] = {
         "limits": config.limits.model_dump(mode="json"),

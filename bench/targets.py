@@ -52,6 +52,7 @@ from bench.common import (
     Round,
     Side,
     Table,
+    bridge_process,
     process_cpu,
     progress,
     stop_process,
@@ -796,6 +797,42 @@ async def side_by_side(
                     f"round {index}: {who}: {side.extra['failed']} unit(s) failed, e.g. "
                     f"{side.extra.get('failures', [])[:1]}"
                 )
+
+
+async def jobs_beside_peer(
+    stack: contextlib.AsyncExitStack,
+    result: Result,
+    rounds: int,
+    *,
+    peer_command: list[str],
+    config: Config,
+    log_path: Path,
+    target_pids: Sequence[int],
+    jobs: Callable[[str], list[dict[str, Any]]],
+    batch: int,
+    check: Callable[[list[JobResult]], tuple[int, list[str]]],
+) -> None:
+    """The peer process's passes beside the same work sent as jobs through a bridge process.
+
+    ``jobs(agent_id)`` makes one pass's output records; both sides' CPU is metered together
+    with the targets' (``target_pids``).
+    """
+    peer = await stack.enter_async_context(PeerProcess(peer_command))
+    bridge = await stack.enter_async_context(bridge_process(config, log_path))
+    client = await stack.enter_async_context(
+        EccClient(config.broker, agent=config.bridge.agent, prefix=config.bridge.topic_prefix)
+    )
+    driver = JobDriver(client)
+    meter = TreeMeter(target_pids)
+    agent_id = config.bridge.agent_id
+
+    async def peer_side() -> Side:
+        return await measure_peer(peer, meter)
+
+    async def ours_side() -> Side:
+        return await measure_ours(driver, jobs(agent_id), batch, bridge.pid, check, meter)
+
+    await side_by_side(result, rounds, peer_side, ours_side)
 
 
 def cpu_table(result: Result, target: str) -> Table:
