@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 import orjson
 
 from bridge.config import Config
-from bridge.embedded_broker import BrokerEndpoint, embedded_broker, find_mosquitto
+from bridge.embedded_broker import BrokerEndpoint, embedded_broker, find_mosquitto, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -437,19 +436,6 @@ def config_env(config: Config) -> dict[str, str]:
 
 
 BRIDGE_COMMAND = [sys.executable, "-m", "bridge", "--log-level", "info", "run"]
-
-
-async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
 
 
 @contextlib.asynccontextmanager

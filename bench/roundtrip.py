@@ -52,12 +52,11 @@ from bench.common import (
     median,
     percentile,
     progress,
-    stop_process,
 )
 from bridge.client import EccClient, output_record
 from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig
 from bridge.core import Topics
-from bridge.embedded_broker import BrokerEndpoint
+from bridge.embedded_broker import BrokerEndpoint, stop_process
 
 FLOOD_JOBS = 20_000
 WINDOW = 1_000  # jobs published and not yet answered, at most

@@ -49,10 +49,10 @@ from bench.common import (
     median,
     progress,
     reaped_children_cpu,
-    stop_process,
 )
 from bridge.client import EccClient, output_record
 from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig
+from bridge.embedded_broker import stop_process
 from bridge.sweep_cli import sweep_hosts
 
 FIRST_PORT, LAST_PORT = 20000, 20099

@@ -55,7 +55,6 @@ from bench.common import (
     bridge_process,
     process_cpu,
     progress,
-    stop_process,
 )
 from bridge.client import EccClient, JobResult
 from bridge.config import (
@@ -65,7 +64,7 @@ from bridge.config import (
     LimitsConfig,
     SecurityConfig,
 )
-from bridge.embedded_broker import BrokerEndpoint
+from bridge.embedded_broker import BrokerEndpoint, stop_process
 
 SNMPD = "/usr/sbin/snmpd"
 SSHD = "/usr/sbin/sshd"

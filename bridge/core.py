@@ -29,7 +29,7 @@ import orjson
 from bridge import __version__
 from bridge.config import Config
 from bridge.control import CONTROL_RESOURCE
-from bridge.credentials import LocalCredentials, NoCredentials
+from bridge.credentials import LocalCredentials, NoCredentials, of_types
 from bridge.egress import Egress
 from bridge.errors import BridgeError, BrokerRefused, CredentialError, Refused, UnknownTopic
 from bridge.identity import Identity, SignatureCheck
@@ -75,13 +75,7 @@ class _GatedCredentials:
         if credential_id is not None:
             for cred in sealed:
                 if cred.id == credential_id:
-                    if cred.type not in types:
-                        raise CredentialError(
-                            f"credential {credential_id[:80]!r} is of type {cred.type}, "
-                            f"this probe takes {', '.join(types)}",
-                            field="credential_id",
-                        )
-                    return [cred]
+                    return [of_types(cred, credential_id, types)]
             return await bridge.credentials.resolve(
                 record, credential_id=credential_id, types=types
             )

@@ -78,6 +78,17 @@ def check_credential(raw: Mapping[str, Any], where: str) -> tuple[Credential, in
     return Credential(id=cred_id, type=kind, fields=fields), order
 
 
+def of_types(cred: Credential, credential_id: str, types: tuple[str, ...]) -> Credential:
+    """``cred`` if it is of one of ``types``; else an error naming ``credential_id``."""
+    if cred.type not in types:
+        raise CredentialError(
+            f"credential {credential_id[:80]!r} is of type {cred.type}, "
+            f"this probe takes {', '.join(types)}",
+            field="credential_id",
+        )
+    return cred
+
+
 class LocalCredentials:
     """The credentials file as a ``CredentialResolver``."""
 
@@ -138,13 +149,7 @@ class LocalCredentials:
                 raise CredentialError(
                     f"no credential with id {credential_id[:80]!r}", field="credential_id"
                 )
-            if cred.type not in types:
-                raise CredentialError(
-                    f"credential {credential_id[:80]!r} is of type {cred.type}, "
-                    f"this probe takes {', '.join(types)}",
-                    field="credential_id",
-                )
-            return [cred]
+            return [of_types(cred, credential_id, types)]
         found = [cred for cred in self._ordered if cred.type in types]
         if not found:
             raise CredentialError(

@@ -222,7 +222,7 @@ async def _run_mosquitto(
                 )
             if await _wait_started(proc, host, port, start_timeout):
                 break
-            await _stop_process(proc, 2.0)
+            await stop_process(proc, 2.0)
             proc = None
         if proc is None:
             raise EmbeddedBrokerError(
@@ -232,7 +232,7 @@ async def _run_mosquitto(
         try:
             yield BrokerEndpoint(host, port, "mosquitto", "5")
         finally:
-            await _stop_process(proc, 5.0)
+            await stop_process(proc, 5.0)
 
 
 async def _wait_started(
@@ -250,7 +250,8 @@ async def _wait_started(
     return False
 
 
-async def _stop_process(proc: asyncio.subprocess.Process, grace: float) -> None:
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
     if proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
