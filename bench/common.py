@@ -96,7 +96,7 @@ class Table:
 class Result:
     name: str
     unit: str
-    goal: float  # the ratio ours / peer aimed at
+    goal: float | None  # the ratio ours / peer aimed at; None: a measurement without a goal
     peer: str  # what the peer is, in words
     ours: str
     peer_command: list[str]
@@ -143,7 +143,7 @@ class Result:
             "ours_rate": round(self.ours_rate, 1),
             "ratio": round(self.ratio, 3),
             "goal": self.goal,
-            "goal_met": self.ratio >= self.goal,
+            "goal_met": self.ratio >= self.goal if self.goal is not None else None,
             "median_of_round_ratios": round(median([r.ratio for r in self.rounds]), 3),
             "cpu_ratio": round(cpu_ratio, 3) if cpu_ratio is not None else None,
             "workload": self.workload,
@@ -219,8 +219,11 @@ def render(result: Result) -> str:
         rows,
         left=2,
     )
-    verdict = "met" if result.ratio >= result.goal else "NOT met"
-    summary = f"ratio ours/peer {result.ratio:.2f} (goal ≥ {result.goal:g}: {verdict})"
+    if result.goal is None:
+        summary = f"ratio ours/peer {result.ratio:.2f} (no goal: a measurement to compare with)"
+    else:
+        verdict = "met" if result.ratio >= result.goal else "NOT met"
+        summary = f"ratio ours/peer {result.ratio:.2f} (goal ≥ {result.goal:g}: {verdict})"
     cpu_ratio = result.cpu_ratio
     if cpu_ratio is not None:
         summary += (

@@ -7,11 +7,15 @@ uvloop, no access log), so it shares neither the bridge's nor the driver's event
 - peer: a bare aiohttp loop (``python -m bench.http peer URL ...``, a child process on
   uvloop): one ``ClientSession`` with ``TCPConnector(limit=100)``, :data:`IN_FLIGHT`
   worker tasks each doing ``async with session.get(url) as r: await r.read()`` in turn.
-- ours: :data:`REQUESTS` RESTProbe jobs (``{"url": URL}``) published :data:`BATCH` to an
-  MQTT message, timed from the first publish to the last complete answer. The probe's
-  shared ``ClientSession`` has ``limit`` 100 and ``limit_per_host`` = ``limits.per_host``,
-  which is set to 100 here (the default, 8, would cap one target at 8 connections), and
-  the standard lane has 100 workers: 100 requests in flight, like the peer.
+- ours (``http``): RESTProbe jobs of :data:`URLS_PER_JOB` requests each (``{"urls":
+  [URL, ...]}``), :data:`URLS_BATCH` records a message, timed from the first publish to
+  the last complete answer. The probe's shared ``ClientSession`` has ``limit`` 100 and
+  ``limit_per_host`` = ``limits.per_host``, set to 100 here (the default, 8, would cap
+  one target at 8 connections); its urls jobs have 100 requests in flight at most
+  (``max_in_flight`` = ``limit``), like the peer.
+- ours (``http-1``, no goal): :data:`REQUESTS` RESTProbe jobs of one request each
+  (``{"url": URL}``), :data:`BATCH` records a message; the standard lane's 100 workers
+  give 100 requests in flight: what the ECC pipeline costs per job.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from bridge.config import LimitsConfig
 REQUESTS = 10_000
 IN_FLIGHT = 100
 LIMIT = 100  # connections in the pool, both sides (RESTProbe's default)
-BATCH = 100
+BATCH = 100  # one-request jobs in one MQTT message (http-1)
+URLS_PER_JOB = 100  # requests in one urls job (http)
+URLS_BATCH = 10  # urls jobs in one MQTT message
 LANE_WORKERS = (20, 50, 100)  # the defaults: the standard lane runs 100 jobs at a time
 PER_HOST = 100  # one target here: let it have the whole lane, like the peer's 100 in flight
 
@@ -116,6 +122,32 @@ def http_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
     ]
 
 
+def urls_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
+    """``requests`` GETs of ``url`` as jobs of :data:`URLS_PER_JOB` requests each."""
+    return [
+        output_record("RESTProbe", agent=agent_id, payload={"urls": [url] * URLS_PER_JOB})
+        for _ in range(max(1, requests // URLS_PER_JOB))
+    ]
+
+
+def check_urls(results: list[JobResult]) -> tuple[int, list[str]]:
+    """A request counts when its response entry has status 200 and the body."""
+    ok = 0
+    bad: list[str] = []
+    want = HTTP_BODY.decode()
+    for result in results:
+        if result.error_string:
+            bad.append(result.error_string)
+            continue
+        for record in result.records:
+            for entry in (record.get("payload") or {}).get("responses") or []:
+                if entry.get("status") == 200 and entry.get("body") == want:
+                    ok += 1
+                else:
+                    bad.append(f"unexpected answer: {str(entry)[:200]}")
+    return ok, bad
+
+
 def check_requests(results: list[JobResult]) -> tuple[int, list[str]]:
     ok = 0
     bad: list[str] = []
@@ -135,15 +167,30 @@ def check_requests(results: list[JobResult]) -> tuple[int, list[str]]:
 
 
 async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
+    """http: jobs of 100 URLs each (the goal: ≥ 0.7 of the bare loop)."""
+    return await _run(broker, rounds, many=True)
+
+
+async def run_single(broker: tuple[str, int] | None, rounds: int) -> Result:
+    """http-1: one request a job (no goal: what the pipeline costs per job)."""
+    return await _run(broker, rounds, many=False)
+
+
+async def _run(broker: tuple[str, int] | None, rounds: int, *, many: bool) -> Result:
     agent = f"bench-http-{random_tag()}"
     result = Result(
-        name="http",
+        name="http" if many else "http-1",
         unit="req/s",
-        goal=0.7,
+        goal=0.7 if many else None,
         peer=f"bare aiohttp loop: one ClientSession, limit {LIMIT}, {IN_FLIGHT} in flight "
         "(child process, uvloop)",
-        ours=f"RESTProbe jobs through the bridge (child process), {BATCH} records a message, "
-        f"lane_workers {list(LANE_WORKERS)}, per_host {PER_HOST}",
+        ours=(
+            f"RESTProbe jobs of {URLS_PER_JOB} URLs each through the bridge (child process), "
+            f"{URLS_BATCH} records a message, per_host {PER_HOST}, {LIMIT} requests in flight"
+            if many
+            else f"RESTProbe jobs of one request each through the bridge (child process), "
+            f"{BATCH} records a message, lane_workers {list(LANE_WORKERS)}, per_host {PER_HOST}"
+        ),
         peer_command=[],
         ours_command=BRIDGE_COMMAND,
         workload=f"{REQUESTS:,} GET / of a {len(HTTP_BODY)}-byte body from an aiohttp server "
@@ -169,9 +216,11 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                 config=config,
                 log_path=log_path,
                 target_pids=server.pids,
-                jobs=lambda agent_id: http_jobs(agent_id, server.url, REQUESTS),
-                batch=BATCH,
-                check=check_requests,
+                jobs=lambda agent_id: (urls_jobs if many else http_jobs)(
+                    agent_id, server.url, REQUESTS
+                ),
+                batch=URLS_BATCH if many else BATCH,
+                check=check_urls if many else check_requests,
             )
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
     result.details["bridge_config"] = {
@@ -181,7 +230,8 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
     }
     result.details["requests"] = REQUESTS
     result.details["in_flight_peer"] = IN_FLIGHT
-    result.details["batch"] = BATCH
+    result.details["batch"] = URLS_BATCH if many else BATCH
+    result.details["requests_per_job"] = URLS_PER_JOB if many else 1
     result.details["choices"] = [
         "the server runs in its own process (aiohttp + uvloop, no access log), the same for "
         "both sides",

@@ -10,11 +10,16 @@ processes each listening on :data:`AGENTS` / :data:`PROCESSES` loopback addresse
   starts and kept, :data:`IN_FLIGHT` worker tasks taking the next GET in turn, one request
   at a time per session (a lock per agent), the same timeout and one retry as the probe's
   defaults.
-- ours: :data:`GETS` SNMP jobs (``oid_spec_list: "get 1.3.6.1.2.1.1.1.0
-  1.3.6.1.2.1.1.5.0"``, a ``snmp_community`` credential from the bridge's credentials
-  file) published :data:`BATCH` to an MQTT message, timed from the first publish to the
-  last complete answer. Concurrency is bounded by the bridge's lanes: the standard lane's
-  100 workers (``limits.lane_workers``), ``limits.per_host`` 8 per agent address.
+- ours (``snmp-get``): SNMP jobs that each poll every agent once (``hosts``: the
+  :data:`AGENTS` addresses, ``oid_spec_list: "get 1.3.6.1.2.1.1.1.0 1.3.6.1.2.1.1.5.0"``, a
+  ``snmp_community`` credential from the bridge's credentials file), :data:`GETS` /
+  :data:`AGENTS` jobs, :data:`HOSTS_BATCH` records a message, timed from the first publish
+  to the last complete answer. The bridge queries at most :data:`IN_FLIGHT` agents at once
+  (``probes.settings.SNMP.max_in_flight``), as the peer does.
+- ours (``snmp-get-1``, no goal): the same GETs as :data:`GETS` jobs of one agent each,
+  :data:`BATCH` records a message: what the ECC pipeline costs per job. Concurrency is
+  bounded by the bridge's lanes: the standard lane's 100 workers
+  (``limits.lane_workers``), ``limits.per_host`` 8 per agent address.
 
 The benchmark ``snmp-walk`` (:mod:`bench.snmp_walk`) shares this module's pieces.
 """
@@ -64,7 +69,8 @@ AGENTS = 200
 PROCESSES = 10
 GETS = 20_000
 IN_FLIGHT = 100
-BATCH = 100  # output records in one MQTT message
+BATCH = 100  # output records in one MQTT message (snmp-get-1)
+HOSTS_BATCH = 10  # hosts jobs in one MQTT message (snmp-get)
 TIMEOUT = 2.0  # seconds per try, the SNMP probe's default
 RETRIES = 1  # the SNMP probe's default
 CREDENTIAL_ID = "bench-community"
@@ -179,6 +185,7 @@ def peer_command(endpoints: list[SnmpEndpoint]) -> list[str]:
 
 
 def get_jobs(agent_id: str, endpoints: list[SnmpEndpoint], gets: int) -> list[dict[str, Any]]:
+    """``gets`` jobs of one agent each (snmp-get-1)."""
     return [
         output_record(
             "SNMP",
@@ -195,41 +202,102 @@ def get_jobs(agent_id: str, endpoints: list[SnmpEndpoint], gets: int) -> list[di
     ]
 
 
-def check_gets(results: list[JobResult]) -> tuple[int, list[str]]:
+def hosts_jobs(agent_id: str, endpoints: list[SnmpEndpoint], gets: int) -> list[dict[str, Any]]:
+    """Jobs that each GET from every agent once (snmp-get): ``gets`` GETs in all."""
+    by_port: dict[int, list[str]] = {}
+    for e in endpoints:
+        by_port.setdefault(e.port, []).append(e.address)
+    polls = [
+        {
+            "hosts": addresses,
+            "port": port,
+            "version": "2c",
+            "credential_id": CREDENTIAL_ID,
+            "oid_spec_list": GET_SPEC,
+        }
+        for port, addresses in by_port.items()
+    ]
+    jobs: list[dict[str, Any]] = []
+    for _round in range(max(1, gets // len(endpoints))):
+        jobs.extend(output_record("SNMP", agent=agent_id, payload=poll) for poll in polls)
+    return jobs
+
+
+def _answered(entries: list[dict[str, Any]]) -> bool:
+    names = [
+        vb.get("value")
+        for entry in entries
+        for vb in entry.get("varbinds", [])
+        if vb.get("oid") == SYS_NAME
+    ]
+    return len(entries) == 2 and bool(names) and str(names[0]).startswith("bench-snmpd-")
+
+
+def _count(
+    results: list[JobResult], answers: Callable[[JobResult], list[tuple[str, list[Any]]]]
+) -> tuple[int, list[str]]:
+    """GETs answered right; ``answers(result)`` gives (who, operation entries) per GET."""
     ok = 0
     bad: list[str] = []
     for result in results:
         if result.error_string:
             bad.append(result.error_string)
             continue
-        entries = (result.final.get("payload") or {}).get("results") or []
-        names = [
-            vb.get("value")
-            for entry in entries
-            for vb in entry.get("varbinds", [])
-            if vb.get("oid") == SYS_NAME
-        ]
-        if len(entries) == 2 and names and str(names[0]).startswith("bench-snmpd-"):
-            ok += 1
-        else:
-            bad.append(f"unexpected answer: {orjson.dumps(entries)[:200]!r}")
+        for who, entries in answers(result):
+            if _answered(entries):
+                ok += 1
+            else:
+                bad.append(f"{who}: unexpected answer {orjson.dumps(entries)[:200]!r}")
     return ok, bad
+
+
+def check_gets(results: list[JobResult]) -> tuple[int, list[str]]:
+    """snmp-get-1: one GET a job, its entries in the final record."""
+    return _count(results, lambda r: [("job", (r.final.get("payload") or {}).get("results") or [])])
+
+
+def check_hosts(results: list[JobResult]) -> tuple[int, list[str]]:
+    """snmp-get: an agent's compact entry holds one varbind per OID, in the spec's order."""
+
+    def answers(result: JobResult) -> list[tuple[str, list[Any]]]:
+        return [
+            (str(agent.get("host")), [{"varbinds": [vb]} for vb in agent.get("varbinds") or []])
+            for record in result.records
+            for agent in (record.get("payload") or {}).get("agents") or []
+        ]
+
+    return _count(results, answers)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
 async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
+    """snmp-get: jobs that each poll all the agents (the goal: ≥ 0.7 of the bare loop)."""
+    return await _run(broker, rounds, many=True)
+
+
+async def run_single(broker: tuple[str, int] | None, rounds: int) -> Result:
+    """snmp-get-1: one GET a job (no goal: what the pipeline costs per job)."""
+    return await _run(broker, rounds, many=False)
+
+
+async def _run(broker: tuple[str, int] | None, rounds: int, *, many: bool) -> Result:
     agent = f"bench-snmp-{random_tag()}"
     groups = agent_addresses(AGENTS, PROCESSES)
     result = Result(
-        name="snmp-get",
+        name="snmp-get" if many else "snmp-get-1",
         unit="GETs/s",
-        goal=0.7,
+        goal=0.7 if many else None,
         peer=f"bare gufo-snmp loop, {IN_FLIGHT} in flight, one session kept per agent "
         "(child process, uvloop)",
-        ours=f"SNMP jobs through the bridge (child process), {BATCH} records a message, "
-        f"lane_workers {list(LANE_WORKERS)}, per_host {PER_HOST}",
+        ours=(
+            f"SNMP jobs of {AGENTS} agents each (hosts) through the bridge (child process), "
+            f"{HOSTS_BATCH} records a message, max_in_flight {IN_FLIGHT} agents"
+            if many
+            else f"SNMP jobs of one GET each through the bridge (child process), {BATCH} "
+            f"records a message, lane_workers {list(LANE_WORKERS)}, per_host {PER_HOST}"
+        ),
         peer_command=[],
         ours_command=BRIDGE_COMMAND,
         workload=f"{GETS:,} GETs (sysDescr.0 + sysName.0, v2c) round-robin over {AGENTS} "
@@ -246,7 +314,12 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
             result.broker = broker_facts(endpoint)
             limits = LimitsConfig(drain_timeout=2.0, lane_workers=LANE_WORKERS, per_host=PER_HOST)
             config = bench_config(
-                endpoint, agent, workdir, credentials=credentials_text(), limits=limits
+                endpoint,
+                agent,
+                workdir,
+                credentials=credentials_text(),
+                limits=limits,
+                probe_settings={"SNMP": {"max_in_flight": IN_FLIGHT}},
             )
             command = peer_command(endpoints)
             result.peer_command = [*command[:4], f"<{len(endpoints)} endpoints>", *command[5:]]
@@ -258,21 +331,23 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                 config=config,
                 log_path=log_path,
                 target_pids=targets.pids,
-                jobs=lambda agent_id: get_jobs(agent_id, endpoints, GETS),
-                batch=BATCH,
-                check=check_gets,
+                jobs=lambda agent_id: (hosts_jobs if many else get_jobs)(agent_id, endpoints, GETS),
+                batch=HOSTS_BATCH if many else BATCH,
+                check=check_hosts if many else check_gets,
             )
         result.warnings += [f"bridge log: {line}" for line in log_problems(log_path)]
     result.details["bridge_config"] = {
         "limits": config.limits.model_dump(mode="json"),
         "security.require_validation": False,
         "credentials_file": "one snmp_community credential (chmod 600)",
-        "probes.settings.SNMP": "defaults (timeout 2 s, retries 1, sessions_per_target 2)",
+        "probes.settings.SNMP": f"max_in_flight {IN_FLIGHT}; the rest defaults (timeout 2 s, "
+        "retries 1, sessions_per_target 2, concurrency 100)",
     }
     result.details["gets"] = GETS
     result.details["agents"] = AGENTS
     result.details["in_flight_peer"] = IN_FLIGHT
-    result.details["batch"] = BATCH
+    result.details["batch"] = HOSTS_BATCH if many else BATCH
+    result.details["agents_per_job"] = AGENTS if many else 1
     result.details["choices"] = [
         "every agent has an address of its own (127.0.161.1-200), so per_host applies per "
         "agent as it would on a network; the standard lane's 100 workers bound the bridge "

@@ -62,6 +62,7 @@ from bridge.config import (
     BrokerConfig,
     Config,
     LimitsConfig,
+    ProbesConfig,
     SecurityConfig,
 )
 from bridge.embedded_broker import BrokerEndpoint, stop_process
@@ -656,6 +657,7 @@ def bench_config(
     *,
     credentials: str | None,
     limits: LimitsConfig,
+    probe_settings: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
     """The bridge's config: a credentials file (chmod 600), validation not required."""
     cred_file = (
@@ -670,6 +672,7 @@ def bench_config(
         ),
         bridge=BridgeSection(agent=agent, state_dir=workdir / "state", credentials_file=cred_file),
         limits=limits,
+        probes=ProbesConfig(settings=probe_settings or {}),
         security=SecurityConfig(require_validation=False),
         log_level="info",
     )

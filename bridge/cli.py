@@ -113,6 +113,9 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(config: Config) -> int:
     from bridge.core import Bridge
+    from bridge.runtime import tune_gc
+
+    tune_gc()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

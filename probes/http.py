@@ -15,7 +15,9 @@ header is never echoed, and aiohttp drops it on a redirect to another origin.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno
 import functools
 import hashlib
@@ -25,7 +27,8 @@ import re
 import ssl
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -44,9 +47,11 @@ from bridge.errors import (
     CredentialError,
     ProbeTimeout,
     ProtocolError,
+    Refused,
     TlsError,
     Unreachable,
 )
+from bridge.fanout import fan_out
 from bridge.jobs import (
     Credential,
     Job,
@@ -56,7 +61,7 @@ from bridge.jobs import (
     parse_params,
     parse_settings,
 )
-from bridge.records import OutputRecord
+from bridge.records import OutputRecord, error_payload
 
 TOPIC = "RESTProbe"
 RESOURCE = "http"  # key in ProbeContext.resources
@@ -92,6 +97,9 @@ class RESTSettings(BaseModel):
     keepalive_timeout: float = Field(15.0, gt=0, le=3600)
     user_agent: str = Field("midbridge-RESTProbe/0.1", max_length=256)
     timings: bool = False  # DNS/connect timings through an aiohttp trace (costs ~20 µs/request)
+    concurrency: int = Field(100, ge=1, le=10_000)  # default requests at once in a urls job
+    max_urls: int = Field(10_000, ge=1, le=1_000_000)  # URLs one job may name
+    max_in_flight: int = Field(0, ge=0, le=65_536)  # requests at once, all urls jobs; 0: limit
 
 
 def load_settings(settings: Mapping[str, Any]) -> RESTSettings:
@@ -155,7 +163,8 @@ def check_url(value: str) -> URL:
 
 
 class RESTParams(ProbeParams):
-    url: str
+    url: str | None = None
+    urls: tuple[str, ...] | None = None  # many requests in one job (see ``run_many``)
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     query: tuple[tuple[str, str], ...] = ()
@@ -168,6 +177,27 @@ class RESTParams(ProbeParams):
     max_body: int = Field(1_048_576, ge=0)
     ca_file: str | None = Field(None, min_length=1, max_length=4096)
     verify: bool = True
+    concurrency: int = Field(100, ge=1, le=10_000)  # requests of a ``urls`` job at once
+    chunk_responses: int = Field(100, ge=1, le=100_000)  # responses in one result chunk
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # XML parameters are text: URLs separated by white space
+            value = value.split()
+        if not isinstance(value, list | tuple):
+            return value  # pydantic reports the type
+        if not value:
+            raise _clean("is empty: give at least one URL")
+        for n, one in enumerate(value):
+            if not isinstance(one, str):
+                raise _clean(f"entry {n}: is not text")
+        try:
+            return _checked_urls(tuple(value))
+        except ValueError as exc:
+            raise _clean(str(exc)) from None
 
     @field_validator("url", mode="before")
     @classmethod
@@ -225,14 +255,32 @@ class RESTParams(ProbeParams):
 
     @property
     def host(self) -> str | None:
-        return URL(self.url).host
+        return URL(self.url).host if self.url is not None else None
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_urls(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each URL checked (cached: a poller sends the same list again and again)."""
+    checked: list[str] = []
+    for n, value in enumerate(values):
+        value = value.strip()
+        try:
+            check_url(value)
+        except ValueError as exc:
+            raise ValueError(f"entry {n}: {exc}") from None
+        checked.append(value)
+    return tuple(checked)
 
 
 def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> RESTParams:
     """Parameters from the payload; ``url`` defaults to the record's ``source`` if it is a URL."""
     cfg = load_settings(settings)
     data = {k: v for k, v in record.payload.items() if v is not None}
-    if "url" not in data:
+    if "urls" in data:
+        if "url" in data:
+            raise BadParameter("give either url or urls, not both", field="urls")
+        data.setdefault("concurrency", cfg.concurrency)
+    elif "url" not in data:
         source = record.source.strip()
         if "://" not in source:
             raise BadParameter(
@@ -248,6 +296,12 @@ def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> RESTParam
     params = parse_params(RESTParams, data)
     if params.body is not None and params.json_body is not None:
         raise BadParameter("give either body or json, not both", field="body")
+    if params.urls is not None and len(params.urls) > cfg.max_urls:
+        raise Refused(
+            f"{len(params.urls)} URLs is over the limit of {cfg.max_urls}"
+            f" (probes.settings.{TOPIC}.max_urls)",
+            field="urls",
+        )
     if params.max_body > cfg.max_body_limit:
         raise BadParameter(
             f"at most {cfg.max_body_limit} bytes (probes.settings.{TOPIC}.max_body_limit)",
@@ -319,9 +373,12 @@ class HttpClient:
     """The bridge's one HTTP session, SSL contexts per CA bundle, and parsed peer certificates."""
 
     def __init__(self, settings: RESTSettings, *, per_host: int) -> None:
+        host_cap = settings.limit_per_host or per_host
         connector = aiohttp.TCPConnector(
             limit=settings.limit,
-            limit_per_host=settings.limit_per_host or per_host,
+            # A per-host cap as large as the pool caps nothing; aiohttp's per-host
+            # bookkeeping then costs a few µs a request for nothing.
+            limit_per_host=0 if host_cap >= settings.limit else host_cap,
             keepalive_timeout=settings.keepalive_timeout,
         )
         self.timings = settings.timings
@@ -335,6 +392,9 @@ class HttpClient:
         )
         self._ssl: dict[tuple[str, int, int], ssl.SSLContext] = {}
         self._certs: dict[bytes, dict[str, Any]] = {}
+        # Requests of urls jobs at once, all jobs together: the pool's size by default, so
+        # requests wait here (cheaply) rather than in the connector.
+        self.budget = asyncio.Semaphore(settings.max_in_flight or settings.limit)
 
     @property
     def closed(self) -> bool:
@@ -567,11 +627,26 @@ def _translate(exc: BaseException, params: RESTParams) -> BridgeError:
 
 
 def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
+    return int(seconds * 1_000_000.0) / 1000.0  # ms with µs precision (round() costs more)
 
 
-async def request(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -> dict[str, Any]:
-    """Run one request and describe its answer (the probe's single result chunk)."""
+_VERSIONS = {aiohttp.HttpVersion10: "1.0", aiohttp.HttpVersion11: "1.1"}
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What every request of a job shares: resolved once per job, not per URL."""
+
+    client: HttpClient
+    headers: dict[str, str] | None  # None: only the session's (User-Agent)
+    data: bytes | None
+    ssl: ssl.SSLContext | bool
+    credential: Credential | None
+    timeout: aiohttp.ClientTimeout
+
+
+async def prepare(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -> Prepared:
+    """The shared client, headers (with the credential's Authorization), body and TLS."""
     client = shared_client(ctx)
     headers = dict(params.headers)
     credential: Credential | None = None
@@ -592,25 +667,43 @@ async def request(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -
         data = params.body.encode("utf-8")
         if not any(k.lower() == "content-type" for k in headers):
             headers["Content-Type"] = "text/plain; charset=utf-8"
-    ssl_arg = client.ssl_for(verify=params.verify, ca_file=params.ca_file)
-    timing = _Timing()
+    return Prepared(
+        client=client,
+        headers=headers or None,
+        data=data,
+        ssl=client.ssl_for(verify=params.verify, ca_file=params.ca_file),
+        credential=credential,
+        timeout=_timeout(params.timeout),
+    )
+
+
+async def fetch(
+    prep: Prepared, params: RESTParams, url: str, *, index: int | None = None
+) -> dict[str, Any]:
+    """One request to ``url`` and the description of its answer.
+
+    With ``index`` (a urls job), the compact entry: ``index`` first, no ``method``, and no
+    ``final_url`` or ``redirects`` unless there were redirects.
+    """
+    client = prep.client
+    timing = _Timing() if client.timings else None
     started = time.perf_counter()
     try:
         async with client.session.request(
             params.method,
-            params.url,
-            headers=headers,
+            url,
+            headers=prep.headers,
             params=params.query or None,
-            data=data,
+            data=prep.data,
             allow_redirects=params.follow_redirects,
             max_redirects=params.max_redirects,
-            timeout=_timeout(params.timeout),
-            ssl=ssl_arg,
+            timeout=prep.timeout,
+            ssl=prep.ssl,
             trace_request_ctx=timing,
         ) as resp:
             first_byte = time.perf_counter()
             tls = (
-                _tls_facts(resp, client, verified=ssl_arg is not False)
+                _tls_facts(resp, client, verified=prep.ssl is not False)
                 if resp.url.scheme == "https"
                 else None
             )
@@ -622,14 +715,14 @@ async def request(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
         raise _translate(exc, params) from None
     finished = time.perf_counter()
-    result = describe(resp, params, body, truncated)
-    if credential is not None:
+    result = describe(resp, url, params.method, body, truncated, index=index)
+    if prep.credential is not None:
         # A session cookie won with our credential is as good as the credential.
         result["headers"] = [
             [k, _redact_cookie(v) if k.lower() == "set-cookie" else v] for k, v in result["headers"]
         ]
     timings: dict[str, Any] = {"ttfb": _ms(first_byte - started), "total": _ms(finished - started)}
-    if client.timings:
+    if timing is not None:
         timings["dns"] = _ms(timing.dns)
         timings["connect"] = _ms(timing.connect)  # TCP and TLS handshakes, every hop
         timings["new_connections"] = timing.connections
@@ -637,33 +730,58 @@ async def request(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -
     result["timings_ms"] = timings
     if tls is not None:
         result["tls"] = tls
-    result["request"] = {
+    return result
+
+
+def request_info(params: RESTParams, prep: Prepared) -> dict[str, Any]:
+    """The request as the result shows it: headers (redacted) and the credential's id."""
+    credential = prep.credential
+    return {
         "headers": _redacted(params.headers),
         "credential_id": credential.id if credential is not None else None,
         "credential_type": credential.type if credential is not None else None,
     }
+
+
+async def request(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -> dict[str, Any]:
+    """Run one request and describe its answer (the probe's single result chunk)."""
+    assert params.url is not None  # build_params: url or urls
+    prep = await prepare(params, ctx, record)
+    result = await fetch(prep, params, params.url)
+    result["request"] = request_info(params, prep)
     return result
 
 
 def describe(
-    resp: aiohttp.ClientResponse, params: RESTParams, body: bytes, truncated: bool
+    resp: aiohttp.ClientResponse,
+    url: str,
+    method: str,
+    body: bytes,
+    truncated: bool,
+    *,
+    index: int | None = None,
 ) -> dict[str, Any]:
-    """Status, headers and body of a finished response, ready for JSON."""
+    """Status, headers and body of a finished response, ready for JSON (see :func:`fetch`)."""
     content_type = resp.content_type
-    result: dict[str, Any] = {
-        "url": params.url,
-        "method": params.method,
-        "status": resp.status,
-        "reason": resp.reason or "",
-        "http_version": f"{resp.version.major}.{resp.version.minor}" if resp.version else "",
-        "final_url": str(resp.url),
-        "redirects": [
+    history = resp.history
+    result: dict[str, Any] = (
+        {"url": url, "method": method} if index is None else {"index": index, "url": url}
+    )
+    result["status"] = resp.status
+    result["reason"] = resp.reason or ""
+    version = resp.version
+    if version is None:
+        result["http_version"] = ""
+    else:
+        result["http_version"] = _VERSIONS.get(version) or f"{version.major}.{version.minor}"
+    if index is None or history:
+        result["final_url"] = str(resp.url)
+        result["redirects"] = [
             {"status": hop.status, "url": str(hop.url), "location": hop.headers.get("Location")}
-            for hop in resp.history
-        ],
-        "headers": [[k, v] for k, v in resp.headers.items()],
-        "content_type": content_type,
-    }
+            for hop in history
+        ]
+    result["headers"] = list(resp.headers.items())  # (name, value) pairs: JSON arrays
+    result["content_type"] = content_type
     text = _decode(body, resp.charset, truncated)
     if text is None:
         result["body"] = base64.b64encode(body).decode("ascii")
@@ -682,13 +800,79 @@ def describe(
 
 
 async def run(job: Job[RESTParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
+    if job.params.urls is not None:
+        async with contextlib.aclosing(run_many(job, ctx)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        return
     yield await request(job.params, ctx, job.record)
+
+
+async def run_many(job: Job[RESTParams], ctx: ProbeContext) -> AsyncGenerator[dict[str, Any], None]:
+    """A ``urls`` job: the same request to every URL, ``concurrency`` at a time.
+
+    Chunks of ``responses`` in the order they finish, each the one-request result with
+    ``index``, the URL's place in ``urls``, and without ``method`` and ``request`` (those
+    are the job's, in every chunk) or, when nothing redirected, ``final_url`` and
+    ``redirects``; a request that fails gives ``{"index", "url", "error"}`` and does not
+    fail the job. The last chunk carries ``summary``.
+    """
+    params = job.params
+    urls = params.urls
+    assert urls is not None
+    prep = await prepare(params, ctx, job.record)
+
+    async def step(item: tuple[int, str]) -> dict[str, Any]:
+        index, url = item
+        try:
+            return await fetch(prep, params, url, index=index)
+        except BridgeError as exc:
+            return {"index": index, "url": url, **error_payload(exc)}
+
+    header = {"method": params.method, "request": request_info(params, prep)}
+    answered = failed = 0
+    statuses: dict[str, int] = {}
+    held: list[dict[str, Any]] | None = None
+    batches = fan_out(
+        list(enumerate(urls)),
+        step,
+        limit=params.concurrency,
+        budget=prep.client.budget,
+        chunk=params.chunk_responses,
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for entry in batch:
+                status = entry.get("status")
+                if status is None:
+                    failed += 1
+                else:
+                    answered += 1
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if held is not None:  # the last chunk carries responses as well as the totals
+                yield {**header, "responses": held}
+            held = batch
+    yield {
+        **header,
+        "responses": held or [],
+        "summary": {
+            "requests": len(urls),
+            "answered": answered,
+            "failed": failed,
+            "statuses": statuses,
+        },
+    }
 
 
 def _target_host(params: RESTParams) -> str | None:
     host = params.host
     if host is None:
-        return None
+        return None  # a urls job: the session's limit_per_host limits each host
+    return _host_key(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_key(host: str) -> str:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:

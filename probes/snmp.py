@@ -10,13 +10,14 @@ What gufo-snmp does and does not do, and how this module makes up for it:
   made. :class:`SnmpPool` (``ctx.resources["snmp"]``) keeps a few sessions per (address,
   port, version, credential), each leased to one job at a time.
 * No retries and one timeout per session: every request here goes through
-  :meth:`SnmpClient._retry` (``timeout`` per try, ``retries`` more tries).
+  :meth:`SnmpClient._request` (``timeout`` per try, ``retries`` more tries), which
+  also drives the library's socket with one timer per request instead of its ``wait_for``.
 * Its walk iterators are bounded to the subtree they started from, and a GETBULK whose
   answer is too large ends the walk *silently* (v3 at max-repetitions 50 after ~200
   varbinds; v2c raises past its 4 KB receive buffer). :meth:`SnmpClient.walk` drives the
   library's request context itself: when a GETBULK fails that way it steps on with plain
   GETNEXTs on the same context, then goes back to GETBULK, so a walk returns what
-  ``snmpbulkwalk`` returns. This uses private parts of gufo-snmp (``SnmpSession._send``,
+  ``snmpbulkwalk`` returns. This uses private parts of gufo-snmp (``SnmpSession._send``, ``_fd``,
   ``_recv``, ``_sock`` and ``gufo.snmp._fast.GetIter``): :func:`check_library` fails
   loudly at import if a release drops the methods, and ``tests/test_snmp.py`` checks the
   walks against net-snmp.
@@ -39,15 +40,26 @@ one of these communities?
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
+import os
 import re
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from types import SimpleNamespace
+from typing import Any, Literal, Protocol, TypeVar
 
 import gufo.snmp as gufo_snmp
 from gufo.snmp import (
@@ -83,6 +95,7 @@ from bridge.errors import (
     ProtocolError,
     Refused,
 )
+from bridge.fanout import fan_out
 from bridge.jobs import (
     Credential,
     Job,
@@ -92,7 +105,7 @@ from bridge.jobs import (
     parse_params,
     parse_settings,
 )
-from bridge.records import OutputRecord
+from bridge.records import OutputRecord, error_payload
 from probes import snmp_values as sv
 
 TOPIC = "SNMP"
@@ -111,6 +124,7 @@ _GET_BATCH = 16  # OIDs in one GET request (keeps answers well under any size li
 _SESSION_TIMEOUT = 3600.0  # gufo's own timeout: never reached, ours is applied per request
 _V3_REFRESH_AFTER = 100.0  # s idle before a pooled v3 session re-syncs engine time (window 150 s)
 _SWEEP_EVERY = 30.0  # s between sweeps of idle sessions
+_DEADLINE_STEP = 0.02  # s: request deadlines are rounded up to this (see _Deadlines)
 
 Version = Literal["1", "2c", "3"]
 Op = Literal["get", "getnext", "walk", "table"]
@@ -270,7 +284,8 @@ def normalize_version(value: Any) -> Version | None:
 class SnmpParams(ProbeParams):
     """A job. ``oid_spec_list`` holds the canonical lines (numeric OIDs, column numbers)."""
 
-    host: str = Field(min_length=1, max_length=253)
+    host: str | None = Field(None, min_length=1, max_length=253)
+    hosts: tuple[str, ...] | None = None  # many agents in one job (see ``run_many``)
     port: int = Field(161, ge=1, le=65535)
     version: Version | None = None  # None: from the credential (community → 2c, snmpv3 → 3)
     credential_id: str | None = Field(None, min_length=1, max_length=200)
@@ -280,6 +295,8 @@ class SnmpParams(ProbeParams):
     retries: int = Field(1, ge=0, le=10)  # more tries after a timeout
     max_varbinds: int = Field(10_000, ge=1)
     chunk_varbinds: int = Field(1000, ge=1, le=100_000)  # varbinds in one result chunk
+    concurrency: int = Field(100, ge=1, le=10_000)  # agents of a ``hosts`` job at once
+    chunk_agents: int = Field(100, ge=1, le=100_000)  # agents in one result chunk
 
     @field_validator("version", mode="before")
     @classmethod
@@ -293,12 +310,28 @@ class SnmpParams(ProbeParams):
     @classmethod
     def _host(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("[") and value.endswith("]"):
-                value = value[1:-1]
-            if value and not _is_ip(value) and not _HOST_RE.match(value):
-                raise _clean_error(ValueError(f"{value[:80]!r} is not an IP address or host name"))
+            try:
+                return _check_host(value)
+            except ValueError as exc:
+                raise _clean_error(exc) from None
         return value
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # XML parameters are text: one list, spaces or commas
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list | tuple):
+            return value  # pydantic reports the type
+        for n, one in enumerate(value):
+            if not isinstance(one, str):
+                raise _clean_error(ValueError(f"entry {n}: is not text"))
+        try:
+            return _check_hosts(tuple(value))
+        except ValueError as exc:
+            raise _clean_error(exc) from None
 
     @field_validator("oid_spec_list", mode="before")
     @classmethod
@@ -315,6 +348,31 @@ class SnmpParams(ProbeParams):
 @functools.lru_cache(maxsize=1024)
 def _canonical_specs(lines: tuple[str, ...]) -> tuple[OidSpec, ...]:
     return parse_spec_list(list(lines))
+
+
+def _check_host(value: str) -> str:
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    if value and not _is_ip(value) and not _HOST_RE.match(value):
+        raise ValueError(f"{value[:80]!r} is not an IP address or host name")
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _check_hosts(values: tuple[str, ...]) -> tuple[str, ...]:
+    """A host list, each checked (cached: a poller sends the same list again and again)."""
+    if not values:
+        raise ValueError("is empty: name at least one agent")
+    checked: list[str] = []
+    for n, value in enumerate(values):
+        if not value.strip():
+            raise ValueError(f"entry {n} is empty")
+        try:
+            checked.append(_check_host(value))
+        except ValueError as exc:
+            raise ValueError(f"entry {n}: {exc}") from None
+    return tuple(checked)
 
 
 _HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?$")
@@ -346,6 +404,9 @@ class SnmpSettings(BaseModel):
     sessions_per_target: int = Field(2, ge=1, le=64)  # concurrent leases per agent+credential
     max_sessions: int = Field(1024, ge=1, le=65_536)  # idle sessions kept across agents
     idle_seconds: float = Field(300.0, gt=0)  # an idle session older than this is dropped
+    concurrency: int = Field(100, ge=1, le=10_000)  # default agents at once in a hosts job
+    max_hosts: int = Field(10_000, ge=1, le=1_000_000)  # agents one job may name
+    max_in_flight: int = Field(256, ge=1, le=65_536)  # agents queried at once, all hosts jobs
 
 
 def settings_of(raw: Mapping[str, Any]) -> SnmpSettings:
@@ -376,13 +437,23 @@ def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> SnmpParam
     """Parameters from the payload; ``host`` defaults to the record's ``source``."""
     cfg = settings_of(settings)
     data = {k: v for k, v in record.payload.items() if v is not None}
-    if "host" not in data:
+    if "hosts" in data:
+        if "host" in data:
+            raise BadParameter("give either host or hosts, not both", field="hosts")
+    elif "host" not in data:
         if not record.source.strip():
             raise BadParameter("no host: give payload 'host' or the record's source", field="host")
         data["host"] = record.source
     for key in ("timeout", "retries", "max_repetitions", "max_varbinds", "chunk_varbinds"):
         data.setdefault(key, getattr(cfg, key))
+    data.setdefault("concurrency", cfg.concurrency)
     params = parse_params(SnmpParams, data)
+    if params.hosts is not None and len(params.hosts) > cfg.max_hosts:
+        raise Refused(
+            f"{len(params.hosts)} hosts is over the limit of {cfg.max_hosts}"
+            f" (probes.settings.{TOPIC}.max_hosts)",
+            field="hosts",
+        )
     if params.max_varbinds > cfg.max_varbinds:
         raise Refused(
             f"max_varbinds {params.max_varbinds} is over the limit of {cfg.max_varbinds}"
@@ -469,9 +540,20 @@ def _fingerprint(cred: Credential) -> str:
     """Tells credentials apart in the pool without keeping their secrets in its keys.
 
     The id, and a hash of the fields: a credential file reloaded with a new key for the
-    same id gets new sessions.
+    same id gets new sessions. Kept per credential object (a job's credentials serve all
+    its agents).
     """
-    return f"{cred.id}:{hash(tuple(sorted(cred.fields.items()))) & 0xFFFFFFFFFFFF:x}"
+    known = _FINGERPRINTS.get(id(cred))
+    if known is not None and known[0] is cred:
+        return known[1]
+    text = f"{cred.id}:{hash(tuple(sorted(cred.fields.items()))) & 0xFFFFFFFFFFFF:x}"
+    if len(_FINGERPRINTS) >= 1024:
+        _FINGERPRINTS.clear()
+    _FINGERPRINTS[id(cred)] = (cred, text)  # holding cred keeps its id from being reused
+    return text
+
+
+_FINGERPRINTS: dict[int, tuple[Credential, str]] = {}
 
 
 def version_for(cred: Credential, wanted: Version | None) -> Version:
@@ -496,11 +578,185 @@ class Policy:
         return self.retries + 1
 
 
+class Waker(Protocol):
+    """What a pooled socket's reader and the deadline buckets call: a waiting request."""
+
+    def wake(self) -> None: ...
+
+    def expire(self) -> None: ...
+
+
+class _Wait:
+    """The future one request waits on: the reader sets it ``True``, the timer ``False``."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self.future = future
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(True)
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_result(False)
+
+    def forget(self) -> None:
+        """The request is over: a deadline bucket still holding this needs no future."""
+        self.future = _SETTLED
+
+
+_SETTLED: Any = SimpleNamespace(done=lambda: True)  # stands for a future already set
+
+
+class _Deadlines:
+    """Request timeouts, gathered in buckets of :data:`_DEADLINE_STEP` seconds.
+
+    One timer per bucket instead of one per request (a uvloop timer made and cancelled
+    for every GET costs a few µs): a request's deadline is rounded up to its bucket's end,
+    so it expires up to a step late, never early. An answered request stays in its bucket
+    (forgotten, without its future) until the bucket fires.
+    """
+
+    __slots__ = ("buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, list[Waker]] = {}
+
+    def add(self, wait: Waker, timeout: float) -> None:
+        slot = int((self.loop.time() + timeout) / _DEADLINE_STEP) + 1
+        bucket = self.buckets.get(slot)
+        if bucket is None:
+            bucket = self.buckets[slot] = []
+            self.loop.call_at(slot * _DEADLINE_STEP, self._fire, slot)
+        bucket.append(wait)
+
+    def _fire(self, slot: int) -> None:
+        for wait in self.buckets.pop(slot, ()):
+            wait.expire()
+
+
+class _Gate:
+    """A semaphore that hands a freed slot straight to the next waiter.
+
+    ``asyncio.Semaphore`` costs about 2 µs to take and give back even when free (3.11
+    checks every waiter in ``locked()``); a pooled session is leased once per GET.
+    """
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, slots: int) -> None:
+        self.free = slots
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+class _Reader:
+    """A pooled session's socket, registered with the event loop once for its life.
+
+    Registering a socket per request (what the library does: ``add_reader`` and
+    ``remove_reader`` around each answer) costs uvloop a poll handle and two
+    ``epoll_ctl`` calls a request, about a quarter of a GET. A pooled session keeps one
+    registration: while a request waits, readable wakes its future; with none waiting,
+    the datagram is a late answer to a request given up on and is read and dropped (a
+    level-triggered poll would call again and again otherwise).
+    """
+
+    __slots__ = ("deadlines", "fd", "loop", "waiter")
+
+    def __init__(self, fd: int, deadlines: _Deadlines) -> None:
+        self.fd = fd
+        self.deadlines = deadlines
+        self.loop = deadlines.loop
+        self.waiter: Waker | None = None
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            waiter.wake()
+            return
+        with contextlib.suppress(OSError):  # nothing left, or an ICMP error for a request
+            os.read(self.fd, 65_536)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+
+
+def silence(policy: Policy, version: Version) -> ProbeTimeout:
+    """The error for an agent that never answered."""
+    tries = f"{policy.tries} {'try' if policy.tries == 1 else 'tries'}"
+    message = f"no answer from the agent ({tries} of {policy.timeout:g} s)"
+    if version != "3":
+        message += "; a wrong community gets no answer either"
+    return ProbeTimeout(message)
+
+
+def _refused() -> ConnectionRefused:
+    return ConnectionRefused(
+        "nothing listens on this UDP port (the host answered port unreachable)"
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """A library or socket failure as the bridge's error; anything else as it is."""
+    if isinstance(exc, BridgeError | asyncio.CancelledError):
+        return exc
+    if isinstance(exc, SnmpAuthError):
+        return AuthFailed("the agent refused the SNMPv3 user or its authentication key/protocol")
+    if isinstance(exc, SnmpError):  # what gufo-snmp does not name more precisely
+        return ProtocolError(f"SNMP error from the library: {str(exc)[:200]}")
+    if isinstance(exc, ConnectionRefusedError):
+        return _refused()
+    if isinstance(exc, OSError):
+        return BridgeError(f"network error: {exc.strerror or exc}")
+    return exc
+
+
 class SnmpClient:
     """One leased gufo session plus the retry policy of the job that holds it."""
 
-    def __init__(self, session: SnmpSession, *, version: Version, has_priv: bool, policy: Policy):
+    def __init__(
+        self,
+        session: SnmpSession,
+        *,
+        version: Version,
+        has_priv: bool,
+        policy: Policy,
+        reader: _Reader | None = None,
+    ):
         self.session = session
+        self.reader = reader  # the session's lasting registration, if pooled
         self.version = version
         self.has_priv = has_priv
         self.policy = policy
@@ -508,7 +764,7 @@ class SnmpClient:
         self.resumed = 0  # GETBULK answers the library refused; the walk went on by GETNEXT
 
     async def _retry(self, make: Callable[[], Awaitable[T]]) -> T:
-        """``make()`` with our timeout, ``retries`` more times on silence."""
+        """``make()`` with our timeout, ``retries`` more times on silence (v3 refresh only)."""
         for _ in range(self.policy.tries):
             self.requests += 1
             deadline = asyncio.timeout(self.policy.timeout)
@@ -518,42 +774,68 @@ class SnmpClient:
             except TimeoutError:
                 if deadline.expired():
                     continue
-                # Not our deadline: gufo-snmp reports a refused port (ICMP port
-                # unreachable) as an immediate TimeoutError.
-                raise ConnectionRefused(
-                    "nothing listens on this UDP port (the host answered port unreachable)"
-                ) from None
-            except SnmpAuthError:
-                raise AuthFailed(
-                    "the agent refused the SNMPv3 user or its authentication key/protocol"
-                ) from None
-            except SnmpError as exc:  # what gufo-snmp does not name more precisely
-                raise ProtocolError(f"SNMP error from the library: {str(exc)[:200]}") from None
-            except ConnectionRefusedError:
-                raise ConnectionRefused(
-                    "nothing listens on this UDP port (the host answered port unreachable)"
-                ) from None
-            except OSError as exc:
-                raise BridgeError(f"network error: {exc.strerror or exc}") from None
+                raise _refused() from None
+            except BaseException as exc:
+                raise _translate(exc) from None
+        raise self._silence()
+
+    async def _request(self, send: Callable[[], None], recv: Callable[[], T]) -> T | object:
+        """One request on the session's socket, ``retries`` more times on silence.
+
+        The library's own path (``_send`` then ``_recv``, which runs ``wait_for``) under an
+        ``asyncio.timeout`` costs two timers and three futures a request; this is one
+        reader, one timer and one future. A datagram the library drops (an old request id)
+        reads as ``BlockingIOError``: wait on. ``_END`` / ``_DECODE`` instead of the
+        library's ``StopAsyncIteration`` / ``SnmpDecodeError``.
+        """
+        session = self.session
+        reader = self.reader
+        loop = reader.loop if reader is not None else asyncio.get_running_loop()
+        fd = session._fd
+        timeout = self.policy.timeout
+        for _ in range(self.policy.tries):
+            self.requests += 1
+            try:
+                try:
+                    send()
+                except BlockingIOError:  # the send buffer is full: the library waits
+                    await session._send(send)
+            except BaseException as exc:
+                raise _translate(exc) from None
+            wait = _Wait(loop.create_future())
+            timer: asyncio.TimerHandle | None = None
+            if reader is None:
+                loop.add_reader(fd, wait.wake)
+                timer = loop.call_later(timeout, wait.expire)
+            else:
+                reader.waiter = wait
+                reader.deadlines.add(wait, timeout)
+            try:
+                while await wait.future:
+                    try:
+                        return recv()
+                    except BlockingIOError:
+                        wait.future = loop.create_future()
+                    except StopAsyncIteration:
+                        return _END
+                    except SnmpDecodeError:
+                        return _DECODE
+                    except TimeoutError:
+                        # gufo-snmp reports a refused port (ICMP port unreachable) so.
+                        raise _refused() from None
+                    except BaseException as exc:
+                        raise _translate(exc) from None
+            finally:
+                if timer is not None:
+                    loop.remove_reader(fd)
+                    timer.cancel()
+                else:
+                    reader.waiter = None  # type: ignore[union-attr]
+                    wait.forget()
         raise self._silence()
 
     def _silence(self) -> ProbeTimeout:
-        """The error for an agent that never answered."""
-        tries = f"{self.policy.tries} {'try' if self.policy.tries == 1 else 'tries'}"
-        message = f"no answer from the agent ({tries} of {self.policy.timeout:g} s)"
-        if self.version != "3":
-            message += "; a wrong community gets no answer either"
-        return ProbeTimeout(message)
-
-    async def _exchange(self, send: Callable[[], None], recv: Callable[[], T]) -> T | object:
-        """One request on the library's socket: ``_END`` / ``_DECODE`` instead of raising."""
-        try:
-            await self.session._send(send)
-            return await self.session._recv(recv)
-        except StopAsyncIteration:
-            return _END
-        except SnmpDecodeError:
-            return _DECODE
+        return silence(self.policy, self.version)
 
     async def refresh(self) -> None:
         """SNMPv3 engine discovery (new session) and time sync, with our timeout and retries."""
@@ -595,24 +877,27 @@ class SnmpClient:
         return found
 
     async def _get_many(self, oids: list[str]) -> dict[str, Any]:
-        async def ask() -> dict[str, Any]:
-            try:
-                return await self.session.get_many(oids)
-            except SnmpDecodeError:
-                raise ProtocolError("the agent's answer did not decode") from None
-
-        return await self._retry(ask)
+        sock = self.session._sock
+        got = await self._request(lambda: sock.send_get_many(oids), sock.recv_get_many)
+        if got is _DECODE or got is _END:
+            raise ProtocolError("the agent's answer did not decode")
+        return got  # type: ignore[return-value]
 
     async def _get_one(self, oid: str) -> Any:
-        async def ask() -> Any:
+        sock = self.session._sock
+
+        def recv() -> Any:
             try:
-                return await self.session.get(oid)
-            except SnmpDecodeError:
-                raise ProtocolError("the agent's answer did not decode") from None
+                return sock.recv_get()
+            except (SnmpAuthError, SnmpDecodeError):
+                raise
             except SnmpError:  # NoSuchInstance and the v1 error statuses
                 return None
 
-        return await self._retry(ask)
+        got = await self._request(lambda: sock.send_get(oid), recv)
+        if got is _DECODE or got is _END:
+            raise ProtocolError("the agent's answer did not decode")
+        return got
 
     async def walk(self, root: str, max_repetitions: int) -> AsyncGenerator[tuple[str, Any], None]:
         """Every ``(oid, value)`` under ``root``, in order, by GETBULK (GETNEXT for v1)."""
@@ -635,7 +920,7 @@ class SnmpClient:
 
         while True:
             if bulk and stepping == 0:
-                got: Any = await self._retry(lambda: self._exchange(send_bulk, recv_bulk))
+                got: Any = await self._request(send_bulk, recv_bulk)
                 if got is _END or got is _DECODE:
                     # Too big for the library (or the end of the MIB view): go on one by one.
                     self.resumed += 1
@@ -648,7 +933,7 @@ class SnmpClient:
                         return
                     yield item
             else:
-                got = await self._retry(lambda: self._exchange(send_next, recv_next))
+                got = await self._request(send_next, recv_next)
                 if got is _END:
                     return
                 if got is _DECODE:
@@ -668,7 +953,7 @@ class SnmpClient:
         def recv() -> tuple[str, Any]:
             return sock.recv_get_next(ctx)
 
-        got: Any = await self._retry(lambda: self._exchange(send, recv))
+        got: Any = await self._request(send, recv)
         if got is _END:
             return None
         if got is _DECODE:
@@ -730,12 +1015,45 @@ class Target:
 class _Pooled:
     session: SnmpSession
     has_priv: bool
+    reader: _Reader | None = None  # registered once discovery is done
     last_used: float = field(default_factory=time.monotonic)
+    client: SnmpClient | None = None  # made on the first lease, reset on each
+
+    def lease_client(self, version: Version, policy: Policy) -> SnmpClient:
+        client = self.client
+        if client is None:
+            client = self.client = SnmpClient(
+                self.session,
+                version=version,
+                has_priv=self.has_priv,
+                policy=policy,
+                reader=self.reader,
+            )
+            return client
+        client.policy = policy
+        client.reader = self.reader
+        client.requests = 0
+        client.resumed = 0
+        return client
+
+    def listen(self, deadlines: _Deadlines) -> None:
+        if self.reader is None:
+            self.reader = _Reader(self.session._fd, deadlines)
+
+    def fresh(self) -> bool:
+        """For v3: still within the agent's engine time window (no re-sync needed)."""
+        return time.monotonic() - self.last_used < _V3_REFRESH_AFTER
+
+    def drop(self) -> None:
+        """Unregister the socket: the session is about to be forgotten (and closed)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
 
 @dataclass(slots=True)
 class _Group:
-    sem: asyncio.Semaphore
+    gate: _Gate
     idle: list[_Pooled] = field(default_factory=list)
     leased: int = 0
 
@@ -781,29 +1099,15 @@ class _Lease:
         self.cred = cred
         self.policy = policy
         self.pooled: _Pooled | None = None
-        group.leased += 1  # from now on: the group is in use, the sweep keeps it
 
     async def __aenter__(self) -> SnmpClient:
-        try:
-            await self.group.sem.acquire()
-        except BaseException:
-            self.group.leased -= 1
-            raise
-        try:
-            self.pooled = await self.pool._take(self.group, self.target, self.cred, self.policy)
-        except BaseException:
-            self.pool._give_back(self.group, None, keep=False)
-            raise
-        return SnmpClient(
-            self.pooled.session,
-            version=self.target.version,
-            has_priv=self.pooled.has_priv,
-            policy=self.policy,
+        self.pooled = pooled = await self.pool.enter(
+            self.group, self.target, self.cred, self.policy
         )
+        return pooled.lease_client(self.target.version, self.policy)
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        keep = exc is None or _sound(exc)
-        self.pool._give_back(self.group, self.pooled, keep)
+        self.pool.leave(self.group, self.pooled, exc is None or _sound(exc))
 
 
 class SnmpPool:
@@ -820,17 +1124,24 @@ class SnmpPool:
     """
 
     def __init__(
-        self, *, per_target: int = 2, max_sessions: int = 1024, idle_seconds: float = 300.0
+        self,
+        *,
+        per_target: int = 2,
+        max_sessions: int = 1024,
+        idle_seconds: float = 300.0,
+        max_in_flight: int = 256,
     ) -> None:
         self.per_target = per_target
         self.max_sessions = max_sessions
         self.idle_seconds = idle_seconds
-        self._groups: dict[tuple[Target, str], _Group] = {}
+        self._groups: dict[tuple[str, int, str, str], _Group] = {}  # address, port, version, cred
         self._working: dict[tuple[str, int], str] = {}  # (address, port) → credential id
         self._idle_count = 0
         self._last_sweep = time.monotonic()
         self._closed = False
         self.created = 0  # sessions made over the pool's life (v3: one discovery each)
+        self.budget = asyncio.Semaphore(max_in_flight)  # agents queried at once by hosts jobs
+        self._timeouts: _Deadlines | None = None
 
     @property
     def idle(self) -> int:
@@ -846,22 +1157,88 @@ class SnmpPool:
 
     def lease(self, target: Target, cred: Credential, policy: Policy) -> _Lease:
         """``async with pool.lease(...) as client``: a session of its own for the block."""
+        return _Lease(self, self.group(target, cred), target, cred, policy)
+
+    def group(self, target: Target, cred: Credential) -> _Group:
+        """The sessions of (target, credential), marked in use: :meth:`enter` must follow."""
+        return self.group_of(target.address, target.port, target.version, _fingerprint(cred))
+
+    def group_of(self, address: str, port: int, version: str, fingerprint: str) -> _Group:
+        """:meth:`group` by its parts (``fingerprint``: :func:`_fingerprint` of the credential)."""
         if self._closed:
             raise BridgeError("the SNMP session pool is closed (the bridge is stopping)")
-        key = (target, _fingerprint(cred))
+        key = (address, port, version, fingerprint)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(asyncio.Semaphore(self.per_target))
-        return _Lease(self, group, target, cred, policy)
+            group = self._groups[key] = _Group(_Gate(self.per_target))
+        group.leased += 1  # from now on: the group is in use, the sweep keeps it
+        return group
+
+    async def enter(
+        self, group: _Group, target: Target, cred: Credential, policy: Policy
+    ) -> _Pooled:
+        """A session of the group for the caller alone, until :meth:`leave`."""
+        if not group.gate.try_take():
+            try:
+                await group.gate.take()
+            except BaseException:
+                group.leased -= 1
+                raise
+        idle = group.idle
+        if idle and (target.version != "3" or idle[-1].fresh()):
+            self._idle_count -= 1
+            return idle.pop()  # the common case, without a coroutine
+        try:
+            return await self._take(group, target, cred, policy)
+        except BaseException:
+            self.leave(group, None, keep=False)
+            raise
+
+    def enter_now(
+        self, group: _Group, address: str, port: int, version: Version, cred: Credential
+    ) -> _Pooled | None:
+        """:meth:`enter` when it needs no wait: a free slot and an idle (or new v1/v2c)
+        session. ``None``: nothing taken, and the group is no longer marked in use by the
+        caller (call :meth:`group` again to use the awaiting :meth:`enter`)."""
+        if not group.gate.try_take():
+            group.leased -= 1
+            return None
+        idle = group.idle
+        if idle and (version != "3" or idle[-1].fresh()):
+            self._idle_count -= 1
+            return idle.pop()
+        if version == "3":  # engine discovery first: that waits
+            group.gate.give()
+            group.leased -= 1
+            return None
+        try:
+            session, has_priv = new_session(Target(address, port, version), cred)
+        except BaseException:
+            self.leave(group, None, keep=False)
+            raise
+        self.created += 1
+        pooled = _Pooled(session, has_priv)
+        pooled.listen(self._deadlines())
+        return pooled
+
+    def leave(self, group: _Group, pooled: _Pooled | None, keep: bool) -> None:
+        """Give back what :meth:`enter` gave (``keep``: the session may serve again)."""
+        self._give_back(group, pooled, keep)
 
     def _give_back(self, group: _Group, pooled: _Pooled | None, keep: bool) -> None:
-        if pooled is not None and keep and not self._closed:
-            pooled.last_used = time.monotonic()
-            group.idle.append(pooled)
-            self._idle_count += 1
-        group.sem.release()
+        if pooled is not None:
+            if keep and not self._closed:
+                pooled.last_used = time.monotonic()
+                group.idle.append(pooled)
+                self._idle_count += 1
+            else:
+                pooled.drop()
+        group.gate.give()
         group.leased -= 1
-        self._sweep()
+        if self._idle_count > self.max_sessions or (
+            pooled is not None and pooled.last_used - self._last_sweep >= _SWEEP_EVERY
+        ):
+            self._sweep()
 
     async def _take(
         self, group: _Group, target: Target, cred: Credential, policy: Policy
@@ -869,8 +1246,10 @@ class SnmpPool:
         while group.idle:
             pooled = group.idle.pop()
             self._idle_count -= 1
-            if target.version != "3" or time.monotonic() - pooled.last_used < _V3_REFRESH_AFTER:
+            if target.version != "3" or pooled.fresh():
                 return pooled
+            # The library's refresh registers the socket itself: step aside meanwhile.
+            pooled.drop()
             client = SnmpClient(
                 pooled.session, version="3", has_priv=pooled.has_priv, policy=policy
             )
@@ -878,20 +1257,36 @@ class SnmpPool:
                 await client.refresh()  # engine time window: 150 s
             except AuthFailed:
                 continue  # the agent changed (engine id, users): make a new session
+            pooled.listen(self._deadlines())
             return pooled
         session, has_priv = new_session(target, cred)
         self.created += 1
         if target.version == "3":
             await SnmpClient(session, version="3", has_priv=has_priv, policy=policy).discover()
-        return _Pooled(session, has_priv)
+        pooled = _Pooled(session, has_priv)
+        pooled.listen(self._deadlines())
+        return pooled
+
+    @property
+    def deadlines(self) -> _Deadlines:
+        return self._deadlines()
+
+    def _deadlines(self) -> _Deadlines:
+        if self._timeouts is None:
+            self._timeouts = _Deadlines(asyncio.get_running_loop())
+        return self._timeouts
 
     def _sweep(self) -> None:
+        """Drop idle sessions past ``idle_seconds``, then the oldest past ``max_sessions``
+        (run on a give-back at most every :data:`_SWEEP_EVERY` s, or when over the cap)."""
         now = time.monotonic()
-        if self._idle_count <= self.max_sessions and now - self._last_sweep < _SWEEP_EVERY:
-            return
         self._last_sweep = now
         for key, group in list(self._groups.items()):
             fresh = [p for p in group.idle if now - p.last_used < self.idle_seconds]
+            if len(fresh) < len(group.idle):
+                for pooled in group.idle:
+                    if now - pooled.last_used >= self.idle_seconds:
+                        pooled.drop()
             self._idle_count -= len(group.idle) - len(fresh)
             group.idle = fresh
             if not group.idle and group.leased == 0:
@@ -902,11 +1297,15 @@ class SnmpPool:
             idle.sort(key=lambda item: item[0].last_used)
             for pooled, group in idle[:excess]:
                 group.idle.remove(pooled)
+                pooled.drop()
             self._idle_count -= excess
 
     async def aclose(self) -> None:
         """Drop every session (their sockets close with them)."""
         self._closed = True
+        for group in self._groups.values():
+            for pooled in group.idle:
+                pooled.drop()
         self._groups.clear()
         self._working.clear()
         self._idle_count = 0
@@ -930,6 +1329,7 @@ def pool_of(ctx: ProbeContext, settings: SnmpSettings) -> SnmpPool:
             per_target=settings.sessions_per_target,
             max_sessions=settings.max_sessions,
             idle_seconds=settings.idle_seconds,
+            max_in_flight=settings.max_in_flight,
         )
         ctx.resources[RESOURCE] = pool
     return pool
@@ -970,16 +1370,15 @@ async def credentials_for(job: Job[SnmpParams], ctx: ProbeContext) -> list[Crede
     )
 
 
-@contextlib.asynccontextmanager
-async def open_client(
+def open_client(
     pool: SnmpPool,
     address: str,
     port: int,
     creds: Sequence[Credential],
     version: Version | None,
     policy: Policy,
-) -> AsyncIterator[tuple[SnmpClient, Credential]]:
-    """A leased client for the first credential the agent accepts.
+) -> contextlib.AbstractAsyncContextManager[tuple[SnmpClient, Credential]]:
+    """``async with``: a leased client for the first credential the agent accepts.
 
     With one credential, no extra request: its errors surface from the job's own requests.
     With several, each is tried in order (the one that last worked here first) with a GET
@@ -987,11 +1386,37 @@ async def open_client(
     """
     if len(creds) == 1:
         cred = creds[0]
-        async with pool.lease(
-            Target(address, port, version_for(cred, version)), cred, policy
-        ) as one:
-            yield one, cred
-        return
+        return _OneCredential(
+            pool.lease(Target(address, port, version_for(cred, version)), cred, policy), cred
+        )
+    return _first_accepted(pool, address, port, creds, version, policy)
+
+
+class _OneCredential:
+    """:func:`open_client` with one credential: a plain class (it runs once per agent)."""
+
+    __slots__ = ("cred", "lease")
+
+    def __init__(self, lease: _Lease, cred: Credential) -> None:
+        self.lease = lease
+        self.cred = cred
+
+    async def __aenter__(self) -> tuple[SnmpClient, Credential]:
+        return await self.lease.__aenter__(), self.cred
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        await self.lease.__aexit__(exc_type, exc, tb)
+
+
+@contextlib.asynccontextmanager
+async def _first_accepted(
+    pool: SnmpPool,
+    address: str,
+    port: int,
+    creds: Sequence[Credential],
+    version: Version | None,
+    policy: Policy,
+) -> AsyncIterator[tuple[SnmpClient, Credential]]:
     ordered = list(creds)
     preferred = pool.preferred(address, port)
     ordered.sort(key=lambda c: c.id != preferred)
@@ -1127,90 +1552,301 @@ def _sorted_rows(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"index": index, "values": rows[index]} for index in sorted(rows, key=sv.oid_key)]
 
 
+async def _operate(
+    client: SnmpClient, specs: Sequence[OidSpec], params: SnmpParams, out: _Output
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Every operation of ``specs`` on one agent into ``out``; a chunk whenever it is full."""
+    for index, spec in enumerate(specs):
+        if spec.op == "get":
+            values = await client.get(spec.oids)
+            for oid in spec.oids:
+                out.start(index, spec, oid)
+                value = values[oid]
+                item = (
+                    sv.exception(oid, value.kind)
+                    if isinstance(value, _Missing)
+                    else sv.typed(oid, value)
+                )
+                if not out.add(item):
+                    break
+        elif spec.op == "getnext":
+            for oid in spec.oids:
+                out.start(index, spec, oid)
+                found = await client.successor(
+                    oid, params.max_repetitions, max(params.max_varbinds, 1000)
+                )
+                item = (
+                    sv.exception(oid, sv.END_OF_MIB_VIEW)
+                    if found is None
+                    else sv.typed(found[0], found[1])
+                )
+                if not out.add(item):
+                    break
+        elif spec.op == "walk":
+            out.start(index, spec, spec.oids[0])
+            async with contextlib.aclosing(
+                client.walk(spec.oids[0], params.max_repetitions)
+            ) as items:
+                async for oid, value in items:
+                    if not out.add(sv.typed(oid, value)):
+                        break
+                    if out.full:
+                        yield out.flush(open_entry=True)
+        else:
+            table = sv.TABLES.get(spec.oids[0])
+            columns, rows, cut = await _table(client, spec, params, out.remaining)
+            out.start(
+                index, spec, spec.oids[0], name=table.name if table else None, columns=columns
+            )
+            for row in rows:
+                out.add(row, cost=len(row["values"]))
+                if out.full:
+                    yield out.flush(open_entry=True)
+            if cut:
+                out.truncate()
+        out.entry = None
+        if out.truncated:
+            break
+        if out.full:
+            yield out.flush(open_entry=False)
+
+
+def _gets_step(
+    oids: list[str],
+    cred: Credential,
+    pool: SnmpPool,
+    port: int,
+    version: Version | None,
+    policy: Policy,
+) -> Callable[[tuple[int, str]], Coroutine[Any, Any, dict[str, Any]]]:
+    """One agent of a hosts job of GETs with one credential, as a coroutine.
+
+    :mod:`probes.snmp_gets` drives such jobs from callbacks and hands this whatever would
+    wait (a name to resolve, a busy agent, a new v3 session, a missing OID).
+    """
+    wanted = version_for(cred, version)
+
+    async def step(item: tuple[int, str]) -> dict[str, Any]:
+        index, host = item
+        client: SnmpClient | None = None
+        try:
+            address = _ip_literal(host) or await resolve_host(host, port)
+            target = Target(address, port, wanted)
+            group = pool.group(target, cred)
+            pooled = await pool.enter(group, target, cred, policy)
+            client = pooled.lease_client(wanted, policy)
+            try:
+                values = await client.get(oids)
+            except BaseException as exc:
+                pool.leave(group, pooled, _sound(exc))
+                raise
+            pool.leave(group, pooled, True)
+        except BridgeError as exc:
+            return failed_entry(index, host, exc, client.requests if client is not None else 0)
+        return gets_entry(index, host, address, oids, values, client.requests)
+
+    return step
+
+
+def failed_entry(index: int, host: str, error: BridgeError, requests: int) -> dict[str, Any]:
+    """An agent of a hosts job that failed: the error, and the requests it was sent."""
+    return {"index": index, "host": host, **error_payload(error), "requests": requests}
+
+
+def gets_entry(
+    index: int,
+    host: str,
+    address: str,
+    oids: Sequence[str],
+    found: dict[str, Any],
+    requests: int,
+) -> dict[str, Any]:
+    """One agent's entry of a hosts job of GETs, from ``{oid: value or _Missing}``
+    (``oids``: every OID of the job's get lines, in order).
+
+    Compact, since a poller's job answers thousands of agents: ``varbinds`` holds one typed
+    varbind per OID in the order of the spec lines (the job's lines are all ``get``, so the
+    per-operation grouping of ``results`` would add nothing); ``address`` only when it is
+    not ``host`` itself; the version and credential are the job's (in each chunk).
+    """
+    varbinds: list[dict[str, Any]] = []
+    for oid in oids:
+        value = found[oid]
+        missing = isinstance(value, _Missing)
+        varbinds.append(sv.exception(oid, value.kind) if missing else sv.typed(oid, value))
+    entry: dict[str, Any] = {"index": index, "host": host}
+    if address != host:
+        entry["address"] = address
+    entry["varbinds"] = varbinds
+    entry["requests"] = requests
+    return entry
+
+
+def _summary(out: _Output, client: SnmpClient) -> dict[str, Any]:
+    return {
+        "varbinds": out.total,
+        "truncated": out.truncated,
+        "requests": client.requests,
+        "bulk_resumed": client.resumed,
+    }
+
+
 async def run(job: Job[SnmpParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
     params = job.params
+    if params.hosts is not None:
+        async with contextlib.aclosing(run_many(job, ctx)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        return
+    host = params.host
+    assert host is not None  # build_params: host or hosts
     settings = settings_of(ctx.settings)
-    specs = params.specs()
     pool = pool_of(ctx, settings)
-    address = await resolve_host(params.host, params.port)
+    address = await resolve_host(host, params.port)
     creds = await credentials_for(job, ctx)
     policy = Policy(params.timeout, params.retries)
     async with open_client(pool, address, params.port, creds, params.version, policy) as (
         client,
         cred,
     ):
-        out = _Output(
-            {
-                "host": params.host,
-                "address": address,
-                "port": params.port,
-                "version": client.version,
-                "credential_id": cred.id,
-            },
-            chunk=params.chunk_varbinds,
-            cap=params.max_varbinds,
-        )
-        for index, spec in enumerate(specs):
-            if spec.op == "get":
-                values = await client.get(spec.oids)
-                for oid in spec.oids:
-                    out.start(index, spec, oid)
-                    value = values[oid]
-                    item = (
-                        sv.exception(oid, value.kind)
-                        if isinstance(value, _Missing)
-                        else sv.typed(oid, value)
-                    )
-                    if not out.add(item):
-                        break
-            elif spec.op == "getnext":
-                for oid in spec.oids:
-                    out.start(index, spec, oid)
-                    found = await client.successor(
-                        oid, params.max_repetitions, max(params.max_varbinds, 1000)
-                    )
-                    item = (
-                        sv.exception(oid, sv.END_OF_MIB_VIEW)
-                        if found is None
-                        else sv.typed(found[0], found[1])
-                    )
-                    if not out.add(item):
-                        break
-            elif spec.op == "walk":
-                out.start(index, spec, spec.oids[0])
-                async with contextlib.aclosing(
-                    client.walk(spec.oids[0], params.max_repetitions)
-                ) as items:
-                    async for oid, value in items:
-                        if not out.add(sv.typed(oid, value)):
-                            break
-                        if out.full:
-                            yield out.flush(open_entry=True)
-            else:
-                table = sv.TABLES.get(spec.oids[0])
-                columns, rows, cut = await _table(client, spec, params, out.remaining)
-                out.start(
-                    index, spec, spec.oids[0], name=table.name if table else None, columns=columns
-                )
-                for row in rows:
-                    out.add(row, cost=len(row["values"]))
-                    if out.full:
-                        yield out.flush(open_entry=True)
-                if cut:
-                    out.truncate()
-            out.entry = None
-            if out.truncated:
-                break
-            if out.full:
-                yield out.flush(open_entry=False)
-        final = out.flush(open_entry=False)
-        final["summary"] = {
-            "varbinds": out.total,
-            "truncated": out.truncated,
-            "requests": client.requests,
-            "bulk_resumed": client.resumed,
+        header = {
+            "host": host,
+            "address": address,
+            "port": params.port,
+            "version": client.version,
+            "credential_id": cred.id,
         }
+        out = _Output(header, chunk=params.chunk_varbinds, cap=params.max_varbinds)
+        async with contextlib.aclosing(_operate(client, params.specs(), params, out)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        final = out.flush(open_entry=False)
+        final["summary"] = _summary(out, client)
         yield final
+
+
+async def run_many(job: Job[SnmpParams], ctx: ProbeContext) -> AsyncGenerator[dict[str, Any], None]:
+    """A ``hosts`` job: the operations on every agent, ``concurrency`` agents at a time.
+
+    Each agent's answer is one entry of ``agents``: the one-agent result (``host``,
+    ``address``, ``version``, ``credential_id``, ``results``, ``summary``) plus ``index``,
+    its place in ``hosts``; for a job of ``get`` lines and one credential, the compact
+    :func:`gets_entry`. An agent that fails gives ``{"index", "host", "error"}``: one silent
+    or refusing agent does not fail the job. Entries come in the order agents finish.
+    ``max_varbinds`` applies to each agent. Every chunk carries ``port`` (and, for GETs,
+    ``version`` and ``credential_id``); the last one carries ``summary`` for the job.
+    """
+    params = job.params
+    hosts = params.hosts
+    assert hosts is not None
+    settings = settings_of(ctx.settings)
+    pool = pool_of(ctx, settings)
+    specs = params.specs()
+    creds = await credentials_for(job, ctx)
+    policy = Policy(params.timeout, params.retries)
+    port = params.port
+    whole = params.max_varbinds + 1  # one agent's answer is never split across chunks
+
+    async def one(item: tuple[int, str]) -> dict[str, Any]:
+        index, host = item
+        used: SnmpClient | None = None
+        try:
+            address = _ip_literal(host) or await resolve_host(host, port)
+            async with open_client(pool, address, port, creds, params.version, policy) as (
+                client,
+                cred,
+            ):
+                used = client
+                out = _Output(
+                    {
+                        "index": index,
+                        "host": host,
+                        "address": address,
+                        "version": client.version,
+                        "credential_id": cred.id,
+                    },
+                    chunk=whole,
+                    cap=params.max_varbinds,
+                )
+                async with contextlib.aclosing(_operate(client, specs, params, out)) as chunks:
+                    async for _never in chunks:
+                        pass
+                entry = out.flush(open_entry=False)
+                entry["summary"] = _summary(out, client)
+                return entry
+        except BridgeError as exc:
+            return failed_entry(index, host, exc, used.requests if used is not None else 0)
+
+    targets = list(enumerate(hosts))
+    get_oids = [oid for spec in specs for oid in spec.oids]
+    gets_only = all(spec.op == "get" for spec in specs)
+    batches: AsyncGenerator[list[dict[str, Any]], None]
+    header: dict[str, Any] = {"port": port}
+    distinct = list(dict.fromkeys(get_oids))  # a repeated OID is asked once
+    if gets_only and len(creds) == 1 and len(get_oids) <= params.max_varbinds:
+        header["version"] = version_for(creds[0], params.version)
+        header["credential_id"] = creds[0].id
+        step = _gets_step(get_oids, creds[0], pool, port, params.version, policy)
+        if len(distinct) <= _GET_BATCH:  # one request an agent: the callback lanes
+            from probes.snmp_gets import GetSweep, sweep_gets  # they build on this module
+
+            sweep = GetSweep(
+                targets,
+                oids=get_oids,
+                ask=distinct,
+                cred=creds[0],
+                pool=pool,
+                port=port,
+                version=version_for(creds[0], params.version),
+                policy=policy,
+                chunk=params.chunk_agents,
+                fallback=step,
+            )
+            batches = sweep_gets(sweep, limit=params.concurrency)
+        else:  # several requests an agent (SnmpClient.get batches them): coroutines
+            batches = fan_out(
+                targets,
+                step,
+                limit=params.concurrency,
+                budget=pool.budget,
+                chunk=params.chunk_agents,
+            )
+    else:
+        batches = fan_out(
+            targets, one, limit=params.concurrency, budget=pool.budget, chunk=params.chunk_agents
+        )
+
+    answered = failed = varbinds = requests = 0
+    held: list[dict[str, Any]] | None = None
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for entry in batch:
+                if "error" in entry:
+                    failed += 1
+                    requests += entry.get("requests", 0)
+                    continue
+                answered += 1
+                summary = entry.get("summary")
+                if summary is None:  # a compact GET entry
+                    varbinds += len(entry["varbinds"])
+                    requests += entry["requests"]
+                else:
+                    varbinds += summary["varbinds"]
+                    requests += summary["requests"]
+            if held is not None:  # the last chunk carries agents as well as the totals
+                yield {**header, "agents": held}
+            held = batch
+    yield {
+        **header,
+        "agents": held or [],
+        "summary": {
+            "agents": len(hosts),
+            "answered": answered,
+            "failed": failed,
+            "varbinds": varbinds,
+            "requests": requests,
+        },
+    }
 
 
 SPEC = ProbeSpec(
@@ -1218,7 +1854,7 @@ SPEC = ProbeSpec(
     params=SnmpParams,
     run=run,
     build_params=build_params,
-    target_host=lambda params: params.host,
+    target_host=lambda params: params.host,  # None for a hosts job: the pool limits per agent
     needs_credentials=True,
 )
 

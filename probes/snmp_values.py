@@ -206,6 +206,7 @@ def resolve_oid(text: str) -> str:
     return parse_oid(entry[0] + named.group(2))
 
 
+@functools.lru_cache(maxsize=16_384)
 def syntax_of(oid: str) -> str | None:
     """The map's syntax of the object ``oid`` is an instance of, if known."""
     if not oid.startswith(_MAPPED_PREFIX):
@@ -230,9 +231,12 @@ def _printable(data: bytes) -> str | None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+    if text.isprintable() or text.translate(_LINE_SPACE).isprintable():
         return text
     return None
+
+
+_LINE_SPACE = {ord("\t"): None, ord("\r"): None, ord("\n"): None}  # printable in a value
 
 
 def octets(data: bytes, syntax: str | None = None) -> tuple[str, str]:
