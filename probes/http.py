@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
+from aiohttp import hdrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -725,12 +726,12 @@ async def fetch(
                 if resp.url.scheme == "https"
                 else None
             )
-            length = resp.headers.get("Content-Length")
+            length = resp.headers.get(hdrs.CONTENT_LENGTH)  # istr: no case folding a lookup
             if (
                 length is not None
                 and length.isdigit()
                 and int(length) <= params.max_body
-                and "Content-Encoding" not in resp.headers
+                and hdrs.CONTENT_ENCODING not in resp.headers
             ):  # the usual case: the whole body, without _read_body's checks
                 body, truncated = await resp.read(), False
             else:
@@ -793,7 +794,7 @@ def describe(
     index: int | None = None,
 ) -> dict[str, Any]:
     """Status, headers and body of a finished response, ready for JSON (see :func:`fetch`)."""
-    content_type, charset, is_json = _media_type(resp.headers.get("Content-Type"))
+    content_type, charset, is_json = _media_type(resp.headers.get(hdrs.CONTENT_TYPE))
     history = resp.history
     result: dict[str, Any] = (
         {"url": url, "method": method} if index is None else {"index": index, "url": url}

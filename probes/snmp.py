@@ -59,7 +59,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import gufo.snmp as gufo_snmp
 from gufo.snmp import (
@@ -713,6 +713,40 @@ class _Reader:
         self.loop.remove_reader(self.fd)
 
 
+class _Prefetch:
+    """A request sent ahead (a walk's next GETBULK): its answer is read as soon as it
+    comes, in the reader's callback, and kept until the walk asks for it."""
+
+    __slots__ = ("done", "error", "future", "reader", "recv", "result")
+
+    def __init__(self, recv: Callable[[], Any], reader: _Reader) -> None:
+        self.recv = recv
+        self.reader = reader
+        self.future: asyncio.Future[bool] = reader.loop.create_future()
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        if self.done:  # a datagram after the answer (a duplicate): drop it
+            with contextlib.suppress(OSError):
+                os.read(self.reader.fd, 65_536)
+            return
+        try:
+            self.result = self.recv()
+        except BlockingIOError:
+            return  # an answer to an earlier request: wait on
+        except BaseException as exc:
+            self.error = exc
+        self.done = True
+        if not self.future.done():
+            self.future.set_result(True)
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_result(False)
+
+
 def silence(policy: Policy, version: Version) -> ProbeTimeout:
     """The error for an agent that never answered."""
     tries = f"{policy.tries} {'try' if policy.tries == 1 else 'tries'}"
@@ -779,7 +813,9 @@ class SnmpClient:
                 raise _translate(exc) from None
         raise self._silence()
 
-    async def _request(self, send: Callable[[], None], recv: Callable[[], T]) -> T | object:
+    async def _request(
+        self, send: Callable[[], None], recv: Callable[[], T], *, tries: int | None = None
+    ) -> T | object:
         """One request on the session's socket, ``retries`` more times on silence.
 
         The library's own path (``_send`` then ``_recv``, which runs ``wait_for``) under an
@@ -793,7 +829,7 @@ class SnmpClient:
         loop = reader.loop if reader is not None else asyncio.get_running_loop()
         fd = session._fd
         timeout = self.policy.timeout
-        for _ in range(self.policy.tries):
+        for _ in range(self.policy.tries if tries is None else tries):
             self.requests += 1
             try:
                 try:
@@ -833,6 +869,51 @@ class SnmpClient:
                     reader.waiter = None  # type: ignore[union-attr]
                     wait.forget()
         raise self._silence()
+
+    def _send_ahead(self, send: Callable[[], None], recv: Callable[[], Any]) -> _Prefetch | None:
+        """Send the next request of a walk now, before the caller works on this answer, so
+        the agent answers while the bridge types and stores varbinds. ``None`` when it
+        cannot (no lasting reader, or the send failed: :meth:`_request` sends it later and
+        reports what goes wrong)."""
+        reader = self.reader
+        if reader is None:
+            return None
+        try:
+            send()
+        except BaseException:
+            return None
+        self.requests += 1
+        ahead = _Prefetch(recv, reader)
+        reader.waiter = ahead
+        return ahead
+
+    async def _collect(
+        self, ahead: _Prefetch, send: Callable[[], None], recv: Callable[[], T]
+    ) -> T | object:
+        """The answer to a request sent by :meth:`_send_ahead` (as :meth:`_request` gives
+        it); on silence, the remaining tries go through :meth:`_request`."""
+        reader = ahead.reader
+        try:
+            if not ahead.done:
+                reader.deadlines.add(ahead, self.policy.timeout)
+                if not await ahead.future:
+                    ahead.done = True  # given up: what comes late is drained
+                    if self.policy.tries > 1:
+                        return await self._request(send, recv, tries=self.policy.tries - 1)
+                    raise self._silence()
+        finally:
+            if reader.waiter is ahead:
+                reader.waiter = None
+        error = ahead.error
+        if error is None:
+            return cast(T, ahead.result)
+        if isinstance(error, StopAsyncIteration):
+            return _END
+        if isinstance(error, SnmpDecodeError):
+            return _DECODE
+        if isinstance(error, TimeoutError):
+            raise _refused()
+        raise _translate(error) from None
 
     def _silence(self) -> ProbeTimeout:
         return silence(self.policy, self.version)
@@ -901,10 +982,26 @@ class SnmpClient:
 
     async def walk(self, root: str, max_repetitions: int) -> AsyncGenerator[tuple[str, Any], None]:
         """Every ``(oid, value)`` under ``root``, in order, by GETBULK (GETNEXT for v1)."""
+        async with contextlib.aclosing(self.walk_answers(root, max_repetitions)) as answers:
+            async for answer in answers:
+                for item in answer:
+                    yield item
+
+    async def walk_answers(
+        self, root: str, max_repetitions: int
+    ) -> AsyncGenerator[list[tuple[str, Any]], None]:
+        """:meth:`walk` an answer at a time: the varbinds of each GETBULK (or GETNEXT) in a
+        list, so a caller pays the generator once per request, not once per varbind.
+
+        After a full GETBULK answer the next GETBULK is sent at once, before the answer is
+        handed over (:meth:`_send_ahead`): the agent works on it while the caller types
+        and stores the varbinds.
+        """
         sock = self.session._sock
         bulk = self.version != "1" and max_repetitions > 1
         ctx = GetIter(root, max_repetitions) if bulk else GetIter(root)
         stepping = 0  # GETNEXTs to send before the next GETBULK
+        ahead: _Prefetch | None = None
 
         def send_bulk() -> None:
             sock.send_get_bulk(ctx)
@@ -918,29 +1015,42 @@ class SnmpClient:
         def recv_next() -> tuple[str, Any]:
             return sock.recv_get_next(ctx)
 
-        while True:
-            if bulk and stepping == 0:
-                got: Any = await self._request(send_bulk, recv_bulk)
-                if got is _END or got is _DECODE:
-                    # Too big for the library (or the end of the MIB view): go on one by one.
-                    self.resumed += 1
-                    stepping = max_repetitions
-                    continue
-                if not got:
-                    return
-                for item in got:
-                    if item is None:
+        try:
+            while True:
+                if bulk and stepping == 0:
+                    sent, ahead = ahead, None
+                    got: Any = (
+                        await self._collect(sent, send_bulk, recv_bulk)
+                        if sent is not None
+                        else await self._request(send_bulk, recv_bulk)
+                    )
+                    if got is _END or got is _DECODE:
+                        # Too big for the library (or the end of the MIB view): one by one.
+                        self.resumed += 1
+                        stepping = max_repetitions
+                        continue
+                    if not got:
                         return
-                    yield item
-            else:
-                got = await self._request(send_next, recv_next)
-                if got is _END:
-                    return
-                if got is _DECODE:
-                    raise ProtocolError(f"an answer while walking {root} did not decode")
-                yield got
-                if stepping:
-                    stepping -= 1
+                    if None in got:  # the end of the subtree inside this answer
+                        yield got[: got.index(None)]
+                        return
+                    if len(got) >= max_repetitions:  # a full answer: the walk likely goes on
+                        ahead = self._send_ahead(send_bulk, recv_bulk)
+                    yield got
+                else:
+                    got = await self._request(send_next, recv_next)
+                    if got is _END:
+                        return
+                    if got is _DECODE:
+                        raise ProtocolError(f"an answer while walking {root} did not decode")
+                    yield [got]
+                    if stepping:
+                        stepping -= 1
+        finally:
+            if ahead is not None:  # the caller stopped early: drain its answer when it comes
+                ahead.done = True
+                if ahead.reader.waiter is ahead:
+                    ahead.reader.waiter = None
 
     async def first_under(self, root: str) -> tuple[str, Any] | None:
         """The first ``(oid, value)`` strictly under ``root``: one GETNEXT."""
@@ -1478,6 +1588,16 @@ class _Output:
         }
         self.results.append(self.entry)
 
+    def add_many(self, items: list[dict[str, Any]]) -> bool:
+        """:meth:`add` of each (varbinds of one answer); ``False`` once past the cap."""
+        if self.total + len(items) > self.cap:
+            return all(self.add(item) for item in items)  # stops at the first refused
+        assert self.entry is not None
+        self.entry[self.items].extend(items)
+        self.total += len(items)
+        self.in_chunk += len(items)
+        return True
+
     def add(self, item: dict[str, Any], cost: int = 1) -> bool:
         """Append to the open entry; ``False`` (and nothing added) past the cap."""
         assert self.entry is not None
@@ -1556,6 +1676,7 @@ async def _operate(
     client: SnmpClient, specs: Sequence[OidSpec], params: SnmpParams, out: _Output
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Every operation of ``specs`` on one agent into ``out``; a chunk whenever it is full."""
+    typed = sv.typed
     for index, spec in enumerate(specs):
         if spec.op == "get":
             values = await client.get(spec.oids)
@@ -1585,13 +1706,19 @@ async def _operate(
         elif spec.op == "walk":
             out.start(index, spec, spec.oids[0])
             async with contextlib.aclosing(
-                client.walk(spec.oids[0], params.max_repetitions)
-            ) as items:
-                async for oid, value in items:
-                    if not out.add(sv.typed(oid, value)):
+                client.walk_answers(spec.oids[0], params.max_repetitions)
+            ) as answers:
+                async for answer in answers:
+                    items = [typed(oid, value) for oid, value in answer]
+                    while items:  # exactly ``chunk_varbinds`` a chunk
+                        room = out.chunk - out.in_chunk
+                        if not out.add_many(items[:room]):
+                            break
+                        items = items[room:]
+                        if out.full:
+                            yield out.flush(open_entry=True)
+                    if out.truncated:
                         break
-                    if out.full:
-                        yield out.flush(open_entry=True)
         else:
             table = sv.TABLES.get(spec.oids[0])
             columns, rows, cut = await _table(client, spec, params, out.remaining)
