@@ -88,12 +88,15 @@ async def fan_out(
         while True:
             if failures:
                 raise failures[0]
-            if len(done) >= chunk or (done and not running):
+            # Over when every target was taken and no worker runs: the spawner may still
+            # wait for a budget slot it no longer needs (it is cancelled below).
+            over = not (running - {spawner}) and (left <= 0 or spawner.done())
+            if len(done) >= chunk or (done and over):
                 batch = done[:chunk]
                 del done[:chunk]
                 yield batch
                 continue
-            if not running:
+            if over:
                 return
             ready.clear()
             await ready.wait()

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 from aiohttp import hdrs
+from aiohttp.helpers import parse_content_type as _parse_content_type
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -259,7 +260,7 @@ class RESTParams(ProbeParams):
         return URL(self.url).host if self.url is not None else None
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)  # a poller's few lists; up to 10,000 URLs each
 def _checked_urls(values: tuple[str, ...]) -> tuple[str, ...]:
     """Each URL checked (cached: a poller sends the same list again and again)."""
     checked: list[str] = []
@@ -629,19 +630,13 @@ def _translate(exc: BaseException, params: RESTParams) -> BridgeError:
 
 @functools.lru_cache(maxsize=256)
 def _media_type(raw: str | None) -> tuple[str, str | None, bool]:
-    """``(media type, charset, is JSON)`` of a Content-Type header, as aiohttp's properties
-    give them, parsed once per distinct header (servers send the same few again and
-    again)."""
+    """``(media type, charset, is JSON)`` of a Content-Type header, exactly as aiohttp's
+    ``content_type`` and ``charset`` give them, parsed once per distinct header (servers
+    send the same few again and again)."""
     if raw is None:
         return "application/octet-stream", None, False  # RFC 9110's default
-    media, _sep, rest = raw.partition(";")
-    charset: str | None = None
-    for param in rest.split(";"):
-        name, eq, value = param.partition("=")
-        if eq and name.strip().lower() == "charset":
-            charset = value.strip().strip('"') or None
-    media = media.strip().lower()
-    return media, charset, _JSON_TYPE.match(media) is not None
+    media, params = _parse_content_type(raw)
+    return media, params.get("charset"), _JSON_TYPE.match(media) is not None
 
 
 def _ms(seconds: float) -> float:

@@ -359,7 +359,7 @@ def _check_host(value: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)  # a poller's few lists; up to 10,000 hosts each
 def _check_hosts(values: tuple[str, ...]) -> tuple[str, ...]:
     """A host list, each checked (cached: a poller sends the same list again and again)."""
     if not values:
@@ -981,27 +981,34 @@ class SnmpClient:
         return got
 
     async def walk(self, root: str, max_repetitions: int) -> AsyncGenerator[tuple[str, Any], None]:
-        """Every ``(oid, value)`` under ``root``, in order, by GETBULK (GETNEXT for v1)."""
-        async with contextlib.aclosing(self.walk_answers(root, max_repetitions)) as answers:
+        """Every ``(oid, value)`` under ``root``, in order, by GETBULK (GETNEXT for v1).
+
+        Nothing is sent ahead: callers of this (tables, getnext) often stop early."""
+        answers = self.walk_answers(root, max_repetitions, room=0)
+        async with contextlib.aclosing(answers):
             async for answer in answers:
                 for item in answer:
                     yield item
 
     async def walk_answers(
-        self, root: str, max_repetitions: int
+        self, root: str, max_repetitions: int, *, room: int | None = None
     ) -> AsyncGenerator[list[tuple[str, Any]], None]:
         """:meth:`walk` an answer at a time: the varbinds of each GETBULK (or GETNEXT) in a
         list, so a caller pays the generator once per request, not once per varbind.
 
         After a full GETBULK answer the next GETBULK is sent at once, before the answer is
         handed over (:meth:`_send_ahead`): the agent works on it while the caller types
-        and stores the varbinds.
+        and stores the varbinds. ``room``: the varbinds the caller will take at most
+        (``None``: all); nothing is sent ahead that the caller would not read, since a
+        late answer left in flight could reach the session's next request (an answer too
+        large for the library's buffer fails to decode before its request id is checked).
         """
         sock = self.session._sock
         bulk = self.version != "1" and max_repetitions > 1
         ctx = GetIter(root, max_repetitions) if bulk else GetIter(root)
         stepping = 0  # GETNEXTs to send before the next GETBULK
         ahead: _Prefetch | None = None
+        handed = 0  # varbinds handed over so far
 
         def send_bulk() -> None:
             sock.send_get_bulk(ctx)
@@ -1034,8 +1041,9 @@ class SnmpClient:
                     if None in got:  # the end of the subtree inside this answer
                         yield got[: got.index(None)]
                         return
-                    if len(got) >= max_repetitions:  # a full answer: the walk likely goes on
-                        ahead = self._send_ahead(send_bulk, recv_bulk)
+                    handed += len(got)
+                    if len(got) >= max_repetitions and (room is None or handed <= room):
+                        ahead = self._send_ahead(send_bulk, recv_bulk)  # the walk goes on
                     yield got
                 else:
                     got = await self._request(send_next, recv_next)
@@ -1328,7 +1336,11 @@ class SnmpPool:
             raise
         self.created += 1
         pooled = _Pooled(session, has_priv)
-        pooled.listen(self._deadlines())
+        try:
+            pooled.listen(self._deadlines())
+        except BaseException:
+            self.leave(group, None, keep=False)
+            raise
         return pooled
 
     def leave(self, group: _Group, pooled: _Pooled | None, keep: bool) -> None:
@@ -1706,7 +1718,7 @@ async def _operate(
         elif spec.op == "walk":
             out.start(index, spec, spec.oids[0])
             async with contextlib.aclosing(
-                client.walk_answers(spec.oids[0], params.max_repetitions)
+                client.walk_answers(spec.oids[0], params.max_repetitions, room=out.remaining)
             ) as answers:
                 async for answer in answers:
                     items = [typed(oid, value) for oid, value in answer]
@@ -1740,6 +1752,7 @@ async def _operate(
 
 def _gets_step(
     oids: list[str],
+    ask: list[str],
     cred: Credential,
     pool: SnmpPool,
     port: int,
@@ -1763,7 +1776,7 @@ def _gets_step(
             pooled = await pool.enter(group, target, cred, policy)
             client = pooled.lease_client(wanted, policy)
             try:
-                values = await client.get(oids)
+                values = await client.get(ask)  # a repeated OID asked once
             except BaseException as exc:
                 pool.leave(group, pooled, _sound(exc))
                 raise
@@ -1913,7 +1926,7 @@ async def run_many(job: Job[SnmpParams], ctx: ProbeContext) -> AsyncGenerator[di
     if gets_only and len(creds) == 1 and len(get_oids) <= params.max_varbinds:
         header["version"] = version_for(creds[0], params.version)
         header["credential_id"] = creds[0].id
-        step = _gets_step(get_oids, creds[0], pool, port, params.version, policy)
+        step = _gets_step(get_oids, distinct, creds[0], pool, port, params.version, policy)
         if len(distinct) <= _GET_BATCH:  # one request an agent: the callback lanes
             from probes.snmp_gets import GetSweep, sweep_gets  # they build on this module
 

@@ -144,7 +144,7 @@ class _Lane:
             sweep.add(failed_entry(item[0], item[1], exc, 0))
             return False
         if pooled is None:
-            if not last_try:  # its sessions are all busy (another job?): come back to it
+            if not last_try and sweep.version != "3":  # busy (another job?): come back to it
                 sweep.deferred.append(item)
                 return False
             return self.delegate(item)
@@ -205,8 +205,9 @@ class _Lane:
         self.end_attempt()
         if error is not None:
             self.finish_error(error)
-        elif len(values) < len(self.sweep.ask):
-            # An OID the agent lacks: the coroutine step asks again and tells which kind.
+        elif len(values) < len(ask := self.sweep.ask) or any(o not in values for o in ask):
+            # An OID the agent lacks (or answered with another OID): the coroutine step
+            # asks again and tells which kind.
             self.release(keep=True)
             if self.delegate(self.item):
                 return
@@ -351,7 +352,9 @@ async def sweep_gets(sweep: GetSweep, *, limit: int) -> AsyncGenerator[list[Entr
                 raise sweep.failures[0]
             if spawner.done() and spawner.exception() is not None:
                 raise spawner.exception()  # type: ignore[misc]
-            over = spawner.done() and not sweep.lanes
+            # Over when every agent was taken and no lane runs (the spawner may still wait
+            # for a budget slot it no longer needs: it is cancelled below).
+            over = not sweep.lanes and (spawner.done() or (sweep.left <= 0 and not sweep.deferred))
             done = sweep.done
             if len(done) >= chunk or (over and done):
                 batch = done[:chunk]

@@ -262,3 +262,38 @@ async def test_a_job_holds_no_more_budget_than_it_has_targets() -> None:
     assert [sorted(batch) for batch in batches] == [[0, 1]]
     assert free == [98, 98]  # two targets: two workers, two slots (not fifty)
     assert budget._value == 100
+
+
+async def test_a_finished_job_ends_without_waiting_for_a_slot_it_does_not_need() -> None:
+    """Its spawner may wait for a second slot it would not use; the job ends anyway, as
+    soon as its own worker is done (not when another job frees a slot)."""
+    budget = asyncio.Semaphore(2)
+
+    async def nap(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    async def run(targets: list[float], limit: int) -> list[float]:
+        got: list[float] = []
+        async for batch in fan_out(targets, nap, limit=limit, budget=budget, chunk=100):
+            got += batch
+        return got
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    slow = asyncio.create_task(run([0.3], 1))  # holds a slot for the whole test
+    other = asyncio.create_task(run([0.05], 1))  # holds the other, then frees it
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(run([3.0], 1))  # takes the slot the other frees
+    await asyncio.sleep(0.01)
+    small = asyncio.create_task(run([0.01, 0.01], 2))  # one slot when slow ends, asks two
+    async with asyncio.timeout(5):
+        assert await small == [0.01, 0.01]
+        took = loop.time() - started
+        assert await slow == [0.3]
+        assert await other == [0.05]
+    assert took < 1.0  # not when ``waiting`` frees its slot, 3 s in
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert budget._value == 2

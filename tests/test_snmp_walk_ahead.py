@@ -27,10 +27,12 @@ async def test_a_walk_cut_short_leaves_its_session_clean(lab: Runner) -> None:
     assert chunks[-1]["summary"]["truncated"] is True
     assert chunks[-1]["summary"]["varbinds"] == 15
     requests = chunks[-1]["summary"]["requests"]
-    assert requests == 3  # 10 + 10 (the walk stopped inside it) + the one sent ahead
+    # 10, then 10 (the walk stops inside it): the first answer's successor was sent ahead,
+    # the second's was not, since the job takes no more than 15 varbinds
+    assert requests == 2
     [pooled] = idle_sessions(lab)
     assert pooled.reader is not None
-    assert pooled.reader.waiter is None  # the answer sent ahead is no one's
+    assert pooled.reader.waiter is None
     await asyncio.sleep(0.05)  # it arrives and is drained by the reader
     for _ in range(3):  # the same session answers its own requests, not the stale one
         got = by_oid(await lab.run({"credential_id": "v2", "oid_spec_list": "get sysName.0"}))
@@ -62,3 +64,16 @@ async def test_walks_one_after_another_return_the_same_varbinds(lab: Runner) -> 
         assert [vb["oid"] for vb in again[0]["results"][0]["varbinds"]] == [
             vb["oid"] for vb in first[0]["results"][0]["varbinds"]
         ]
+
+
+async def test_a_walk_that_fills_its_room_exactly_sends_nothing_unread(lab: Runner) -> None:
+    chunks = await lab.run(
+        {"credential_id": "v2", "oid_spec_list": f"walk {BIG}", "max_varbinds": 20}
+    )
+    assert chunks[-1]["summary"]["varbinds"] == 20
+    assert chunks[-1]["summary"]["truncated"] is True
+    # the third answer is read (it tells that there is more: truncated); no fourth is sent
+    assert chunks[-1]["summary"]["requests"] == 3
+    [pooled] = idle_sessions(lab)
+    assert pooled.reader is not None
+    assert pooled.reader.waiter is None
