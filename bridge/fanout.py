@@ -25,6 +25,7 @@ running and waits for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -105,3 +106,25 @@ async def fan_out(
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+
+
+async def result_chunks(
+    batches: AsyncGenerator[list[dict[str, Any]], None],
+    *,
+    header: dict[str, Any],
+    key: str,
+    count: Callable[[dict[str, Any]], None],
+    summary: Callable[[], dict[str, Any]],
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A many-target job's result chunks, ``{**header, key: entries}``, from :func:`fan_out`'s
+    batches. ``count`` sees every entry; one batch is held back, so the last chunk carries
+    entries as well as ``summary()``."""
+    held: list[dict[str, Any]] | None = None
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for entry in batch:
+                count(entry)
+            if held is not None:
+                yield {**header, key: held}
+            held = batch
+    yield {**header, key: held or [], "summary": summary()}

@@ -53,7 +53,7 @@ from bridge.errors import (
     TlsError,
     Unreachable,
 )
-from bridge.fanout import fan_out
+from bridge.fanout import fan_out, result_chunks
 from bridge.jobs import (
     Credential,
     Job,
@@ -859,10 +859,16 @@ async def run_many(job: Job[RESTParams], ctx: ProbeContext) -> AsyncGenerator[di
     def step(item: tuple[int, str]) -> Coroutine[Any, Any, dict[str, Any]]:
         return fetch(prep, params, item[1], index=item[0])  # no frame of its own
 
-    header = {"method": params.method, "request": request_info(params, prep)}
-    answered = failed = 0
     statuses: dict[str, int] = {}
-    held: list[dict[str, Any]] | None = None
+    failed = [0]
+
+    def count(entry: dict[str, Any]) -> None:
+        status = entry.get("status")
+        if status is None:
+            failed[0] += 1
+        else:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+
     batches = fan_out(
         list(enumerate(urls)),
         step,
@@ -870,28 +876,21 @@ async def run_many(job: Job[RESTParams], ctx: ProbeContext) -> AsyncGenerator[di
         budget=prep.client.budget,
         chunk=params.chunk_responses,
     )
-    async with contextlib.aclosing(batches):
-        async for batch in batches:
-            for entry in batch:
-                status = entry.get("status")
-                if status is None:
-                    failed += 1
-                else:
-                    answered += 1
-                    statuses[str(status)] = statuses.get(str(status), 0) + 1
-            if held is not None:  # the last chunk carries responses as well as the totals
-                yield {**header, "responses": held}
-            held = batch
-    yield {
-        **header,
-        "responses": held or [],
-        "summary": {
+    chunks = result_chunks(
+        batches,
+        header={"method": params.method, "request": request_info(params, prep)},
+        key="responses",
+        count=count,
+        summary=lambda: {
             "requests": len(urls),
-            "answered": answered,
-            "failed": failed,
+            "answered": sum(statuses.values()),
+            "failed": failed[0],
             "statuses": statuses,
         },
-    }
+    )
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield chunk
 
 
 def _target_host(params: RESTParams) -> str | None:

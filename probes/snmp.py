@@ -95,7 +95,7 @@ from bridge.errors import (
     ProtocolError,
     Refused,
 )
-from bridge.fanout import fan_out
+from bridge.fanout import fan_out, result_chunks
 from bridge.jobs import (
     Credential,
     Job,
@@ -1956,37 +1956,28 @@ async def run_many(job: Job[SnmpParams], ctx: ProbeContext) -> AsyncGenerator[di
             targets, one, limit=params.concurrency, budget=pool.budget, chunk=params.chunk_agents
         )
 
-    answered = failed = varbinds = requests = 0
-    held: list[dict[str, Any]] | None = None
-    async with contextlib.aclosing(batches):
-        async for batch in batches:
-            for entry in batch:
-                if "error" in entry:
-                    failed += 1
-                    requests += entry.get("requests", 0)
-                    continue
-                answered += 1
-                summary = entry.get("summary")
-                if summary is None:  # a compact GET entry
-                    varbinds += len(entry["varbinds"])
-                    requests += entry["requests"]
-                else:
-                    varbinds += summary["varbinds"]
-                    requests += summary["requests"]
-            if held is not None:  # the last chunk carries agents as well as the totals
-                yield {**header, "agents": held}
-            held = batch
-    yield {
-        **header,
-        "agents": held or [],
-        "summary": {
-            "agents": len(hosts),
-            "answered": answered,
-            "failed": failed,
-            "varbinds": varbinds,
-            "requests": requests,
-        },
-    }
+    totals = {"agents": len(hosts), "answered": 0, "failed": 0, "varbinds": 0, "requests": 0}
+
+    def count(entry: dict[str, Any]) -> None:
+        if "error" in entry:
+            totals["failed"] += 1
+            totals["requests"] += entry.get("requests", 0)
+            return
+        totals["answered"] += 1
+        summary = entry.get("summary")
+        if summary is None:  # a compact GET entry
+            totals["varbinds"] += len(entry["varbinds"])
+            totals["requests"] += entry["requests"]
+        else:
+            totals["varbinds"] += summary["varbinds"]
+            totals["requests"] += summary["requests"]
+
+    chunks = result_chunks(
+        batches, header=header, key="agents", count=count, summary=lambda: dict(totals)
+    )
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield chunk
 
 
 SPEC = ProbeSpec(
