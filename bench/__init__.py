@@ -12,8 +12,8 @@ import asyncio
 import importlib
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 class Benchmark:
     name: str
     summary: str
-    module: str  # holds ``async def <function>(broker, rounds) -> Result``
-    function: str = "run"
+    module: str  # holds ``async def run(broker, rounds, **options) -> Result``
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -57,7 +57,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "snmp-get-1",
             "snmp-get with one GET a job: the per-job cost (GETs/s, no goal)",
             "bench.snmp",
-            "run_single",
+            {"many": False},
         ),
         Benchmark(
             "ssh",
@@ -74,12 +74,12 @@ BENCHMARKS: dict[str, Benchmark] = {
             "http-1",
             "http with one request a job: the per-job cost (req/s, no goal)",
             "bench.http",
-            "run_single",
+            {"many": False},
         ),
     )
 }
 
-Runner = Callable[[tuple[str, int] | None, int], Awaitable["Result"]]
+Runner = Callable[..., Awaitable["Result"]]  # run(broker, rounds, **options)
 
 
 def _run_loop(make: Callable[[], Awaitable[Result]]) -> Result:
@@ -122,9 +122,9 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
     tune_gc()
     machine = machine_info()
     module = importlib.import_module(chosen.module)
-    run: Runner = getattr(module, chosen.function)
+    run: Runner = module.run
     try:
-        result = _run_loop(lambda: run(broker, rounds))
+        result = _run_loop(lambda: run(broker, rounds, **chosen.options))
     except BenchError as exc:
         print(f"midbridge bench {name}: {exc}", file=sys.stderr)
         return 1

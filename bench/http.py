@@ -39,6 +39,7 @@ from bench.common import (
 from bench.targets import (
     HTTP_BODY,
     bench_config,
+    count_answers,
     cpu_table,
     http_server,
     jobs_beside_peer,
@@ -130,53 +131,34 @@ def urls_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
     ]
 
 
+def _right(entry: dict[str, Any]) -> bool:
+    return bool(entry.get("status") == 200 and entry.get("body") == HTTP_BODY.decode())
+
+
 def check_urls(results: list[JobResult]) -> tuple[int, list[str]]:
-    """A request counts when its response entry has status 200 and the body."""
-    ok = 0
-    bad: list[str] = []
-    want = HTTP_BODY.decode()
-    for result in results:
-        if result.error_string:
-            bad.append(result.error_string)
-            continue
-        for record in result.records:
-            for entry in (record.get("payload") or {}).get("responses") or []:
-                if entry.get("status") == 200 and entry.get("body") == want:
-                    ok += 1
-                else:
-                    bad.append(f"unexpected answer: {str(entry)[:200]}")
-    return ok, bad
+    """http: a request counts when its response entry has status 200 and the body."""
+    return count_answers(
+        results,
+        lambda r: [
+            (str(entry.get("url")), entry)
+            for record in r.records
+            for entry in (record.get("payload") or {}).get("responses") or []
+        ],
+        _right,
+    )
 
 
 def check_requests(results: list[JobResult]) -> tuple[int, list[str]]:
-    ok = 0
-    bad: list[str] = []
-    want = HTTP_BODY.decode()
-    for result in results:
-        payload = result.final.get("payload") or {}
-        if result.error_string:
-            bad.append(result.error_string)
-        elif payload.get("status") == 200 and payload.get("body") == want:
-            ok += 1
-        else:
-            bad.append(f"unexpected answer: status {payload.get('status')}")
-    return ok, bad
+    """http-1: the job's one answer has status 200 and the body."""
+    return count_answers(results, lambda r: [("job", r.final.get("payload") or {})], _right)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
-    """http: jobs of 100 URLs each (the goal: ≥ 0.7 of the bare loop)."""
-    return await _run(broker, rounds, many=True)
-
-
-async def run_single(broker: tuple[str, int] | None, rounds: int) -> Result:
-    """http-1: one request a job (no goal: what the pipeline costs per job)."""
-    return await _run(broker, rounds, many=False)
-
-
-async def _run(broker: tuple[str, int] | None, rounds: int, *, many: bool) -> Result:
+async def run(broker: tuple[str, int] | None, rounds: int, *, many: bool = True) -> Result:
+    """http: jobs of 100 URLs each (the goal: ≥ 0.7 of the bare loop); ``many=False``,
+    http-1: one request a job (no goal: what the pipeline costs per job)."""
     agent = f"bench-http-{random_tag()}"
     result = Result(
         name="http" if many else "http-1",

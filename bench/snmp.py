@@ -50,6 +50,7 @@ from bench.targets import (
     SNMPD,
     SnmpEndpoint,
     bench_config,
+    count_answers,
     cpu_table,
     first_line,
     jobs_beside_peer,
@@ -233,27 +234,13 @@ def _answered(entries: list[dict[str, Any]]) -> bool:
     return len(entries) == 2 and bool(names) and str(names[0]).startswith("bench-snmpd-")
 
 
-def _count(
-    results: list[JobResult], answers: Callable[[JobResult], list[tuple[str, list[Any]]]]
-) -> tuple[int, list[str]]:
-    """GETs answered right; ``answers(result)`` gives (who, operation entries) per GET."""
-    ok = 0
-    bad: list[str] = []
-    for result in results:
-        if result.error_string:
-            bad.append(result.error_string)
-            continue
-        for who, entries in answers(result):
-            if _answered(entries):
-                ok += 1
-            else:
-                bad.append(f"{who}: unexpected answer {orjson.dumps(entries)[:200]!r}")
-    return ok, bad
-
-
 def check_gets(results: list[JobResult]) -> tuple[int, list[str]]:
     """snmp-get-1: one GET a job, its entries in the final record."""
-    return _count(results, lambda r: [("job", (r.final.get("payload") or {}).get("results") or [])])
+    return count_answers(
+        results,
+        lambda r: [("job", (r.final.get("payload") or {}).get("results") or [])],
+        _answered,
+    )
 
 
 def check_hosts(results: list[JobResult]) -> tuple[int, list[str]]:
@@ -266,23 +253,15 @@ def check_hosts(results: list[JobResult]) -> tuple[int, list[str]]:
             for agent in (record.get("payload") or {}).get("agents") or []
         ]
 
-    return _count(results, answers)
+    return count_answers(results, answers, _answered)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
-    """snmp-get: jobs that each poll all the agents (the goal: ≥ 0.7 of the bare loop)."""
-    return await _run(broker, rounds, many=True)
-
-
-async def run_single(broker: tuple[str, int] | None, rounds: int) -> Result:
-    """snmp-get-1: one GET a job (no goal: what the pipeline costs per job)."""
-    return await _run(broker, rounds, many=False)
-
-
-async def _run(broker: tuple[str, int] | None, rounds: int, *, many: bool) -> Result:
+async def run(broker: tuple[str, int] | None, rounds: int, *, many: bool = True) -> Result:
+    """snmp-get: jobs that each poll all the agents (the goal: ≥ 0.7 of the bare loop);
+    ``many=False``, snmp-get-1: one GET a job (no goal: what the pipeline costs per job)."""
     agent = f"bench-snmp-{random_tag()}"
     groups = agent_addresses(AGENTS, PROCESSES)
     result = Result(

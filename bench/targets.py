@@ -837,6 +837,27 @@ async def jobs_beside_peer(
     await side_by_side(result, rounds, peer_side, ours_side)
 
 
+def count_answers(
+    results: list[JobResult],
+    answers: Callable[[JobResult], list[tuple[str, Any]]],
+    right: Callable[[Any], bool],
+) -> tuple[int, list[str]]:
+    """Units answered right, and what went wrong: ``answers(result)`` gives (who, answer)
+    for each unit of a job; a job's error string counts as one failure."""
+    ok = 0
+    bad: list[str] = []
+    for result in results:
+        if result.error_string:
+            bad.append(result.error_string)
+            continue
+        for who, answer in answers(result):
+            if right(answer):
+                ok += 1
+            else:
+                bad.append(f"{who}: unexpected answer {orjson.dumps(answer)[:200]!r}")
+    return ok, bad
+
+
 def cpu_table(result: Result, target: str) -> Table:
     """CPU per unit of each side, of the targets meanwhile and of the bench's driver."""
 
