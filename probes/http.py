@@ -541,10 +541,8 @@ def _timeout(total: float) -> aiohttp.ClientTimeout:
 
 
 async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """At most ``limit`` bytes of the body, and whether there was more."""
-    length = resp.content_length
-    if length is not None and length <= limit and "Content-Encoding" not in resp.headers:
-        return await resp.read(), False  # Content-Length counts compressed bytes: not then
+    """At most ``limit`` bytes of the body, and whether there was more (for a body whose
+    size is not known to fit: :func:`fetch` reads one that is whole)."""
     buf = bytearray()
     content = resp.content
     while len(buf) <= limit:  # every turn reads at least one byte or ends the loop
@@ -727,7 +725,7 @@ async def fetch(
                 and length.isdigit()
                 and int(length) <= params.max_body
                 and hdrs.CONTENT_ENCODING not in resp.headers
-            ):  # the usual case: the whole body, without _read_body's checks
+            ):  # known to fit (Content-Length counts compressed bytes: not then)
                 body, truncated = await resp.read(), False
             else:
                 body, truncated = await _read_body(resp, params.max_body)
