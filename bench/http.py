@@ -8,8 +8,9 @@ uvloop, no access log), so it shares neither the bridge's nor the driver's event
   uvloop): one ``ClientSession`` with ``TCPConnector(limit=100)``, :data:`IN_FLIGHT`
   worker tasks each doing ``async with session.get(url) as r: await r.read()`` in turn.
 - ours (``http``): RESTProbe jobs of :data:`URLS_PER_JOB` requests each (``{"urls":
-  [URL, ...]}``), :data:`URLS_BATCH` records a message, timed from the first publish to
-  the last complete answer. The probe's shared ``ClientSession`` has ``limit`` 100 and
+  [URL, ...], "response_headers": false}``: the peer reads status and body, not
+  headers), :data:`URLS_BATCH` records a message, timed from the first publish to the
+  last complete answer. The probe's shared ``ClientSession`` has ``limit`` 100 and
   ``limit_per_host`` = ``limits.per_host``, set to 100 here (the default, 8, would cap
   one target at 8 connections); its urls jobs have 100 requests in flight at most
   (``max_in_flight`` = ``limit``), like the peer.
@@ -126,7 +127,11 @@ def http_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
 def urls_jobs(agent_id: str, url: str, requests: int) -> list[dict[str, Any]]:
     """``requests`` GETs of ``url`` as jobs of :data:`URLS_PER_JOB` requests each."""
     return [
-        output_record("RESTProbe", agent=agent_id, payload={"urls": [url] * URLS_PER_JOB})
+        output_record(
+            "RESTProbe",
+            agent=agent_id,
+            payload={"urls": [url] * URLS_PER_JOB, "response_headers": False},
+        )
         for _ in range(max(1, requests // URLS_PER_JOB))
     ]
 

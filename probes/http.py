@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
+from bridge.deadlines import Deadlines
 from bridge.errors import (
     BadParameter,
     BridgeError,
@@ -179,6 +180,7 @@ class RESTParams(ProbeParams):
     max_body: int = Field(1_048_576, ge=0)
     ca_file: str | None = Field(None, min_length=1, max_length=4096)
     verify: bool = True
+    response_headers: bool = True  # false: the result leaves out the response's headers
     concurrency: int = Field(100, ge=1, le=10_000)  # requests of a ``urls`` job at once
     chunk_responses: int = Field(100, ge=1, le=100_000)  # responses in one result chunk
 
@@ -397,12 +399,14 @@ class HttpClient:
         # Requests of urls jobs at once, all jobs together: the pool's size by default, so
         # requests wait here (cheaply) rather than in the connector.
         self.budget = asyncio.Semaphore(settings.max_in_flight or settings.limit)
+        self.deadlines = Deadlines()  # every request's timeout, checked by one timer
 
     @property
     def closed(self) -> bool:
         return self.session.closed
 
     async def aclose(self) -> None:
+        self.deadlines.close()
         await self.session.close()
 
     def ssl_for(self, *, verify: bool, ca_file: str | None) -> ssl.SSLContext | bool:
@@ -533,11 +537,6 @@ def _decode(data: bytes, charset: str | None, truncated: bool) -> str | None:
             except UnicodeDecodeError:
                 return None
         return None
-
-
-@functools.lru_cache(maxsize=64)
-def _timeout(total: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total)
 
 
 async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -678,10 +677,9 @@ async def prepare(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -
             headers["Content-Type"] = "text/plain; charset=utf-8"
     ssl_arg = client.ssl_for(verify=params.verify, ca_file=params.ca_file)
     # Only what differs from aiohttp's defaults: each keyword costs on every request.
-    options: dict[str, Any] = {
-        "max_redirects": params.max_redirects,
-        "timeout": _timeout(params.timeout),
-    }
+    # No per-request timeout for aiohttp (its timer costs a few µs a request): fetch
+    # applies params.timeout through the client's Deadlines.
+    options: dict[str, Any] = {"max_redirects": params.max_redirects}
     if headers:
         options["headers"] = headers
     if params.query:
@@ -711,6 +709,7 @@ async def fetch(
         timing = _Timing()
         options = {**options, "trace_request_ctx": timing}
     started = time.perf_counter()
+    expiry = client.deadlines.start(params.timeout)  # the whole request, redirects included
     try:
         async with client.session.request(params.method, url, **options) as resp:
             first_byte = time.perf_counter()
@@ -731,14 +730,20 @@ async def fetch(
                 body, truncated = await _read_body(resp, params.max_body)
             if truncated:
                 resp.close()  # unread bytes: this connection cannot go back to the pool
+    except asyncio.CancelledError:
+        if not expiry.timed_out():
+            raise  # cancelled from outside (the job's deadline, a cancel, shutdown)
+        return _failed(TimeoutError(), params, url, index)
     except (BridgeError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-        error = exc if isinstance(exc, BridgeError) else _translate(exc, params)
-        if index is None:
-            raise error from None
-        return {"index": index, "url": url, **error_payload(error)}
+        # Our deadline's cancel turned into another error on its way out: a timeout.
+        return _failed(TimeoutError() if expiry.expired else exc, params, url, index)
+    finally:
+        client.deadlines.end(expiry)
     finished = time.perf_counter()
-    result = describe(resp, url, params.method, body, truncated, index=index)
-    if prep.credential is not None:
+    result = describe(
+        resp, url, params.method, body, truncated, index=index, headers=params.response_headers
+    )
+    if prep.credential is not None and params.response_headers:
         # A session cookie won with our credential is as good as the credential.
         result["headers"] = [
             [k, _redact_cookie(v) if k.lower() == "set-cookie" else v] for k, v in result["headers"]
@@ -756,6 +761,14 @@ async def fetch(
     if tls is not None:
         result["tls"] = tls
     return result
+
+
+def _failed(exc: BaseException, params: RESTParams, url: str, index: int | None) -> dict[str, Any]:
+    """A request's failure: raised as the bridge's error, or (a urls job) an error entry."""
+    error = exc if isinstance(exc, BridgeError) else _translate(exc, params)
+    if index is None:
+        raise error from None
+    return {"index": index, "url": url, **error_payload(error)}
 
 
 def request_info(params: RESTParams, prep: Prepared) -> dict[str, Any]:
@@ -785,8 +798,10 @@ def describe(
     truncated: bool,
     *,
     index: int | None = None,
+    headers: bool = True,
 ) -> dict[str, Any]:
-    """Status, headers and body of a finished response, ready for JSON (see :func:`fetch`)."""
+    """Status, headers (unless ``headers`` is false) and body of a finished response, ready
+    for JSON (see :func:`fetch`)."""
     content_type, charset, is_json = _media_type(resp.headers.get(hdrs.CONTENT_TYPE))
     history = resp.history
     result: dict[str, Any] = (
@@ -805,7 +820,8 @@ def describe(
             {"status": hop.status, "url": str(hop.url), "location": hop.headers.get("Location")}
             for hop in history
         ]
-    result["headers"] = list(resp.headers.items())  # (name, value) pairs: JSON arrays
+    if headers:
+        result["headers"] = list(resp.headers.items())  # (name, value) pairs: JSON arrays
     result["content_type"] = content_type
     text: str | None = None
     if charset is None and b"\x00" not in body:  # the usual case: UTF-8 by default

@@ -546,6 +546,30 @@ async def test_timeout_is_a_probe_timeout(ctx: ProbeContext, target: Target) -> 
     assert time.monotonic() - started < 2.0
 
 
+async def test_response_headers_false_leaves_the_headers_out(
+    ctx: ProbeContext, target: Target
+) -> None:
+    result = await probe(ctx, {"url": f"{target.http}/hello", "response_headers": False})
+    assert result["status"] == 200
+    assert result["body"] == "hello"
+    assert "headers" not in result
+    assert "headers" in (await probe(ctx, {"url": f"{target.http}/hello"}))
+
+
+async def test_a_job_cancelled_from_outside_is_not_reported_as_a_timeout(
+    ctx: ProbeContext, target: Target
+) -> None:
+    task = asyncio.create_task(probe(ctx, {"url": f"{target.http}/slow", "timeout": 0.3}))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.4)  # past the request's deadline: nothing fires at a task gone
+    client = ctx.resources["http"]
+    assert isinstance(client, HttpClient)
+    assert len(client.deadlines) == 0
+
+
 async def test_refused_connection(ctx: ProbeContext) -> None:
     with pytest.raises(ConnectionRefused, match="refused"):
         await probe(ctx, {"url": f"http://127.0.0.1:{closed_port()}/"})

@@ -219,6 +219,35 @@ async def test_every_url_answers_with_its_index_in_chunks(
     orjson.dumps(chunks)  # the chunks travel as JSON
 
 
+async def test_response_headers_false_leaves_the_headers_out(
+    ctx: ProbeContext, target: Target
+) -> None:
+    urls = [f"{target.http}/hello", f"{target.http}/json"]
+    chunks = await run_chunks(ctx, {"urls": urls, "response_headers": "false"})
+    entries = by_index(chunks)
+    assert [entries[i]["status"] for i in (0, 1)] == [200, 200]
+    assert entries[0]["body"] == "hello"
+    assert entries[1]["content_type"] == "application/json"  # kept: it says how to read body
+    assert entries[1]["json"]["items"] == [1, 2, 3]
+    assert all("headers" not in entry for entry in entries.values())
+    with_headers = by_index(await run_chunks(ctx, {"urls": urls}))
+    assert all("headers" in entry for entry in with_headers.values())
+
+
+async def test_a_timed_out_request_does_not_cancel_the_next_one_of_its_worker(
+    ctx: ProbeContext, target: Target
+) -> None:
+    # One worker: the slow URL's deadline fires, then the same task runs the fast ones.
+    urls = [f"{target.http}/slow", f"{target.http}/hello", f"{target.http}/hello"]
+    chunks = await run_chunks(ctx, {"urls": urls, "timeout": 0.2, "concurrency": 1})
+    entries = by_index(chunks)
+    assert entries[0]["error"]["kind"] == "timeout"
+    assert [entries[i]["body"] for i in (1, 2)] == ["hello", "hello"]
+    client = ctx.resources["http"]
+    assert isinstance(client, HttpClient)
+    assert len(client.deadlines) == 0  # every request's deadline was taken back
+
+
 async def test_failed_requests_are_entries_not_a_failed_job(
     ctx: ProbeContext, target: Target
 ) -> None:
