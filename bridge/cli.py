@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -16,6 +15,7 @@ from typing import Any
 from bridge import __version__
 from bridge.config import BrokerConfig, Config, load_config
 from bridge.errors import BridgeError
+from bridge.signals import StopSignals
 
 log = logging.getLogger("midbridge")
 
@@ -117,11 +117,8 @@ async def _serve(config: Config) -> int:
 
     tune_gc()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
+        stop = stack.enter_context(StopSignals())
         bridge = await stack.enter_async_context(Bridge(config))
         if config.metrics_port is not None:
             from bridge.metrics import serve_metrics

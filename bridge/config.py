@@ -49,11 +49,21 @@ class BrokerConfig(Section):
     reconnect_min: float = Field(0.2, gt=0)
     reconnect_max: float = Field(10.0, gt=0)
     protocol: Literal["5", "3.1.1"] = "5"
+    # Log each MQTT session in as its own user, <username>.bulk / .express / .out, whose
+    # client id is that name: with Mosquitto's use_username_as_clientid (the hardened
+    # compose broker) no other user can then take a session over (docs/security.md).
+    session_users: bool = False
 
     @field_validator("protocol", mode="before")
     @classmethod
     def _protocol_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _session_users_need_a_user(self) -> BrokerConfig:
+        if self.session_users and not self.username:
+            raise ValueError("username: required when session_users is on")
+        return self
 
 
 class BridgeSection(Section):
@@ -74,6 +84,7 @@ class SecurityConfig(Section):
     require_validation: bool = True  # credential-bearing jobs refused until validated
     require_signatures: bool = False  # the hardened config turns this on
     platform_key: str | None = None  # the platform's Ed25519 public key, raw, base64
+    clock_skew: float = Field(60.0, ge=0, le=3600)  # seconds a signed record's times may be off
     status_interval: float = Field(30.0, gt=0, le=3600)  # seconds between status records
 
     @model_validator(mode="after")
@@ -130,6 +141,24 @@ class Config(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /healthz and /metrics; None: off
+
+    @model_validator(mode="after")
+    def _ledger_outlives_signatures(self) -> Config:
+        """Signed jobs are taken only while the ledger still remembers the ones that ran."""
+        if self.security.require_signatures and (
+            self.limits.dedupe_window <= 2 * self.security.clock_skew
+        ):
+            raise ValueError(
+                "limits.dedupe_window: must be longer than 2 x security.clock_skew when "
+                "signatures are required (a signed job is accepted for at most "
+                "dedupe_window - 2 x clock_skew seconds after it was signed)"
+            )
+        return self
+
+    @property
+    def signature_max_age(self) -> float:
+        """Seconds after ``issued_at`` a signed record is still taken (replay protection)."""
+        return self.limits.dedupe_window - 2 * self.security.clock_skew
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

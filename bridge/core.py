@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from bridge import __version__
-from bridge.config import Config
+from bridge.config import BrokerConfig, Config
 from bridge.control import CONTROL_RESOURCE
 from bridge.credentials import LocalCredentials, NoCredentials, of_types
 from bridge.egress import Egress
@@ -146,7 +146,11 @@ class Bridge:
         self.resources: dict[str, Any] = {CONTROL_RESOURCE: self}  # shared clients probes open
         self.identity = Identity(config.bridge.state_dir)
         self.signatures = (
-            SignatureCheck(config.security.platform_key)
+            SignatureCheck(
+                config.security.platform_key,
+                clock_skew=config.security.clock_skew,
+                max_age=config.signature_max_age,
+            )
             if config.security.require_signatures and config.security.platform_key
             else None
         )
@@ -164,6 +168,7 @@ class Bridge:
     async def __aenter__(self) -> Bridge:
         cfg = self.config
         limits = cfg.limits
+        self._warn_insecure_settings()
         try:
             state_dir = cfg.bridge.state_dir
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -183,25 +188,30 @@ class Bridge:
                 output_topic = f"$share/{cfg.bridge.shared_group}/{output_topic}"
                 client_base = f"{client_base}-{cfg.bridge.instance or self.host}"
             # The publishing session is the bulk one; the egress waits on its connection.
+            broker, client_id = self._session_login(client_base, "bulk")
             self.bulk = MqttSession(
-                cfg.broker,
-                client_id=f"{client_base}-bulk",
+                broker,
+                client_id=client_id,
                 subscriptions=[output_topic],
+                subscription_record=state_dir / "subscriptions-bulk.json",
                 on_message=self._on_bulk,
                 receive_maximum=limits.max_in_flight,
             )
+            broker, client_id = self._session_login(client_base, "express")
             self.express = MqttSession(
-                cfg.broker,
-                client_id=f"{client_base}-express",
+                broker,
+                client_id=client_id,
                 subscriptions=[self.topics.express],
+                subscription_record=state_dir / "subscriptions-express.json",
                 on_message=self._on_express,
                 receive_maximum=limits.express_in_flight,
             )
             # Results go out on a session of their own, so that pausing intake (flow
             # control) never holds back the PUBACKs egress waits for.
+            broker, client_id = self._session_login(client_base, "out")
             self.out = MqttSession(
-                cfg.broker,
-                client_id=f"{client_base}-out",
+                broker,
+                client_id=client_id,
                 receive_maximum=limits.express_in_flight,
                 # The broker publishes this if we die: the retained status turns Down.
                 will=(self.topics.status, orjson.dumps(self.status_record(status="Down"))),
@@ -257,6 +267,33 @@ class Bridge:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+
+    def _session_login(self, client_base: str, session: str) -> tuple[BrokerConfig, str]:
+        """The broker login and client id of one session (bulk, express or out).
+
+        With ``broker.session_users`` each session logs in as ``<username>.<session>`` and
+        uses that name as its client id, as a broker with ``use_username_as_clientid``
+        does: a client id then belongs to one user, and no other can take it over.
+        """
+        broker = self.config.broker
+        if not broker.session_users:
+            return broker, f"{client_base}-{session}"
+        session_user = f"{broker.username}.{session}"
+        return broker.model_copy(update={"username": session_user}), session_user
+
+    def _warn_insecure_settings(self) -> None:
+        """Say it once at start when the broker or the jobs are not authenticated."""
+        if not self.config.broker.username:
+            log.warning(
+                "broker.username is not set: the bridge connects anonymously, so the broker "
+                "cannot tell it from any other client (see docs/security.md)"
+            )
+        if not self.config.security.require_signatures:
+            log.warning(
+                "security.require_signatures is off: whoever may publish to %s can command "
+                "this bridge (see docs/security.md, signed jobs)",
+                self.topics.output,
+            )
 
     async def _drain(self) -> None:
         """Stop intake, wait for running jobs up to the deadline, then cancel the rest."""

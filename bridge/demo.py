@@ -33,7 +33,6 @@ import contextlib
 import ipaddress
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from bridge.demo_targets import (
     describe,
 )
 from bridge.embedded_broker import BrokerEndpoint, embedded_broker
+from bridge.signals import StopSignals
 
 ADMIN_PASSWORD_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
 DEMO_AGENT = "demo"
@@ -219,10 +219,21 @@ def schedule_fields(agent: str, plan: DiscoveryPlan) -> dict[str, Any]:
     }
 
 
-async def ensure_mid_user(admin: Admin, password: str) -> str:
-    """``mid.user`` with role ``mid_server`` (web service only); 'created' or 'exists'."""
-    if await admin.query("sys_user", f"user_name={MID_USER}", limit=1):
-        return "exists"
+async def ensure_mid_user(admin: Admin, password: str, agent: str) -> str:
+    """``mid.user`` with role ``mid_server`` (web service only), acting for ``agent`` only
+    (``sys_user.mid_agents``); 'created', 'bound' (it existed: now acts for ``agent`` too)
+    or 'exists'."""
+    found = await admin.query("sys_user", f"user_name={MID_USER}", limit=1)
+    if found:
+        agents = {a for a in str(found[0].get("mid_agents") or "").split(",") if a}
+        if agent in agents:
+            return "exists"
+        await admin.call(
+            "PATCH",
+            f"/api/now/table/sys_user/{found[0]['sys_id']}",
+            {"mid_agents": ",".join(sorted(agents | {agent}))},
+        )
+        return "bound"
     user = await admin.insert(
         "sys_user",
         {
@@ -231,6 +242,7 @@ async def ensure_mid_user(admin: Admin, password: str) -> str:
             "last_name": "Server",
             "user_password": password,
             "web_service_access_only": True,
+            "mid_agents": agent,
         },
     )
     await admin.insert(
@@ -264,7 +276,7 @@ async def validate_agent(
         f"agent: mid.server.{agent} is Up (key fingerprint {fingerprint[:16]}…), not validated;"
         " validating it (admin action)"
     )
-    await admin.call("POST", f"/api/midbridge/agents/{agent}/validate")
+    await admin.call("POST", f"/api/midbridge/agents/{agent}/validate", {})
     row = await admin.wait_until(
         f"the agent {agent} confirming its validation",
         lambda: agent_row(lambda r: r.get("validated") == "true"),
@@ -320,7 +332,7 @@ async def follow_run(
                 break
             if time.monotonic() > deadline:
                 with contextlib.suppress(DemoError):
-                    await admin.call("POST", f"/api/midbridge/discovery/{status_id}/cancel")
+                    await admin.call("POST", f"/api/midbridge/discovery/{status_id}/cancel", {})
                 raise DemoError(f"the discovery run did not finish within {timeout:g} s")
             await asyncio.sleep(0.15)
             status = await admin.get("discovery_status", status_id)
@@ -396,8 +408,10 @@ async def discover(
 ) -> int:
     """The demo's loop on an instance: mid.user, validation, credentials, a schedule, a
     run with a progress bar, the CIs. 0 when the run completed and found CIs."""
-    made = await ensure_mid_user(admin, mid_password or secrets.token_urlsafe(18))
-    console.print(f"instance: user {MID_USER} (role mid_server, web service only) {made}")
+    made = await ensure_mid_user(admin, mid_password or secrets.token_urlsafe(18), agent)
+    console.print(
+        f"instance: user {MID_USER} (role mid_server, web service only, agent {agent}) {made}"
+    )
     await validate_agent(admin, console, agent, agent_timeout)
     await admin.upsert(
         "discovery_credentials",
@@ -430,7 +444,7 @@ async def discover(
         f"{ports.http} → HTTP, {ports.https} → HTTPS; UDP {ports.snmp} → SNMP"
     )
     status, run = await admin.call(
-        "POST", f"/api/midbridge/discovery/{schedule['sys_id']}/run", allow=(404,)
+        "POST", f"/api/midbridge/discovery/{schedule['sys_id']}/run", {}, allow=(404,)
     )
     if status == 404 or not isinstance(run, dict):
         raise DemoError(
@@ -484,16 +498,8 @@ def _targets_table(running: RunningTargets) -> Table:
 
 
 async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with StopSignals() as stop:
         await stop.wait()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
 
 async def run_demo(

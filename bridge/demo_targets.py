@@ -44,7 +44,6 @@ import ipaddress
 import os
 import secrets
 import shlex
-import signal
 import ssl
 import sys
 import tempfile
@@ -65,6 +64,8 @@ from pyasn1.codec.ber import decoder as ber_decoder
 from pyasn1.codec.ber import encoder as ber_encoder
 from pyasn1.error import PyAsn1Error
 from pysnmp.proto import api as snmp_api
+
+from bridge.signals import StopSignals
 
 # Read by ``python -m bridge.demo_targets`` and ``python -m bridge.demo`` (compose). Not
 # MIDBRIDGE_*: the bridge's configuration takes every MIDBRIDGE_<KEY> as a setting.
@@ -922,10 +923,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(settings: TargetSettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with StopSignals() as stop:
+        return await _serve_until(settings, stop)
+
+
+async def _serve_until(settings: TargetSettings, stop: asyncio.Event) -> int:
     async with demo_targets(settings) as running:
         for item in running.listening:
             print(f"{item.target.name:<9} {item.where:<24} {describe(item.target)}", flush=True)

@@ -11,7 +11,10 @@
   data, so a ciphertext copied into another job's record does not open.
 - **Signed jobs**: the platform signs each output record with Ed25519 over its canonical
   form (the record without ``signature``, JSON with sorted keys, compact); the bridge,
-  given the platform's public key, refuses unsigned or badly signed records.
+  given the platform's public key, refuses unsigned or badly signed records. The signed
+  form carries its freshness (``issued_at``, ``valid_until``, epoch seconds, added by
+  ``sign_record``): a signed record without them, or past them, is refused, so a captured
+  job cannot be replayed once the bridge's dedupe ledger has forgotten it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,10 @@ from bridge.jobs import Credential
 
 _INFO = b"midbridge credentials v1"
 SIGNATURE_FIELD = "signature"
+ISSUED_AT_FIELD = "issued_at"
+VALID_UNTIL_FIELD = "valid_until"
+DEFAULT_SIGNATURE_VALIDITY = 86_400.0  # seconds a signed record stays valid (the broker's
+# default session expiry: as long as a broker keeps a job for an absent bridge)
 
 
 def b64(data: bytes) -> str:
@@ -205,15 +213,50 @@ def canonical(record: dict[str, Any]) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
-def sign_record(private: Ed25519PrivateKey, record: dict[str, Any]) -> dict[str, Any]:
-    """The platform's side: a copy of ``record`` with its ``signature``."""
-    return {**record, SIGNATURE_FIELD: b64(private.sign(canonical(record)))}
+def sign_record(
+    private: Ed25519PrivateKey,
+    record: dict[str, Any],
+    *,
+    valid_for: float = DEFAULT_SIGNATURE_VALIDITY,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The platform's side: a copy of ``record`` with its freshness and its ``signature``.
+
+    ``issued_at`` (now) and ``valid_until`` (now + ``valid_for``) are set, replacing any
+    the record had, and signed with the rest: a bridge refuses the record after
+    ``valid_until``.
+    """
+    issued_at = time.time() if now is None else now
+    fresh = {**record, ISSUED_AT_FIELD: issued_at, VALID_UNTIL_FIELD: issued_at + valid_for}
+    return {**fresh, SIGNATURE_FIELD: b64(private.sign(canonical(fresh)))}
+
+
+def _signed_time(record: dict[str, Any], field: str) -> float:
+    """A freshness field of a signed record, as epoch seconds (BadRecord naming it)."""
+    value = record.get(field)
+    if value is None:
+        raise BadRecord(
+            "is missing: a signed record must carry issued_at and valid_until, signed with it "
+            "(bridge.identity.sign_record adds them); without them it could be replayed forever",
+            field=field,
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise BadRecord("must be a number of epoch seconds", field=field)
+    return float(value)
 
 
 class SignatureCheck:
-    """Verifies output records against the platform's Ed25519 public key."""
+    """Verifies output records against the platform's Ed25519 public key, and their freshness.
 
-    def __init__(self, public_key_b64: str) -> None:
+    A record is fresh from ``issued_at`` to ``valid_until``, each widened by
+    ``clock_skew``, and never longer than ``max_age`` seconds after ``issued_at``: the bridge
+    sets that to what its dedupe ledger remembers, so a job it ran is refused as stale
+    before the ledger forgets it.
+    """
+
+    def __init__(
+        self, public_key_b64: str, *, clock_skew: float = 60.0, max_age: float | None = None
+    ) -> None:
         try:
             raw = base64.b64decode(public_key_b64, validate=True)
             self.key = Ed25519PublicKey.from_public_bytes(raw)
@@ -224,6 +267,8 @@ class SignatureCheck:
                 "must be the platform's raw Ed25519 public key, base64",
                 field="security.platform_key",
             ) from None
+        self.clock_skew = clock_skew
+        self.max_age = max_age
 
     def verify(self, record: dict[str, Any]) -> None:
         signature = record.get(SIGNATURE_FIELD)
@@ -240,3 +285,25 @@ class SignatureCheck:
                 "does not verify with the platform's key (tampered or signed by another key)",
                 field="signature",
             ) from None
+        self.check_fresh(record, time.time())
+
+    def check_fresh(self, record: dict[str, Any], now: float) -> None:
+        """Refuse a signed record issued in the future or past its validity (field named)."""
+        issued_at = _signed_time(record, ISSUED_AT_FIELD)
+        valid_until = _signed_time(record, VALID_UNTIL_FIELD)
+        if issued_at - self.clock_skew > now:
+            raise BadRecord(
+                f"signed {issued_at - now:.0f} s in the future, more than the "
+                f"{self.clock_skew:g} s of clock skew allowed (security.clock_skew)",
+                field=ISSUED_AT_FIELD,
+            )
+        last_valid = valid_until
+        if self.max_age is not None:
+            last_valid = min(valid_until, issued_at + self.max_age)
+        if now > last_valid + self.clock_skew:
+            raise BadRecord(
+                f"the signed record expired {now - last_valid:.0f} s ago (signed at "
+                f"{issued_at:.0f}, valid until {last_valid:.0f}, clock skew allowed "
+                f"{self.clock_skew:g} s): a stale or replayed job is not run",
+                field=VALID_UNTIL_FIELD,
+            )

@@ -49,6 +49,8 @@ class OutputRecord:
     timeout: float | None = None  # seconds the job may run, else the configured default
     expires_at: float | None = None  # epoch seconds; not started by then: an error record
     credentials: tuple[Any, ...] = ()  # credentials sealed to this bridge's key, for this job
+    issued_at: float | None = None  # epoch seconds the platform signed it (signed records)
+    valid_until: float | None = None  # epoch seconds its signature stops being accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +223,8 @@ def _record_from_dict(raw: dict[str, Any]) -> OutputRecord:
     if timeout is not None and not 0 < timeout <= 86_400:
         raise BadRecord("must be between 0 and 86400 seconds", field="timeout")
     expires_at = _number(raw, "expires_at")
+    issued_at = _number(raw, "issued_at")
+    valid_until = _number(raw, "valid_until")
     sealed = raw.get("credentials") or ()
     if not isinstance(sealed, list | tuple) or len(sealed) > 32:
         raise BadRecord("must be a list of at most 32 sealed credentials", field="credentials")
@@ -238,6 +242,8 @@ def _record_from_dict(raw: dict[str, Any]) -> OutputRecord:
         timeout=timeout,
         expires_at=expires_at,
         credentials=tuple(sealed),
+        issued_at=issued_at,
+        valid_until=valid_until,
     )
 
 

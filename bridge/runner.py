@@ -80,12 +80,17 @@ async def answer_rejected(
     submit: Submit,
     counters: Counters,
 ) -> None:
-    """One complete error record for a job that never ran."""
+    """One complete error record for a job that never ran.
+
+    Its ``sys_id`` stays out of the dedupe ledger: a refused record proves nothing about
+    the job of that id (a forged, unsigned one would otherwise make the bridge drop the
+    real job as a duplicate). Only jobs that were admitted and ran are remembered.
+    """
     counters.failure(error.kind)
     if isinstance(item, Rejected):
         counters.rejected += 1
     record = error_input(item, error, agent=agent)
-    await submit([record.to_wire()], item.sys_id)
+    await submit([record.to_wire()], None)
 
 
 async def run_job(

@@ -16,6 +16,12 @@ gmqtt 0.8 and Mosquitto 2.0 as they behave (tests/test_mqtt_client.py shows each
   pending we stop reading the socket until they drop below 90 %: TCP
   flow control holds the backlog in the broker, and our memory stays bounded.
 - **Shutdown stops reconnects** even during a reconnect back-off.
+- **Never deaf.** Every connect subscribes to the current topics, whether the broker
+  resumed the session or not: a session resumed by a process started with another topic
+  prefix or shared group would otherwise keep only the old subscriptions. MQTT cannot
+  list a session's subscriptions, so with ``subscription_record`` (a file in the state
+  directory) the topics subscribed last time are remembered, and those no longer wanted
+  are unsubscribed (they would deliver jobs meant for others, or duplicates).
 
 ``publish`` returns once the broker's PUBACK arrives (``AckTrackingStorage``); messages in
 flight when the connection drops are resent by gmqtt. Persistent session (clean start
@@ -26,13 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gmqtt
+import orjson
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from bridge.config import BrokerConfig
@@ -76,6 +85,30 @@ def ssl_context(cfg: BrokerConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
+def _read_record(path: Path | None) -> list[str]:
+    """The topics a subscription record lists; [] when there is none or it is unreadable."""
+    if path is None:
+        return []
+    try:
+        topics = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable subscription record %s: %s", path, exc)
+        return []
+    if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+        log.warning("ignoring subscription record %s: not a list of topics", path)
+        return []
+    return topics
+
+
+def _write_record(path: Path, topics: Sequence[str]) -> None:
+    """Replace the record atomically (a crash leaves the old one or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(sorted(topics)))
+    os.replace(tmp, path)
+
+
 class _Client(gmqtt.Client):  # type: ignore[misc]
     """gmqtt's client, with a reconnect that honours ``disconnect()`` during its back-off."""
 
@@ -104,11 +137,14 @@ class MqttSession:
         receive_maximum: int = 1000,
         clean_start: bool = False,
         will: tuple[str, bytes] | None = None,
+        subscription_record: Path | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
+        self._record = subscription_record
+        self._stale = sorted(set(_read_record(subscription_record)) - set(self.subscriptions))
         self._on_message = on_message
         self._log = logger or log
         self._acks = AckTrackingStorage()
@@ -116,6 +152,7 @@ class MqttSession:
         self._failure: BrokerRefused | None = None
         self._backoff = cfg.reconnect_min
         self._subacks_seen = 0
+        self._unsubacks_seen = 0
         self._suback_event = asyncio.Event()
         self._closing = False
         self._session_present = False
@@ -151,6 +188,7 @@ class MqttSession:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_unsubscribe = self._handle_unsubscribe
 
     def _hook_puback(self) -> None:
         """Drop the PUBACKs our handlers mark ``_NO_ACK`` (gmqtt 0.8 internals)."""
@@ -181,12 +219,15 @@ class MqttSession:
             self.client_id,
             "resumed" if self._session_present else "new",
         )
-        if self.subscriptions and not self._session_present:
-            # No session on the broker (first start, or it expired): subscribe (again).
-            # gmqtt itself never resubscribes.
-            self._subacks_seen = 0
-            for topic in self.subscriptions:
-                client.subscribe(topic, qos=1)
+        # Subscribe on every connect, resumed session or not (gmqtt never resubscribes):
+        # the session may be one an earlier process made with other topics.
+        self._subacks_seen = 0
+        self._unsubacks_seen = 0
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        for topic in self._stale:
+            self._log.info("unsubscribing from %s (no longer configured)", topic)
+            client.unsubscribe(topic)
         if self.generation > 1:
             for callback in self.on_reconnect:
                 callback()
@@ -210,6 +251,10 @@ class MqttSession:
                     field="subscribe",
                 )
                 self._log.error("%s", self._failure)
+
+    def _handle_unsubscribe(self, client: Any, mid: int, *args: Any) -> None:
+        self._unsubacks_seen += 1
+        self._suback_event.set()
 
     async def _handle_message(
         self, client: Any, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
@@ -313,15 +358,25 @@ class MqttSession:
             raise BrokerRefused(
                 f"the broker refused the connection: {reason}", field="broker"
             ) from None
-        if self.subscriptions and not self._session_present:
+        if self.subscriptions or self._stale:
             await self.check_subscriptions()
         return self
 
     async def check_subscriptions(self, wait: float = 5.0) -> None:
-        """Wait for every SUBACK; a refused subscription is fatal and named."""
+        """Wait for every SUBACK and UNSUBACK; a refused subscription is fatal and named.
+
+        Then the subscription record holds exactly the current topics.
+        """
+
+        def answered() -> bool:
+            return (
+                self._subacks_seen >= len(self.subscriptions)
+                and self._unsubacks_seen >= len(self._stale)
+            ) or self._failure is not None
+
         try:
             async with asyncio.timeout(wait):
-                while self._subacks_seen < len(self.subscriptions) and self._failure is None:
+                while not answered():
                     await self._suback_event.wait()
                     self._suback_event.clear()
         except TimeoutError:
@@ -330,6 +385,9 @@ class MqttSession:
             ) from None
         if self._failure is not None:
             raise self._failure
+        if self._record is not None:
+            _write_record(self._record, self.subscriptions)
+        self._stale = []
 
     @property
     def failure(self) -> BrokerRefused | None:

@@ -7,6 +7,9 @@
 # The password comes from $MID_PASSWORD if it is set, else mosquitto_passwd asks for it
 # (twice). Running the script again for the same user and agent sets a new password and
 # leaves the ACL as it is; a user already serving another agent is refused.
+# A MID also gets USER.bulk, USER.express and USER.out, with the same password: the
+# bridge's sessions with broker.session_users on (compose/mosquitto-secure.conf binds a
+# client id to its user with use_username_as_clientid, so no user takes another's session).
 #
 # Files (mode 600) in $MOSQUITTO_AUTH_DIR, default compose/mosquitto/auth: `passwords`
 # (mosquitto_passwd) and `acl` (rendered from compose/mosquitto/*.acl.template). Topics start
@@ -42,6 +45,7 @@ case $1 in
     kind=platform
     agent=
     user=${2:-platform}
+    session_users=
     marker="# platform as $user"
     ;;
 -*) usage ;;
@@ -50,6 +54,7 @@ case $1 in
     agent=$1
     user=${2:-mid.user.$1}
     marker="# mid $agent as $user"
+    session_users="$user.bulk $user.express $user.out"
     valid "$agent" '[A-Za-z0-9_.-]{1,64}' ||
         die "agent must be 1-64 of A-Z a-z 0-9 _ . - (as bridge.agent), got '$agent'"
     ;;
@@ -81,9 +86,12 @@ fi
 if grep -qxF "$marker" "$acl"; then
     acl_note="its ACL block was already in $acl"
     block=
-elif grep -qxF "user $user" "$acl"; then
-    die "user $user already has an ACL block in $acl for another agent (one broker user per agent)"
 else
+    for name in $user $session_users; do
+        if grep -qxF "user $name" "$acl"; then
+            die "user $name already has an ACL block in $acl for another agent (one broker user per agent)"
+        fi
+    done
     block=$(sed -e '/^##/d' \
         -e "s|@AGENT@|$agent|g" \
         -e "s|@MID_USER@|$user|g" \
@@ -93,14 +101,25 @@ else
     acl_note="ACL block added to $acl"
 fi
 
-if [ -n "${MID_PASSWORD:-}" ]; then
-    printf '%s\n%s\n' "$MID_PASSWORD" "$MID_PASSWORD" | "$passwd_bin" "$passwords" "$user" >/dev/null
-else
-    "$passwd_bin" "$passwords" "$user"
+if [ -z "${MID_PASSWORD:-}" ] && [ -n "$session_users" ]; then
+    # One password for the user and its session users: ask once, without echo.
+    stty -echo 2>/dev/null || true
+    printf 'Password for %s: ' "$user" >&2
+    IFS= read -r MID_PASSWORD || MID_PASSWORD=
+    stty echo 2>/dev/null || true
+    printf '\n' >&2
+    [ -n "$MID_PASSWORD" ] || die "empty password"
 fi
+for name in $user $session_users; do
+    if [ -n "${MID_PASSWORD:-}" ]; then
+        printf '%s\n%s\n' "$MID_PASSWORD" "$MID_PASSWORD" | "$passwd_bin" "$passwords" "$name" >/dev/null
+    else
+        "$passwd_bin" "$passwords" "$name"
+    fi
+done
 if [ -n "$block" ]; then
     printf '%s\n\n' "$block" >>"$acl"
 fi
 
-echo "$user: password set in $passwords; $acl_note."
+echo "$user${session_users:+ (and $session_users)}: password set in $passwords; $acl_note."
 echo "A running broker reads both files again on SIGHUP (compose: docker compose kill -s SIGHUP mosquitto)."

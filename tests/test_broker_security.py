@@ -193,6 +193,14 @@ def test_script_renders_one_block_per_user_and_refuses_bad_names(tmp_path: Path)
         "topic read ecc/dc1/output/interactive",
         "topic write ecc/dc1/input",
         "topic write ecc/dc1/status",
+        # The bridge's sessions with broker.session_users, each with what it does.
+        "user mid.user.dc1.bulk",
+        "topic read ecc/dc1/output",
+        "user mid.user.dc1.express",
+        "topic read ecc/dc1/output/interactive",
+        "user mid.user.dc1.out",
+        "topic write ecc/dc1/input",
+        "topic write ecc/dc1/status",
     ]
     assert oct((auth / "acl").stat().st_mode & 0o777) == "0o600"
     assert oct((auth / "passwords").stat().st_mode & 0o777) == "0o600"
@@ -209,6 +217,16 @@ def test_script_renders_one_block_per_user_and_refuses_bad_names(tmp_path: Path)
     assert taken.returncode == 2
     assert "already has an ACL block" in taken.stderr
     assert (auth / "passwords").read_text() == hashes
+    # Nor may another agent's user be one of dc1's session users, or have one that is.
+    clash = make_user(auth, "dc2", "mid.user.dc1.bulk", password="fourth")
+    assert clash.returncode == 2
+    assert "already has an ACL block" in clash.stderr
+    assert (auth / "passwords").read_text() == hashes
+    other = tmp_path / "other"
+    assert make_user(other, "dc3", "shared.out").returncode == 0
+    clash = make_user(other, "dc4", "shared", password="fourth")
+    assert clash.returncode == 2
+    assert "user shared.out already has an ACL block" in clash.stderr
     # Names that would widen an ACL line or break a file are refused, nothing written.
     for args in (
         ["dc/2"],

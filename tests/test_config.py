@@ -97,3 +97,25 @@ def test_other_commands_variables_are_left_alone() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, environ={"MIDBRIDGE_NOSUCH__KEY": "1"})
     assert info.value.field == "nosuch"
+
+
+def test_session_users_without_a_broker_user_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[broker]\nsession_users = true\n"), environ={})
+    assert info.value.field == "broker"
+    assert "username" in str(info.value)
+
+
+def test_signatures_need_a_dedupe_window_longer_than_twice_the_clock_skew(
+    tmp_path: Path,
+) -> None:
+    key = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+    text = (
+        f'[security]\nrequire_signatures = true\nplatform_key = "{key}"\nclock_skew = 60\n'
+        "[limits]\ndedupe_window = 120\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert "limits.dedupe_window" in str(info.value)
+    config = load_config(write(tmp_path, text.replace("= 120", "= 121")), environ={})
+    assert config.signature_max_age == 1.0

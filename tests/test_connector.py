@@ -68,6 +68,8 @@ class Platform:
         self, method: str, path: str, body: Any = None, *, user: tuple[str, str] | None = None
     ) -> tuple[int, Any]:
         headers = {"Authorization": basic(*(user or ("admin", ADMIN_PASSWORD)))}
+        if body is None and method == "POST":
+            body = {}  # the action endpoints take JSON only (CSRF)
         if body is not None:
             headers["Content-Type"] = "application/json"
         async with self.http.request(
@@ -384,6 +386,12 @@ async def test_repeated_chunks_are_stored_once_and_other_runs_change_nothing(
             await asyncio.sleep(0.3)
 
         async with session:
+            # Answers count only for an output that was sent: the fake bridge reports Up.
+            await session.publish(f"{plat.prefix}/{unique_agent}/status", b'{"status": "Up"}')
+            deadline = time.monotonic() + 5
+            while (await plat.record("ecc_queue", sys_id))["state"] != "processing":
+                assert time.monotonic() < deadline, "the output was never sent"
+                await asyncio.sleep(0.05)
             a0 = chunk("run-a", 0, False)
             await send(a0, a0, chunk("run-a", 2, True))  # run a: a chunk repeated, one missing
             await send(a0)
@@ -397,19 +405,23 @@ async def test_repeated_chunks_are_stored_once_and_other_runs_change_nothing(
             [done] = await plat.wait_done([sys_id], timeout=5)
             assert done["state"] == "error"
             assert done["error_string"] == "timeout: within 1 s"
-            await send(chunk("run-a", 1, False))  # run a completes later: changes nothing
+            await send(chunk("run-a", 1, False))  # run a completes later: refused, not awaited
             await send({**chunk("run-x", 0, True), "response_to": other["sys_id"]})
             await settle()
 
         rows = await plat.inputs(sys_id)
         keys = sorted((r["run"], r["sequence"]) for r in rows)
-        assert keys == [("run-a", "0"), ("run-a", "1"), ("run-a", "2"), ("run-b", "0"),
-                        ("run-b", "1")]  # fmt: skip
+        assert keys == [("run-a", "0"), ("run-a", "2"), ("run-b", "0"), ("run-b", "1")]
         assert (await plat.record("ecc_queue", sys_id))["state"] == "error"
         assert await plat.inputs(other["sys_id"]) == []  # another agent's output
         stats = plat.connector.stats
         assert stats.duplicates >= 3
-        assert stats.refused_inputs == 1
+        assert stats.refused_inputs == 2  # the late chunk, and another agent's output
+        letters = await plat.query("ecc_dead_letter", f"agent={unique_agent}")
+        assert {d["reason"] for d in letters} == {
+            f"output {other['sys_id']} was sent to another agent",
+            f"output {sys_id} is not awaiting an answer (state error)",
+        }
 
 
 # --- agents -------------------------------------------------------------------------------

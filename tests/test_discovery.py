@@ -105,6 +105,8 @@ class Lab:
         self, method: str, path: str, body: Any = None, *, user: tuple[str, str] | None = None
     ) -> tuple[int, Any]:
         headers = {"Authorization": basic(*(user or ("admin", ADMIN_PASSWORD)))}
+        if body is None and method == "POST":
+            body = {}  # the action endpoints take JSON only (CSRF)
         if body is not None:
             headers["Content-Type"] = "application/json"
         data = None if body is None else orjson.dumps(body)

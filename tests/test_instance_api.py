@@ -142,10 +142,12 @@ async def test_admin_creates_mid_user_through_the_api(api: Api) -> None:
             "last_name": "Server",
             "user_password": MID_PW,
             "web_service_access_only": True,
+            "mid_agents": "a",
         },
     )
     assert created.status == 201, created.text
     user = created.result
+    assert user["mid_agents"] == "a"
     assert "user_password" not in user
     assert user["web_service_access_only"] == "true"
     assert created.headers["Location"].endswith(f"{TABLE}/sys_user/{user['sys_id']}")
@@ -169,11 +171,13 @@ async def test_admin_creates_mid_user_through_the_api(api: Api) -> None:
     assert listed.status == 200, listed.text
     assert listed.result == []
     assert listed.headers["X-Total-Count"] == "0"
+    output = await post_output(api, "mid.server.a")
     posted = await api.post(
         f"{TABLE}/ecc_queue",
-        {"queue": "input", "topic": "Echo", "agent": "mid.server.a", "payload": {"ok": True}},
+        {"queue": "input", "topic": "Echo", "agent": "mid.server.a", "payload": {"ok": True},
+         "response_to": output["sys_id"]},
         user="mid.user",
-    )
+    )  # fmt: skip
     assert posted.status == 201, posted.text
     assert posted.result["payload"] == '{"ok":true}'
 
@@ -362,7 +366,7 @@ async def test_credentials_refused_with_401(api: Api, inst: Instance) -> None:
 async def test_inactive_user_refused_until_reactivated(api: Api, inst: Instance) -> None:
     user = await make_user(inst, "sleepy", "mid_server", active=False)
     _message, detail = (await api.get(f"{TABLE}/ecc_queue", user="sleepy")).error(401)
-    assert detail == "User sleepy is inactive"
+    assert detail == "Invalid user name or password"  # as a wrong password: no oracle
     assert (await api.patch(f"{TABLE}/sys_user/{user['sys_id']}", {"active": "true"})).status == 200
     assert (await api.get(f"{TABLE}/ecc_queue", user="sleepy")).status == 200
     assert (await api.patch(f"{TABLE}/sys_user/{user['sys_id']}", {"active": False})).status == 200
@@ -418,7 +422,7 @@ async def test_user_without_the_role_gets_403(api: Api, inst: Instance) -> None:
 
 
 async def test_mid_server_reads_outputs_writes_inputs_and_claims(api: Api, inst: Instance) -> None:
-    await make_user(inst, "mid.user", "mid_server")
+    await make_user(inst, "mid.user", "mid_server", mid_agents=["a"])
     output = await post_output(api, priority=1)
     path = f"{TABLE}/ecc_queue/{output['sys_id']}"
     got = await api.get(path, user="mid.user")
@@ -426,6 +430,10 @@ async def test_mid_server_reads_outputs_writes_inputs_and_claims(api: Api, inst:
     claimed = await api.patch(path, {"state": "processing"}, user="mid.user")
     assert claimed.status == 200, claimed.text
     assert claimed.result["state"] == "processing"
+    answer = {"queue": "input", "response_to": output["sys_id"], "sequence": 0, "run": "r1"}
+    inp = await api.post(f"{TABLE}/ecc_queue", answer, user="mid.user")
+    assert inp.status == 201
+    assert inp.result["agent"] == "mid.server.a"  # the output's agent
     put = await api.call(
         "PUT",
         path,
@@ -443,12 +451,9 @@ async def test_mid_server_reads_outputs_writes_inputs_and_claims(api: Api, inst:
         "creating an ecc_queue output record requires role discovery_admin"
         in new_output.error(403)[1]
     )
-    inp = await api.post(
-        f"{TABLE}/ecc_queue",
-        {"queue": "input", "response_to": output["sys_id"], "sequence": 0, "run": "r1"},
-        user="mid.user",
-    )
-    assert inp.status == 201
+    again = await api.post(f"{TABLE}/ecc_queue", answer, user="mid.user")
+    assert again.status == 200  # a repeated chunk, after the output closed: the stored one
+    assert again.result["sys_id"] == inp.result["sys_id"]
     inp_path = f"{TABLE}/ecc_queue/{inp.result['sys_id']}"
     assert (await api.patch(inp_path, {"state": "processed"}, user="mid.user")).status == 403
     assert (await api.call("DELETE", path, user="mid.user")).error(403)[
@@ -462,7 +467,7 @@ async def test_mid_server_reads_outputs_writes_inputs_and_claims(api: Api, inst:
 
 
 async def test_agent_record_rules(api: Api, inst: Instance) -> None:
-    await make_user(inst, "mid.user", "mid_server")
+    await make_user(inst, "mid.user", "mid_server", mid_agents=["a"])
     agent = await api.post(
         f"{TABLE}/ecc_agent", {"name": "a", "host": "h", "status": "Up"}, user="mid.user"
     )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.harness import REPO
 
@@ -40,3 +46,91 @@ def test_wheel_contents(tmp_path: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "midbridge = bridge.cli:main" in text
     assert not any(n.startswith("tests/") for n in names)
+
+
+# --- the lock: constraints.txt (scripts/lock) ---------------------------------------------
+
+LOCK = REPO / "constraints.txt"
+
+
+def locked_pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def declared_requirements() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    texts = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    return [Requirement(text) for text in texts]
+
+
+def test_lock_pins_every_declared_dependency_within_its_range() -> None:
+    pins = locked_pins()
+    for requirement in declared_requirements():
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is in pyproject.toml but not in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {requirement}"
+        )
+
+
+def test_installed_versions_are_the_locked_ones() -> None:
+    """What scripts/test installed is the lock (`scripts/test --latest` deselects this)."""
+    drift = {}
+    for name, version in locked_pins().items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # a package of another platform or Python (none on CI's)
+        if installed != version:
+            drift[name] = (version, installed)
+    assert not drift, f"installed versions differ from constraints.txt: {drift}"
+
+
+def test_every_install_path_uses_the_lock() -> None:
+    readme = (REPO / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "midbridge demo" in line)
+    assert "pip install -c constraints.txt ." in first, first
+    dockerfile = (REPO / "compose" / "Dockerfile").read_text()
+    installs = [ln for ln in dockerfile.splitlines() if "pip install" in ln]
+    assert installs
+    assert all("-c constraints.txt" in ln for ln in installs), installs
+    assert 'install --quiet -c "$LOCK"' in (REPO / "scripts" / "test").read_text()
+
+
+def quiet_run(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run with Python's default warning filters (not pytest's) and no -W from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+
+def test_commands_print_no_warnings() -> None:
+    """cryptography's DSA deprecation, raised while asyncssh imports, is not shown."""
+    midbridge = str(Path(sys.executable).with_name("midbridge"))
+    help_run = quiet_run(midbridge, "--help")
+    assert help_run.returncode == 0
+    assert help_run.stderr == ""
+    imports = quiet_run(
+        sys.executable, "-c", "import bridge.demo, bridge.demo_targets, probes.ssh, asyncssh"
+    )
+    assert imports.returncode == 0, imports.stderr
+    assert imports.stderr == ""
+
+
+def test_the_dsa_filter_is_narrow() -> None:
+    """The same warning from any module but asyncssh's is still shown."""
+    code = (
+        "import bridge, warnings\n"
+        "from cryptography.utils import CryptographyDeprecationWarning as W\n"
+        "warnings.warn_explicit('DSA is deprecated', W, 'x.py', 1, module='ours')\n"
+        "warnings.warn_explicit('RSA is deprecated', W, 'x.py', 2, module='asyncssh.x')\n"
+    )
+    run = quiet_run(sys.executable, "-c", code)
+    assert "DSA is deprecated" in run.stderr
+    assert "RSA is deprecated" in run.stderr

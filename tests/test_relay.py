@@ -85,12 +85,14 @@ class Snow:
 
 
 @asynccontextmanager
-async def snow(tmp_path: Path) -> AsyncIterator[Snow]:
+async def snow(tmp_path: Path, agent: str) -> AsyncIterator[Snow]:
+    """The instance, with ``mid.user`` (role mid_server) acting for ``agent``."""
     inst = Instance(InstanceConfig(db=tmp_path / "snow.sqlite3", admin_password=ADMIN_PASSWORD))
     async with inst, aiohttp.ClientSession() as http:
         await auth.create_user(
-            inst.store, "mid.user", MID_PASSWORD, roles=["mid_server"], web_service_access_only=True
-        )
+            inst.store, "mid.user", MID_PASSWORD, roles=["mid_server"],
+            web_service_access_only=True, mid_agents=[agent],
+        )  # fmt: skip
         yield Snow(inst, http)
 
 
@@ -111,7 +113,7 @@ async def test_records_round_trip_through_relay_and_bridge_xml_in_the_results_en
 ) -> None:
     prefix = "r" + uuid.uuid4().hex[:12]
     async with AsyncExitStack() as stack:
-        sn = await stack.enter_async_context(snow(tmp_path))
+        sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
         config.bridge.topic_prefix = prefix
         await stack.enter_async_context(Bridge(config))
@@ -167,7 +169,7 @@ async def test_relay_publishes_again_what_was_not_answered_within_the_lease(
 ) -> None:
     prefix = "r" + uuid.uuid4().hex[:12]
     async with AsyncExitStack() as stack:
-        sn = await stack.enter_async_context(snow(tmp_path))
+        sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         relay = await stack.enter_async_context(
             Relay(
                 relay_settings(sn.inst.url, unique_agent, prefix, lease=1.0),
@@ -211,7 +213,7 @@ def test_results_envelope_escapes_and_names() -> None:
 async def test_relay_command_line(broker: BrokerAddress, unique_agent: str, tmp_path: Path) -> None:
     prefix = "r" + uuid.uuid4().hex[:12]
     async with AsyncExitStack() as stack:
-        sn = await stack.enter_async_context(snow(tmp_path))
+        sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
         config.bridge.topic_prefix = prefix
         await stack.enter_async_context(Bridge(config))

@@ -7,7 +7,10 @@
   start time and a few statistics.
 - **Validation is the platform's decision.** A status record cannot make an agent
   validated: only an administrator's ``validate`` action, confirmed by the bridge's answer
-  for the very fingerprint the action named, sets ``validated``. A new key (another
+  for the very fingerprint the action named, sets ``validated``. The action records its
+  output's sys_id in ``ecc_agent.validation_request`` before the job exists; an answer to
+  any other validate job (one written straight into the store, say) validates nothing,
+  and the request is closed once answered (it survives a restart). A new key (another
   fingerprint) or a bridge that reports itself not validated clears it; ``invalidate``
   clears it at once, before the bridge even answers. Credentials go only to agents with
   ``validated`` true, sealed to the public key whose SHA-256 is the stored fingerprint.
@@ -28,6 +31,7 @@ import hashlib
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +40,14 @@ import orjson
 from aiohttp import web
 
 from bridge.control import STATUSES
-from bridge.instance.api import ApiError, to_wire
-from bridge.instance.auth import Authenticator, AuthError
+from bridge.instance.api import (
+    ApiError,
+    authenticate,
+    authenticator_of,
+    json_object_body,
+    to_wire,
+)
+from bridge.instance.auth import MID_AGENT_NAME, AuthError
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Conflict, Record, Store
 from bridge.records import now_text
@@ -51,7 +61,9 @@ HEARTBEAT = "HeartbeatProbe"
 SYSTEM_COMMAND = "SystemCommand"
 ADMIN_ACTIONS = ("validate", "invalidate", "pause", "resume", "drain")
 ACTIONS = (*ADMIN_ACTIONS, "cancel", "stats")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# A MID name: 1-100 of A-Za-z0-9_.- starting with a letter or digit (so never "." or "..",
+# never a slash): what every entry point of a name checks (valid_agent_name).
+NAME_PATTERN = MID_AGENT_NAME
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _STATS_KEYS = (
     "in_flight",
@@ -63,6 +75,10 @@ _STATS_KEYS = (
 )
 
 
+class StatusRefused(ValueError):
+    """A status record that cannot be used (the connector keeps it as a dead letter)."""
+
+
 class AgentActionError(ValueError):
     """An admin action that cannot be sent; ``status`` is the HTTP status to answer with."""
 
@@ -70,6 +86,12 @@ class AgentActionError(ValueError):
         super().__init__(message)
         self.message = message
         self.status = status
+
+
+def valid_agent_name(name: object) -> bool:
+    """Is ``name`` a MID name (without ``mid.server.``) in the safe alphabet? For every
+    place a name enters: the Table API, the agent actions, status topics, URLs."""
+    return isinstance(name, str) and MID_AGENT_NAME.match(name) is not None
 
 
 def agent_id(name: str) -> str:
@@ -153,12 +175,16 @@ async def admin_action(
     """
     if action not in ACTIONS:
         raise AgentActionError(f"unknown action {action[:40]!r}; one of {', '.join(ACTIONS)}")
-    if not NAME_PATTERN.match(name):
-        raise AgentActionError("agent name must be 1-64 of A-Za-z0-9_.-", status=404)
+    if not valid_agent_name(name):
+        raise AgentActionError(
+            "agent name must be 1-100 of A-Za-z0-9_.- starting with a letter or digit",
+            status=404,
+        )
     agent = await find_agent(store, name)
     if agent is None:
         raise AgentActionError(f"no agent named {name!r}", status=404)
     payload: dict[str, Any] = {"command": action}
+    output = {"sys_id": uuid.uuid4().hex}
     if action == "validate":
         pair = key_and_fingerprint(agent)
         if pair is None:
@@ -166,14 +192,18 @@ async def admin_action(
                 f"agent {name!r} has reported no usable public key yet", status=409
             )
         payload["fingerprint"] = pair[1]
+        # Recorded before the job exists: only its answer may set validated (Agents).
+        await store.update(AGENT_TABLE, agent["sys_id"], {"validation_request": output["sys_id"]})
     elif action == "invalidate":
-        await store.update(AGENT_TABLE, agent["sys_id"], {"validated": False})
+        await store.update(
+            AGENT_TABLE, agent["sys_id"], {"validated": False, "validation_request": ""}
+        )
     elif action == "cancel":
         if not job_sys_id or not _JOB_ID.match(job_sys_id):
             raise AgentActionError("cancel needs sys_id: the output record to cancel")
         payload["sys_id"] = job_sys_id
     return await store.insert(
-        ECC_TABLE, control_output(name, SYSTEM_COMMAND, payload, command=action)
+        ECC_TABLE, {**control_output(name, SYSTEM_COMMAND, payload, command=action), **output}
     )
 
 
@@ -208,6 +238,7 @@ class Agents:
         self._lock = asyncio.Lock()  # one writer of ecc_agent at a time
         self.heartbeats_sent = 0
         self.heartbeats_missed = 0
+        self.refused_validations = 0  # validate answers no administrator asked for
 
     async def load(self) -> None:
         for row in await self.store.query(AGENT_TABLE):
@@ -231,7 +262,15 @@ class Agents:
     # --- status records --------------------------------------------------------------
 
     async def on_status(self, name: str, data: Mapping[str, Any]) -> None:
-        """One status record from ``<prefix>/<name>/status``."""
+        """One status record from ``<prefix>/<name>/status``. Raises ``StatusRefused`` for
+        a record that cannot be used (the connector dead-letters the message)."""
+        if not isinstance(data, Mapping):
+            raise StatusRefused(f"a status record is a JSON object, not {type(data).__name__}")
+        status = data.get("status", "Up")
+        if not isinstance(status, str) or status not in STATUSES:
+            raise StatusRefused(
+                f"status must be one of {', '.join(STATUSES)}, not {str(status)[:40]!r}"
+            )
         async with self._lock:
             await self._apply(name, data, confirm_fingerprint=None)
 
@@ -239,7 +278,7 @@ class Agents:
         self, name: str, data: Mapping[str, Any], *, confirm_fingerprint: str | None
     ) -> None:
         status = data.get("status")
-        if status not in STATUSES:
+        if not isinstance(status, str) or status not in STATUSES:
             status = "Up"
         if name in self._missed and status != "Down":
             # Alive by its own word, but our heartbeat went unanswered: ask again now.
@@ -338,12 +377,29 @@ class Agents:
                         AGENT_TABLE, row["sys_id"], {"last_heartbeat": now_text()}
                     )
                 return
+            confirm = await self._admin_validation(name, output)
             if failed or not isinstance(status, dict):
                 return
-            confirm = None
-            if output.get("name") == "validate" or _command(output) == "validate":
-                confirm = _command_field(output, "fingerprint")
             await self._apply(name, status, confirm_fingerprint=confirm)
+
+    async def _admin_validation(self, name: str, output: Mapping[str, Any]) -> str | None:
+        """The fingerprint an answer to ``output`` confirms: only for the validate job an
+        administrator started (``ecc_agent.validation_request``), which it then closes."""
+        if output.get("name") != "validate" and _command(output) != "validate":
+            return None
+        row = await find_agent(self.store, name)
+        requested = str((row or {}).get("validation_request") or "")
+        if row is None or not requested or requested != output.get("sys_id"):
+            self.refused_validations += 1
+            self._log.warning(
+                "agent %s: answer to validate output %s, which no administrator started "
+                "or which is no longer awaited: it does not validate the agent",
+                name,
+                output.get("sys_id"),
+            )
+            return None
+        await self.store.update(AGENT_TABLE, row["sys_id"], {"validation_request": ""})
+        return _command_field(output, "fingerprint")
 
     # --- heartbeats ------------------------------------------------------------------
 
@@ -429,20 +485,15 @@ def add_routes(app: web.Application, store: Store, *, platform_key: str | None =
     """``POST /api/midbridge/agents/<name>/<action>`` (admin only; body ``{"sys_id"}`` for
     cancel) answers 201 with the SystemCommand output record; ``GET
     /api/midbridge/platform_key`` gives the Ed25519 public key bridges verify jobs with."""
-    authenticator = Authenticator(store)
+    authenticator = authenticator_of(app, store)
     ecc = TABLES[ECC_TABLE]
 
     async def action(request: web.Request) -> web.Response:
-        who = await authenticator.authenticate(request.headers.get("Authorization"))
+        who = await authenticate(request, authenticator)
         if not who.is_admin:
             raise AuthError(403, "agent actions require role admin")
-        body: Any = {}
-        if request.can_read_body:
-            try:
-                body = orjson.loads(await request.read())
-            except orjson.JSONDecodeError:
-                raise ApiError(400, "Invalid JSON in the request body") from None
-        job = body.get("sys_id") if isinstance(body, dict) else None
+        body = await json_object_body(request)  # JSON only: no cross-site form can send it
+        job = body.get("sys_id")
         try:
             row = await admin_action(
                 store,

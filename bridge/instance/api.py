@@ -25,15 +25,16 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from bridge.instance import auth
 from bridge.instance.auth import Authenticator, AuthError, Principal
 from bridge.instance.cmdb import CI_TABLE, class_view
-from bridge.instance.query import QueryError, escape, parse
+from bridge.instance.query import MAX_TERMS, QueryError, escape, parse
 from bridge.instance.store import (
     TABLES,
     Conflict,
@@ -72,11 +73,19 @@ LIST_PARAMS = frozenset(
 )
 
 
+MAX_JSON_DEPTH = 64  # nesting of arrays/objects in a request body (orjson writes ~254 at most)
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
     max_body_bytes: int = 1_048_576
     default_limit: int = 1_000
     max_limit: int = 10_000
+    # Behind a TLS proxy: take the client's address from the last X-Forwarded-For entry and
+    # HTTPS from X-Forwarded-Proto. Off by default: anyone could send those headers.
+    trust_forwarded: bool = False
+    throttle: auth.ThrottleSettings = field(default_factory=auth.ThrottleSettings)
 
 
 class ApiError(Exception):
@@ -175,6 +184,10 @@ async def error_middleware(
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.detail)
+    except auth.SignInThrottled as exc:
+        response = error_response(exc.status, exc.message, exc.detail)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except AuthError as exc:
         return error_response(exc.status, exc.message, exc.detail)
     except QueryError as exc:
@@ -201,6 +214,122 @@ async def error_middleware(
         return error_response(500, "Internal server error", "see the instance's log")
 
 
+@web.middleware
+async def origin_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """CSRF: a state-changing request whose ``Origin`` is present and not this instance's
+    own is refused with 403 before anything else (credentials included) is looked at."""
+    if request.method in UNSAFE_METHODS:
+        origin = request.headers.get("Origin")
+        if origin is not None and not same_origin(request, origin):
+            raise ApiError(
+                403,
+                "Cross-origin request refused",
+                f"Origin {origin[:100]!r} is not this instance ({request.host[:100]})",
+            )
+    return await handler(request)
+
+
+def same_origin(request: web.Request, origin: str) -> bool:
+    """Is ``origin`` (an ``Origin`` header) the host and port this request was sent to?
+    The scheme is not compared: behind a TLS proxy the browser's is https, ours http."""
+    try:
+        theirs = URL(origin)
+        ours = URL(f"{theirs.scheme}://{request.host}")
+    except ValueError:
+        return False
+    if theirs.scheme not in ("http", "https") or not theirs.host or theirs.path not in ("", "/"):
+        return False
+    return (theirs.host.lower(), theirs.port) == ((ours.host or "").lower(), ours.port)
+
+
+def settings_of(request: web.Request) -> ApiSettings:
+    table_api = request.app.get(TABLE_API)
+    return table_api.settings if table_api is not None else ApiSettings()
+
+
+def _last_entry(header: str | None) -> str:
+    return (header or "").rpartition(",")[2].strip()
+
+
+def request_scheme(request: web.Request) -> str:
+    """``https`` or ``http``: as the client sent it (X-Forwarded-Proto when trusted)."""
+    if settings_of(request).trust_forwarded:
+        forwarded = _last_entry(request.headers.get("X-Forwarded-Proto")).lower()
+        if forwarded in ("http", "https"):
+            return forwarded
+    return "https" if request.secure else "http"
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address (the last X-Forwarded-For entry when trusted)."""
+    if settings_of(request).trust_forwarded:
+        forwarded = _last_entry(request.headers.get("X-Forwarded-For"))
+        if forwarded:
+            return forwarded[:64]
+    return request.remote or ""
+
+
+async def authenticate(request: web.Request, authenticator: Authenticator) -> Principal:
+    """Basic authentication of ``request``, throttled per user and client address."""
+    return await authenticator.authenticate(
+        request.headers.get("Authorization"), client_address(request)
+    )
+
+
+def json_depth_exceeded(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Does ``value`` (parsed JSON) nest arrays/objects deeper than ``limit``?"""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body's JSON, or ApiError 400 (not JSON, or nested too deep)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "Invalid JSON in the request body", str(exc)) from None
+    if json_depth_exceeded(body):
+        raise ApiError(
+            400,
+            "The request body is nested too deeply",
+            f"at most {MAX_JSON_DEPTH} levels of arrays and objects",
+        )
+    return body
+
+
+async def json_object_body(request: web.Request, limit: int = 65_536) -> dict[str, Any]:
+    """The body of a POST to an action endpoint: JSON only (``{}`` when there is nothing to
+    say), so that a browser cannot send it from another site without a CORS preflight."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "Unsupported Media Type",
+            f"send application/json (at least {{}}), not {request.content_type or 'nothing'}",
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
+    body = parse_json_body(raw or b"{}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object", "")
+    return body
+
+
 # --- the Table API ------------------------------------------------------------------------
 
 
@@ -209,8 +338,9 @@ class TableApi:
         self.store = store
         self.settings = settings
         self.hooks = hooks
-        self.authenticator = Authenticator(store)
+        self.authenticator = Authenticator(store, auth.SignInThrottle(settings.throttle))
         self.hooks.add_before_write("sys_user", _hash_password_hook)
+        self.hooks.add_before_write("sys_user", _mid_agents_hook)
 
     def add_routes(self, app: web.Application, *, root_page: bool = True) -> None:
         """The Table API and the Basic page at ``/nav`` (and ``/`` unless ``root_page`` is
@@ -229,7 +359,7 @@ class TableApi:
     # --- request pieces -------------------------------------------------------------------
 
     async def _who(self, request: web.Request) -> Principal:
-        return await self.authenticator.authenticate(request.headers.get("Authorization"))
+        return await authenticate(request, self.authenticator)
 
     @staticmethod
     def _table(request: web.Request, who: Principal) -> Table:
@@ -332,10 +462,7 @@ class TableApi:
             raise ApiError(413, "Request body too large", f"the limit is {limit} bytes") from None
         if len(raw) > limit:
             raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, "Invalid JSON in the request body", str(exc)) from None
+        body = parse_json_body(raw)
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object", "")
         for name, value in body.items():
@@ -407,8 +534,12 @@ class TableApi:
                         400, f"Unknown field {key!r} in the query parameters", f"table {table.name}"
                     )
             query = "^".join(f"{k}={escape(v)}" for k, v in filters.items())
+        _check_client_query(query, "field=value parameters" if filters else "sysparm_query")
         if classes:
             query = restrict(query, "sys_class_nameIN" + ",".join(classes))
+        scope = auth.agent_scope(who, table.name)
+        if scope is not None:
+            query = restrict(query, scope)
         fields = self._fields_param(table, params)
         limit = self._int_param(
             params, "sysparm_limit", self.settings.default_limit, self.settings.max_limit
@@ -437,6 +568,8 @@ class TableApi:
         record = await self.store.get(table.name, request.match_info["sys_id"])
         if record is None or (classes and record.get("sys_class_name") not in classes):
             raise _not_found()
+        if not auth.in_agent_scope(who, table.name, record):
+            raise _not_found()
         return _json({"result": to_wire(table, record, fields)})
 
     async def create_record(self, request: web.Request) -> web.Response:
@@ -449,13 +582,19 @@ class TableApi:
         fields = self._fields_param(table, params)
         body = await self._body(request, table)
         auth.authorize(who, table.name, "create", fields=body)
+        _check_agent_name(table, body)
+        is_input = table.name == "ecc_queue" and str(body.get("queue") or "input") == "input"
+        if is_input and not who.is_admin:
+            stored = await self._check_mid_input(who, body)
+            if stored is not None:  # a repeat of an answer already stored: as idempotent
+                return _json({"result": to_wire(table, stored, fields)}, 200)
         await self._resolve_references(
             table, body, self._flag(params, "sysparm_input_display_value")
         )
         write = Write(table.name, "insert", body, None, who)
         await self._run_hooks(write)
         status = 201
-        if table.name == "ecc_queue" and str(write.fields.get("queue") or "input") == "input":
+        if is_input and str(write.fields.get("queue") or "input") == "input":
             record, inserted = await self.store.insert_input_once(write.fields)
             status = 201 if inserted else 200
         else:
@@ -478,10 +617,11 @@ class TableApi:
             raise ApiError(400, "Field 'sys_id' is read-only", f"table {table.name}")
         sys_id = request.match_info["sys_id"]
         previous = await self.store.get(table.name, sys_id)
-        if previous is None:
+        if previous is None or not auth.in_agent_scope(who, table.name, previous):
             auth.authorize(who, table.name, "read")
             raise _not_found()
         auth.authorize(who, table.name, "write", fields=body, record=previous)
+        _check_agent_name(table, body)
         await self._resolve_references(
             table, body, self._flag(params, "sysparm_input_display_value")
         )
@@ -491,6 +631,66 @@ class TableApi:
         if record is None:  # deleted meanwhile
             raise _not_found()
         return _json({"result": to_wire(table, record, fields)})
+
+    async def _check_mid_input(self, who: Principal, body: dict[str, Any]) -> Record | None:
+        """A mid_server account's input record must answer an output sent to its own agent
+        that still awaits an answer (ready or processing). Sets ``agent`` to that output's
+        agent when missing. Returns the stored record when this is a repeat of an input
+        already stored for a closed output (at-least-once delivery); ApiError otherwise."""
+        response_to = body.get("response_to")
+        if not isinstance(response_to, str) or not response_to:
+            self._refuse_input(who, body, 400, "Field 'response_to' is required",
+                               "an input record of role mid_server answers an output record "
+                               "of its agent: give that output's sys_id")  # fmt: skip
+        output = await self.store.get("ecc_queue", str(response_to))
+        agent = auth.agent_of(output.get("agent")) if output is not None else None
+        if output is None or output.get("queue") != "output" or not who.acts_for(agent):
+            self._refuse_input(who, body, 403, "User Not Authorized",
+                               f"response_to {str(response_to)[:64]!r} is not an output sent "
+                               f"to an agent of user {who.user_name}")  # fmt: skip
+        assert output is not None
+        if body.setdefault("agent", output["agent"]) != output["agent"]:
+            self._refuse_input(who, body, 403, "User Not Authorized",
+                               f"an answer to {output['sys_id']!r} must have agent "
+                               f"{output['agent']!r}")  # fmt: skip
+        if output.get("state") in ("ready", "processing"):
+            return None
+        stored = await self._stored_input(body)
+        if stored is None:
+            self._refuse_input(who, body, 403, "User Not Authorized",
+                               f"output {output['sys_id']!r} is {output.get('state')}: it awaits "
+                               "no answer any more")  # fmt: skip
+        return stored
+
+    async def _stored_input(self, body: Mapping[str, Any]) -> Record | None:
+        sys_id = body.get("sys_id")
+        if isinstance(sys_id, str) and sys_id:
+            found = await self.store.get("ecc_queue", sys_id)
+            if found is not None and found.get("response_to") == body.get("response_to"):
+                return found
+        sequence = body.get("sequence")
+        if sequence is None or sequence == "":
+            return None
+        try:
+            rows = await self.store.query(
+                "ecc_queue",
+                f"queue=input^response_to={escape(str(body['response_to']))}"
+                f"^run={escape(str(body.get('run') or ''))}^sequence={int(sequence)}",
+                limit=1,
+            )
+        except (QueryError, ValueError, TypeError):
+            return None
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _refuse_input(
+        who: Principal, body: Mapping[str, Any], status: int, message: str, detail: str
+    ) -> NoReturn:
+        log.warning(
+            "refused an ecc_queue input from %s (agent %r, response_to %r): %s",
+            who.user_name, str(body.get("agent"))[:120], str(body.get("response_to"))[:64], detail,
+        )  # fmt: skip
+        raise ApiError(status, message, detail)
 
     async def delete_record(self, request: web.Request) -> web.Response:
         who = await self._who(request)
@@ -529,6 +729,25 @@ class TableApi:
             f"<p>Tables (Table API, JSON):</p><ul>{items}</ul>"
         )
         return _page(200, "midbridge instance", body)
+
+
+def _check_client_query(query: str, parameter: str) -> None:
+    """A client's query within ``MAX_TERMS`` terms: 400 naming the parameter otherwise."""
+    try:
+        parse(query, max_terms=MAX_TERMS)
+    except QueryError as exc:
+        message = f"Invalid {parameter}: {exc.message}"
+        raise ApiError(400, message, "invalid encoded query") from None
+
+
+def _check_agent_name(table: Table, body: Mapping[str, Any]) -> None:
+    """An agent's name (``ecc_agent.name``) in the safe alphabet, whoever writes it."""
+    if table.name != "ecc_agent" or "name" not in body:
+        return
+    try:
+        auth.check_agent_name(body["name"], "ecc_agent.name")
+    except ValueError as exc:
+        raise ApiError(400, f"Invalid value for field 'name': {exc}", "table ecc_agent") from None
 
 
 def restrict(query: str, condition: str) -> str:
@@ -614,6 +833,21 @@ async def _hash_password_hook(write: Write) -> None:
     write.fields["user_password"] = await asyncio.to_thread(auth.hash_password, password)
 
 
+def _mid_agents_hook(write: Write) -> None:
+    """``mid_agents``: MID names in the safe alphabet, stored sorted and comma-joined."""
+    if "mid_agents" not in write.fields:
+        return
+    value = write.fields["mid_agents"]
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise ApiError(400, "Field 'mid_agents' must be a comma list of MID names", "")
+    try:
+        write.fields["mid_agents"] = auth.mid_agents_text(value)
+    except ValueError as exc:
+        raise ApiError(400, "Invalid value for field 'mid_agents'", str(exc)) from None
+
+
 TABLE_API = web.AppKey("midbridge_table_api", TableApi)
 
 
@@ -626,11 +860,20 @@ def make_app(
 ) -> web.Application:
     """The aiohttp application serving ``store`` (its ``TableApi`` is ``app[TABLE_API]``)."""
     settings = settings or ApiSettings()
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, origin_middleware], client_max_size=settings.max_body_bytes
+    )
     table_api = TableApi(store, settings, hooks or Hooks())
     table_api.add_routes(app, root_page=root_page)
     app[TABLE_API] = table_api
     return app
+
+
+def authenticator_of(app: web.Application, store: Store) -> Authenticator:
+    """The app's one Authenticator (so every endpoint shares one sign-in throttle); a new
+    one for an app without the Table API."""
+    table_api = app.get(TABLE_API)
+    return table_api.authenticator if table_api is not None else Authenticator(store)
 
 
 __all__ = [
@@ -641,8 +884,14 @@ __all__ = [
     "Hooks",
     "TableApi",
     "Write",
+    "authenticate",
+    "authenticator_of",
+    "client_address",
     "error_response",
+    "json_object_body",
     "make_app",
+    "parse_json_body",
+    "request_scheme",
     "restrict",
     "to_wire",
     "wire_value",

@@ -5,6 +5,11 @@ dependency to build or audit), N=2^15, r=8, p=1 (32 MiB, ~0.1 s), a 16-byte rand
 user, stored as ``scrypt$N$r$p$<salt b64>$<hash b64>`` (the parameters travel with the
 hash, so they can be raised later) and compared in constant time.
 
+Failed sign-ins are throttled (:class:`SignInThrottle`): per (user name, client address)
+and per client address, with exponential back-off; a throttled attempt is refused before
+any scrypt work (HTTP 429 with ``Retry-After``), so guessing costs the attacker time and
+the instance no CPU. An inactive user gets the same answer as a wrong password.
+
 Basic authentication checks the password on every request, so a successful check is
 remembered for five minutes under an HMAC of (user, stored hash, password) with a
 process-random key: changing the password (a new hash) or deactivating the user takes
@@ -19,10 +24,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
+import re
 import secrets
 import time
+import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,10 +122,23 @@ class Principal:
     user_name: str
     roles: frozenset[str]
     web_service_access_only: bool = False
+    # The MID names (without ``mid.server.``) this user acts for with role mid_server
+    # (``sys_user.mid_agents``): one agent, or the agents of one cluster.
+    mid_agents: frozenset[str] = frozenset()
 
     @property
     def is_admin(self) -> bool:
         return "admin" in self.roles
+
+    @property
+    def reads_own_agents_only(self) -> bool:
+        """A mid_server account (not admin nor discovery_admin): it reads only the ECC
+        records and agent rows of its own agents."""
+        return not self.has_any("discovery_admin")
+
+    def acts_for(self, agent_name: str | None) -> bool:
+        """May this user act (as mid_server) for the agent named ``agent_name``?"""
+        return self.is_admin or (agent_name is not None and agent_name in self.mid_agents)
 
     def has_any(self, *roles: str) -> bool:
         """Holds one of ``roles``; ``admin`` holds every role."""
@@ -135,6 +156,23 @@ async def find_user(store: Store, user_name: str) -> Record | None:
 async def find_role(store: Store, name: str) -> Record | None:
     rows = await store.query("sys_user_role", "name=" + escape(name), limit=1)
     return rows[0] if rows else None
+
+
+def mid_agents_of(user: Mapping[str, Any]) -> frozenset[str]:
+    """The agent names in ``sys_user.mid_agents`` (a comma list)."""
+    text = str(user.get("mid_agents") or "")
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
+async def principal_for(store: Store, user: Mapping[str, Any]) -> Principal:
+    """The principal of a ``sys_user`` record: its roles and the agents it acts for."""
+    return Principal(
+        sys_id=str(user["sys_id"]),
+        user_name=str(user["user_name"]),
+        roles=await roles_of(store, str(user["sys_id"])),
+        web_service_access_only=bool(user.get("web_service_access_only")),
+        mid_agents=mid_agents_of(user),
+    )
 
 
 async def roles_of(store: Store, user_sys_id: str) -> frozenset[str]:
@@ -177,11 +215,14 @@ async def create_user(
     email: str = "",
     web_service_access_only: bool = False,
     active: bool = True,
+    mid_agents: Iterable[str] = (),
 ) -> Record:
-    """Create a user (password hashed here) and grant it ``roles`` by name.
+    """Create a user (password hashed here) and grant it ``roles`` by name; ``mid_agents``:
+    the MID names (without ``mid.server.``) it acts for with role mid_server.
 
     Raises ``PasswordError`` for a password out of bounds, ``LookupError`` for an unknown
-    role, ``bridge.instance.store.Conflict`` if the user name is taken.
+    role, ``ValueError`` for an agent name outside the safe alphabet,
+    ``bridge.instance.store.Conflict`` if the user name is taken.
     """
     roles = list(roles)
     for name in roles:
@@ -194,6 +235,7 @@ async def create_user(
         "email": email,
         "web_service_access_only": web_service_access_only,
         "active": active,
+        "mid_agents": mid_agents_text(mid_agents),
     }
     if password is not None:
         check_password(password)
@@ -223,6 +265,125 @@ async def ensure_admin(store: Store, password: str | None) -> str | None:
     return generated
 
 
+MID_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
+"""A MID name (what follows ``mid.server.``): the safe alphabet every entry point checks
+(anchored at the end, so ``.match`` and ``.fullmatch`` both take the whole name)."""
+
+
+def check_agent_name(name: object, what: str = "agent name") -> str:
+    """``name`` if it is a MID name in the safe alphabet; ``ValueError`` naming ``what``."""
+    if not isinstance(name, str) or not MID_AGENT_NAME.fullmatch(name):
+        shown = repr(name)[:60] if isinstance(name, str) else type(name).__name__
+        raise ValueError(
+            f"{what} {shown} is not a MID name: 1-100 of A-Za-z0-9_.- starting with a letter "
+            "or digit"
+        )
+    return name
+
+
+def mid_agents_text(names: Iterable[str] | str) -> str:
+    """The stored form of ``sys_user.mid_agents``: checked names, comma-joined, sorted."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return ",".join(sorted({check_agent_name(n, "mid_agents entry") for n in names}))
+
+
+# --- sign-in throttling ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleSettings:
+    """Back-off after failed sign-ins (docs/instance.md, "Sign-in throttling")."""
+
+    free_per_user: int = 5  # failures per (user name, address) before the back-off starts
+    free_per_address: int = 30  # failures per address (any user names) before it starts
+    first_delay: float = 1.0  # seconds refused after the first failure past the free ones
+    max_delay: float = 300.0  # the back-off doubles up to this
+    forget_after: float = 900.0  # seconds without a failure before an entry is dropped
+    max_entries: int = 10_000  # per table; the least recently failed go first
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int = 0
+    blocked_until: float = 0.0
+    last: float = 0.0
+
+
+class SignInThrottle:
+    """Failed sign-ins per (user name, address) and per address, in bounded memory.
+
+    Per (user, address), an attacker guessing one user's password from one place is slowed
+    down without locking that user out anywhere else; per address, spraying many user
+    names from one place is slowed down too. A success clears its (user, address) entry
+    only (so a valid account does not reset the address's count).
+    """
+
+    def __init__(
+        self, settings: ThrottleSettings | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings or ThrottleSettings()
+        self._clock = clock
+        self._by_user: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
+        self._by_address: OrderedDict[str, _Failures] = OrderedDict()
+        self.refused = 0  # attempts refused while throttled (for tests and metrics)
+
+    def __len__(self) -> int:
+        return len(self._by_user) + len(self._by_address)
+
+    def retry_after(self, user_name: str, address: str) -> float:
+        """Seconds until a sign-in of ``user_name`` from ``address`` may be tried; 0: now."""
+        now = self._clock()
+        waits = [
+            entry.blocked_until - now
+            for entry in (
+                self._fresh(self._by_user, (user_name[:255], address), now),
+                self._fresh(self._by_address, address, now),
+            )
+            if entry is not None
+        ]
+        return max([0.0, *waits])
+
+    def failed(self, user_name: str, address: str) -> None:
+        now = self._clock()
+        settings = self.settings
+        self._count(self._by_user, (user_name[:255], address), settings.free_per_user, now)
+        self._count(self._by_address, address, settings.free_per_address, now)
+
+    def succeeded(self, user_name: str, address: str) -> None:
+        self._by_user.pop((user_name[:255], address), None)
+
+    def _fresh(self, table: OrderedDict[Any, _Failures], key: Any, now: float) -> _Failures | None:
+        entry = table.get(key)
+        if entry is not None and now - entry.last > self.settings.forget_after:
+            del table[key]
+            return None
+        return entry
+
+    def _count(self, table: OrderedDict[Any, _Failures], key: Any, free: int, now: float) -> None:
+        entry = self._fresh(table, key, now) or _Failures()
+        entry.count += 1
+        entry.last = now
+        past = entry.count - free
+        if past > 0:
+            delay = self.settings.first_delay * 2 ** min(past - 1, 30)
+            entry.blocked_until = now + min(self.settings.max_delay, delay)
+        table[key] = entry
+        table.move_to_end(key)
+        while len(table) > self.settings.max_entries:
+            table.popitem(last=False)
+
+
+class SignInThrottled(AuthError):
+    """Too many failed sign-ins: refused before any password work (HTTP 429)."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(401, f"Too many failed sign-ins; retry after {self.retry_after} s")
+        self.status = 429
+        self.message = "Too Many Requests"
+
+
 # --- Basic authentication -----------------------------------------------------------------
 
 
@@ -246,8 +407,9 @@ def parse_basic(header: str | None) -> tuple[str, str]:
 class Authenticator:
     """Checks Basic credentials against ``sys_user`` and loads the user's roles."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, throttle: SignInThrottle | None = None) -> None:
         self.store = store
+        self.throttle = throttle if throttle is not None else SignInThrottle()
         self._key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, float] = OrderedDict()
 
@@ -274,26 +436,68 @@ class Authenticator:
             self._verified.popitem(last=False)
         return True
 
-    async def authenticate(self, header: str | None) -> Principal:
-        """The principal for an ``Authorization`` header; AuthError 401 if refused."""
+    async def authenticate(self, header: str | None, address: str = "") -> Principal:
+        """The principal for an ``Authorization`` header from client ``address``.
+
+        AuthError 401 if refused (an inactive user gets the same answer as a wrong
+        password: no oracle on either); ``SignInThrottled`` (429) while ``address`` or this
+        user from it is backing off, before any password work.
+        """
         user_name, password = parse_basic(header)
-        user = await find_user(self.store, user_name)
-        if not await self._password_ok(user, password):
+        wait = self.throttle.retry_after(user_name, address)
+        if wait > 0:
+            self.throttle.refused += 1
+            raise SignInThrottled(wait)
+        user = await self.check(user_name, password, address)
+        if user is None:
             raise AuthError(401, "Invalid user name or password")
-        assert user is not None
-        if not user["active"]:
-            raise AuthError(401, f"User {user_name} is inactive")
-        return Principal(
-            sys_id=user["sys_id"],
-            user_name=user["user_name"],
-            roles=await roles_of(self.store, user["sys_id"]),
-            web_service_access_only=bool(user["web_service_access_only"]),
-        )
+        return await principal_for(self.store, user)
+
+    async def check(self, user_name: str, password: str, address: str) -> Record | None:
+        """The active user whose password this is, or None (counted as a failed sign-in).
+        The caller checks ``throttle.retry_after`` first."""
+        user = await find_user(self.store, user_name)
+        if not await self._password_ok(user, password) or user is None or not user["active"]:
+            self.throttle.failed(user_name, address)
+            return None
+        self.throttle.succeeded(user_name, address)
+        return user
 
 
 # --- access rules ---------------------------------------------------------------------------
 
 MID_OUTPUT_FIELDS = frozenset({"state", "processed", "error_string"})
+# What an agent reports about itself in its status record: the only ecc_agent fields a
+# mid_server account may write (for its own agents). Keys and validation are never among
+# them: keys come from the agent's status record over the broker, validation from admin.
+AGENT_REPORTED_FIELDS = frozenset(
+    {"host", "status", "version", "capabilities", "last_heartbeat", "started_at", "stats"}
+)
+AGENT_KEY_FIELDS = frozenset({"public_key", "fingerprint"})
+AGENT_PREFIX = "mid.server."
+SYSTEM_COMMAND = "systemcommand"
+
+
+def agent_of(agent_field: object) -> str | None:
+    """The MID name in an ``ecc_queue.agent`` value (``mid.server.<name>``), else None."""
+    if not isinstance(agent_field, str) or not agent_field.startswith(AGENT_PREFIX):
+        return None
+    name = agent_field[len(AGENT_PREFIX) :]
+    return name if MID_AGENT_NAME.fullmatch(name) else None
+
+
+def is_system_command(topic: object) -> bool:
+    """``topic`` names SystemCommand in any spelling a bridge might take: case, spaces,
+    invisible format characters and Unicode compatibility forms ignored."""
+    if not isinstance(topic, str):
+        return False
+    text = unicodedata.normalize("NFKC", topic)
+    kept = "".join(
+        c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc")
+    )
+    return kept.casefold() == SYSTEM_COMMAND
+
+
 _ADMIN_ONLY = frozenset({"sys_user", "sys_user_role", "sys_user_has_role", "discovery_credentials"})
 
 
@@ -338,11 +542,16 @@ def authorize(
     touches. The rules (``admin`` may do everything):
 
     - ``ecc_queue``: read with mid_server or discovery_admin; create an input record with
-      mid_server, an output record with discovery_admin; write only ``state``,
-      ``processed``, ``error_string`` of an output record (claiming) with mid_server;
-      delete: admin.
+      mid_server (for its own agents), an output record with discovery_admin (never a
+      ``SystemCommand``: those go through the admin-only agent actions); write only
+      ``state``, ``processed``, ``error_string`` of an output record of its own agents
+      (claiming) with mid_server; delete: admin.
     - ``ecc_agent``: read with mid_server or discovery_admin; create and write with
-      mid_server, except ``validated``; delete: admin.
+      mid_server, for its own agents and only the fields an agent reports about itself
+      (never ``public_key``, ``fingerprint``, ``validated``, nor a rename); delete: admin.
+
+    A mid_server account's reads are narrowed to its own agents by the caller
+    (``agent_scope``); what it may write is checked here.
     - ``discovery_schedule``: read, create and write with discovery_admin; the run tables
       and the CMDB (``discovery_status``, ``cmdb_ci``) are read with discovery_admin and
       written by the instance itself.
@@ -361,27 +570,7 @@ def authorize(
             return
         raise AuthError(403, f"read on {table} requires role {_roles_text(_ECC_READERS)}")
     if table == "ecc_queue":
-        queue = str((record or {}).get("queue") or fields.get("queue") or "input")
-        if action == "create":
-            needed = "mid_server" if queue == "input" else "discovery_admin"
-            if who.has_any(needed):
-                return
-            raise AuthError(
-                403, f"creating an ecc_queue {queue} record requires role {_roles_text([needed])}"
-            )
-        if not who.has_any("mid_server"):
-            raise AuthError(
-                403, f"changing ecc_queue records requires role {_roles_text(['mid_server'])}"
-            )
-        extra = sorted(set(fields) - MID_OUTPUT_FIELDS)
-        if queue != "output" or extra:
-            raise AuthError(
-                403,
-                "role mid_server may change only "
-                + ", ".join(sorted(MID_OUTPUT_FIELDS))
-                + " of an output record"
-                + (f"; refused field: {extra[0]}" if extra and queue == "output" else ""),
-            )
+        _authorize_ecc(who, action, fields, record)
         return
     if table == "discovery_schedule":
         if who.has_any("discovery_admin"):
@@ -392,11 +581,102 @@ def authorize(
     if table in _DISCOVERY_TABLES:
         raise AuthError(403, f"{table} is written by the instance's discovery only")
     if table == "ecc_agent":
-        if not who.has_any("mid_server"):
-            raise AuthError(
-                403, f"{action} on ecc_agent requires role {_roles_text(['mid_server'])}"
-            )
-        if "validated" in fields:
-            raise AuthError(403, "only admin may set ecc_agent.validated")
+        _authorize_agent(who, action, fields, record)
         return
     raise AuthError(403, f"{action} on {table} requires role admin")
+
+
+def _authorize_ecc(
+    who: Principal, action: Action, fields: Mapping[str, Any], record: Mapping[str, Any] | None
+) -> None:
+    queue = str((record or {}).get("queue") or fields.get("queue") or "input")
+    if action == "create":
+        needed = "mid_server" if queue == "input" else "discovery_admin"
+        if not who.has_any(needed):
+            raise AuthError(
+                403, f"creating an ecc_queue {queue} record requires role {_roles_text([needed])}"
+            )
+        if queue != "input" and is_system_command(fields.get("topic")):
+            raise AuthError(
+                403,
+                "SystemCommand outputs are sent only by the agent actions "
+                "(POST /api/midbridge/agents/<name>/<action>, role admin), "
+                "not through the Table API",
+            )
+        if queue == "input" and "agent" in fields:
+            _own_agent(who, agent_of(fields.get("agent")), "an input record's agent")
+        return
+    if not who.has_any("mid_server"):
+        raise AuthError(
+            403, f"changing ecc_queue records requires role {_roles_text(['mid_server'])}"
+        )
+    extra = sorted(set(fields) - MID_OUTPUT_FIELDS)
+    if queue != "output" or extra:
+        raise AuthError(
+            403,
+            "role mid_server may change only "
+            + ", ".join(sorted(MID_OUTPUT_FIELDS))
+            + " of an output record"
+            + (f"; refused field: {extra[0]}" if extra and queue == "output" else ""),
+        )
+    _own_agent(who, agent_of((record or {}).get("agent")), "the output record's agent")
+
+
+def _authorize_agent(
+    who: Principal, action: Action, fields: Mapping[str, Any], record: Mapping[str, Any] | None
+) -> None:
+    if not who.has_any("mid_server"):
+        raise AuthError(403, f"{action} on ecc_agent requires role {_roles_text(['mid_server'])}")
+    if "validated" in fields:
+        raise AuthError(403, "only admin may set ecc_agent.validated")
+    keys = sorted(AGENT_KEY_FIELDS & set(fields))
+    if keys:
+        raise AuthError(
+            403,
+            f"ecc_agent.{keys[0]} is written only from the agent's own status record "
+            "(over the broker), never through the Table API",
+        )
+    allowed = AGENT_REPORTED_FIELDS | ({"name"} if action == "create" else set())
+    extra = sorted(set(fields) - allowed)
+    if extra:
+        raise AuthError(
+            403,
+            "role mid_server may set only "
+            + ", ".join(sorted(allowed))
+            + f" of its own agent; refused field: {extra[0]}",
+        )
+    name = fields.get("name") if action == "create" else (record or {}).get("name")
+    _own_agent(who, name if isinstance(name, str) else None, "agent")
+
+
+def _own_agent(who: Principal, name: str | None, what: str) -> None:
+    if who.acts_for(name):
+        return
+    shown = repr(name) if name else "none"
+    raise AuthError(
+        403,
+        f"user {who.user_name} acts for agents {', '.join(sorted(who.mid_agents)) or '(none)'}"
+        f" only (sys_user.mid_agents); {what} is {shown}",
+    )
+
+
+def agent_scope(who: Principal, table: str) -> str | None:
+    """The encoded condition that narrows ``who``'s reads of ``table`` to its own agents,
+    or None if its reads are not narrowed (admin, discovery_admin, other tables)."""
+    if table not in ("ecc_queue", "ecc_agent") or not who.reads_own_agents_only:
+        return None
+    names = sorted(who.mid_agents)
+    if not names:
+        return "sys_id="  # no agent: no record (every record has a sys_id)
+    if table == "ecc_agent":
+        return "nameIN" + ",".join(names)
+    return "agentIN" + ",".join(AGENT_PREFIX + name for name in names)
+
+
+def in_agent_scope(who: Principal, table: str, record: Mapping[str, Any]) -> bool:
+    """May ``who`` see ``record`` of ``table`` (the same rule as ``agent_scope``)?"""
+    if agent_scope(who, table) is None:
+        return True
+    if table == "ecc_agent":
+        return record.get("name") in who.mid_agents
+    return agent_of(record.get("agent")) in who.mid_agents

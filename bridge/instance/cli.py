@@ -6,10 +6,13 @@
 - ``midbridge instance user create NAME [--first-name F] [--last-name L] [--email E]
   [--role R ...] [--web-service-only] [--inactive] [--password-stdin]``: the password is
   asked for twice (no echo), or read as one line from stdin.
-- ``midbridge instance user list``.
+  ``--agent NAME`` (repeatable): the MID(s) a mid_server account acts for.
+- ``midbridge instance user set-agents NAME [AGENT ...]``: the MIDs it acts for (none: clear).
+- ``midbridge instance user list`` (read-only: a missing database is an error, not created).
 
 ``--db`` (default ``$MIDBRIDGE_INSTANCE_DB`` or ``midbridge-state/instance.db``) may be
-given before or after the ``user`` subcommand. Exit status: 0, or 2 with a one-line error.
+given before or after the ``user`` subcommand. The database file is made mode 600. Exit
+status: 0, or 2 with a one-line error.
 """
 
 from __future__ import annotations
@@ -18,19 +21,33 @@ import argparse
 import asyncio
 import base64
 import getpass
+import ipaddress
+import logging
 import os
-import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from bridge.config import BrokerConfig
-from bridge.instance.auth import PasswordError, create_user, roles_of, seed_roles
+from bridge.instance.agents import valid_agent_name
+from bridge.instance.api import ApiSettings
+from bridge.instance.auth import (
+    PasswordError,
+    create_user,
+    find_user,
+    mid_agents_text,
+    roles_of,
+    seed_roles,
+)
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Conflict, StoreError
+from bridge.signals import StopSignals
+
+log = logging.getLogger("midbridge.instance")
 
 DEFAULT_DB = Path("midbridge-state/instance.db")
 DB_ENV = "MIDBRIDGE_INSTANCE_DB"
@@ -62,6 +79,12 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help=f"broker user (password from ${BROKER_PASSWORD_ENV})",
     )
     inst.add_argument("--topic-prefix", default="ecc", help="topic prefix (as the bridges')")
+    inst.add_argument(
+        "--trust-forwarded",
+        action="store_true",
+        help="behind a TLS proxy: trust X-Forwarded-Proto (Secure cookies) and "
+        "X-Forwarded-For (the client address for sign-in throttling)",
+    )
     inst_sub = inst.add_subparsers(dest="instance_command")
     user = inst_sub.add_parser("user", help="users of the instance")
     user_sub = user.add_subparsers(dest="user_command", required=True)
@@ -86,7 +109,19 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin (one line)"
     )
+    create.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        help="a MID (name without mid.server.) this mid_server account acts for (repeatable)",
+    )
     db_option(create)
+    set_agents = user_sub.add_parser(
+        "set-agents", help="the MIDs a mid_server account acts for (none given: clear)"
+    )
+    set_agents.add_argument("name", help="user_name, e.g. mid.user")
+    set_agents.add_argument("agents", nargs="*", help="MID names (without mid.server.)")
+    db_option(set_agents)
     listing = user_sub.add_parser("list", help="list users and their roles")
     db_option(listing)
 
@@ -113,12 +148,22 @@ def run_instance_command(
     """Run a parsed ``midbridge instance ...`` command; ``run_loop`` runs the coroutine."""
     try:
         if args.instance_command is None:
-            return run_loop(_serve(args.host, args.port, args.db, broker=_broker(args)))
+            return run_loop(
+                _serve(
+                    args.host,
+                    args.port,
+                    args.db,
+                    broker=_broker(args),
+                    trust_forwarded=args.trust_forwarded,
+                )
+            )
         if args.instance_command in ("agent", "discovery"):
             return run_loop(_agent_command(args))
         if args.user_command == "create":
             password = _read_password(args.password_stdin)
             return run_loop(_user_create(args, password))
+        if args.user_command == "set-agents":
+            return run_loop(_user_set_agents(args))
         return run_loop(_user_list(args.db))
     except CommandError as exc:
         print(f"midbridge instance: {exc}", file=sys.stderr)
@@ -158,8 +203,8 @@ async def _agent_command(args: argparse.Namespace) -> int:
                     )
                 return 0
             if args.instance_command == "discovery":
-                url = f"{base}/api/midbridge/discovery/{args.schedule}/run"
-                async with http.post(url) as resp:
+                url = f"{base}/api/midbridge/discovery/{quote(args.schedule, safe='')}/run"
+                async with http.post(url, json={}) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status >= 300:
                         raise CommandError(_api_error(resp.status, body))
@@ -171,8 +216,10 @@ async def _agent_command(args: argparse.Namespace) -> int:
                 return 0
             if not args.name:
                 raise CommandError(f"agent {args.action}: name the agent")
+            if not valid_agent_name(args.name):
+                raise CommandError(f"agent {args.action}: {args.name!r} is not a MID name")
             url = f"{base}/api/midbridge/agents/{args.name}/{args.action}"
-            async with http.post(url) as resp:
+            async with http.post(url, json={}) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status >= 300:
                     raise CommandError(_api_error(resp.status, body))
@@ -202,43 +249,79 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
     return cfg, str(args.topic_prefix)
 
 
+def insecure_settings(host: str, broker: BrokerConfig | None) -> list[str]:
+    """What in this start-up is open to others: each is allowed, and said loudly."""
+    warnings = []
+    if not _loopback(host):
+        warnings.append(
+            f"listening on {host} over plain HTTP: passwords (Basic) and sessions cross the "
+            "network in clear; put a TLS proxy in front (and --trust-forwarded)"
+        )
+    if broker is not None and not broker.username:
+        warnings.append(
+            f"connector on {broker.host}:{broker.port} without a broker user: anyone who "
+            "reaches the broker may read jobs and forge results (set --broker-username)"
+        )
+    if broker is not None and not broker.tls:
+        warnings.append(
+            f"connector on {broker.host}:{broker.port} without TLS: jobs and results cross "
+            "the network in clear"
+        )
+    return warnings
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def _serve(
-    host: str, port: int, db: Path, *, broker: tuple[BrokerConfig, str] | None = None
+    host: str,
+    port: int,
+    db: Path,
+    *,
+    broker: tuple[BrokerConfig, str] | None = None,
+    trust_forwarded: bool = False,
 ) -> int:
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import ADMIN_PASSWORD_ENV, Instance, InstanceConfig
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        instance = Instance(InstanceConfig(host=host, port=port, db=db))
-        keys = keys_for(db)
-        install(instance, keys)  # sealed credentials, agent actions, the platform key
-        discovery.install(instance)  # runs, their routes, the CI class views
-        async with AsyncExitStack() as stack:
-            inst = await stack.enter_async_context(instance)
-            print(f"midbridge instance on {inst.url} (database {db})", flush=True)
-            generated = inst.generated_admin_password
-            if generated:
-                print(f"admin password (first start, shown only now): {generated}", flush=True)
-            print(
-                f"platform signing key (bridges' security.platform_key): {keys.public_key_b64}",
-                flush=True,
-            )
-            if broker is not None:
-                cfg, prefix = broker
-                await stack.enter_async_context(
-                    Connector(inst.store, cfg, settings=ConnectorSettings(prefix=prefix), keys=keys)
+    with StopSignals() as stop:
+        try:
+            for warning in insecure_settings(host, broker[0] if broker is not None else None):
+                log.warning("insecure: %s", warning)
+                print(f"midbridge instance: warning: {warning}", file=sys.stderr, flush=True)
+            api = ApiSettings(trust_forwarded=trust_forwarded)
+            instance = Instance(InstanceConfig(host=host, port=port, db=db, api=api))
+            keys = keys_for(db)
+            install(instance, keys)  # sealed credentials, agent actions, the platform key
+            discovery.install(instance)  # runs, their routes, the CI class views
+            async with AsyncExitStack() as stack:
+                inst = await stack.enter_async_context(instance)
+                print(f"midbridge instance on {inst.url} (database {db})", flush=True)
+                generated = inst.generated_admin_password
+                if generated:
+                    print(f"admin password (first start, shown only now): {generated}", flush=True)
+                print(
+                    f"platform signing key (bridges' security.platform_key): {keys.public_key_b64}",
+                    flush=True,
                 )
-                print(f"connector: ECC queue on mqtt://{cfg.host}:{cfg.port}", flush=True)
-            await stop.wait()
-    except PasswordError as exc:
-        raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None
-    except OSError as exc:
-        raise CommandError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+                if broker is not None:
+                    cfg, prefix = broker
+                    await stack.enter_async_context(
+                        Connector(
+                            inst.store, cfg, settings=ConnectorSettings(prefix=prefix), keys=keys
+                        )
+                    )
+                    print(f"connector: ECC queue on mqtt://{cfg.host}:{cfg.port}", flush=True)
+                await stop.wait()
+        except PasswordError as exc:
+            raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -277,6 +360,7 @@ async def _user_create(args: argparse.Namespace, password: str) -> int:
             email=args.email,
             web_service_access_only=args.web_service_only,
             active=not args.inactive,
+            mid_agents=args.agent,
         )
     except PasswordError as exc:
         raise CommandError(str(exc)) from None
@@ -288,14 +372,40 @@ async def _user_create(args: argparse.Namespace, password: str) -> int:
         await store.close()
     roles = ", ".join(args.role) or "none"
     print(f"created user {user['user_name']} (sys_id {user['sys_id']}); roles: {roles}")
+    if user["mid_agents"]:
+        print(f"acts for agents: {user['mid_agents']}")
     return 0
 
 
+async def _user_set_agents(args: argparse.Namespace) -> int:
+    try:
+        text = mid_agents_text(args.agents)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    store = await _open_existing(args.db)
+    try:
+        user = await find_user(store, args.name)
+        if user is None:
+            raise CommandError(f"no user {args.name}")
+        await store.update("sys_user", user["sys_id"], {"mid_agents": text})
+    finally:
+        await store.close()
+    print(f"user {args.name} acts for agents: {text or '(none)'}")
+    return 0
+
+
+async def _open_existing(db: Path) -> SQLiteStore:
+    """A database that must exist already (commands that only read or change it)."""
+    if not await asyncio.to_thread(db.is_file):
+        raise CommandError(f"no database at {db} (start the instance, or give --db)")
+    return await _open(db)
+
+
 async def _user_list(db: Path) -> int:
-    store = await _open(db)
+    store = await _open_existing(db)
     try:
         users = await store.query("sys_user", "ORDERBYuser_name")
-        rows = [("user_name", "name", "active", "web_service_only", "roles")]
+        rows = [("user_name", "name", "active", "web_service_only", "roles", "agents")]
         for user in users:
             name = f"{user['first_name']} {user['last_name']}".strip()
             roles = ",".join(sorted(await roles_of(store, user["sys_id"])))
@@ -306,6 +416,7 @@ async def _user_list(db: Path) -> int:
                     "true" if user["active"] else "false",
                     "true" if user["web_service_access_only"] else "false",
                     roles,
+                    user["mid_agents"],
                 )
             )
     finally:

@@ -19,10 +19,14 @@ One MQTT session (the platform's side of ``docs/wire-contract.md``):
   moves the lease on, so a long sweep that streams results is not pushed again.
 - **In.** Input records from ``<prefix>/+/input`` are stored once each
   (``insert_input_once``: same ``sys_id``, or same ``response_to``/``run``/``sequence``),
-  only when the output they answer belongs to the agent whose topic they came on. The
-  output becomes ``processed`` (``error`` if the complete record has an ``error_string``)
-  when one run's complete record and every sequence before it are stored; chunks of
-  other runs are kept and change nothing.
+  only when the output they answer was sent to the agent whose topic they came on and
+  still awaits its answer (``processing``). The output becomes ``processed`` (``error`` if
+  the complete record has an ``error_string``) when one run's complete record and every
+  sequence before it are stored; chunks of other runs arriving before that change nothing.
+- **Refused.** Whatever cannot be stored (not JSON, too large, another agent's or a
+  finished output, a value the table cannot hold) is acknowledged, counted, logged and
+  kept in ``ecc_dead_letter``: no message stays unacknowledged for failing, and each
+  agent's inputs have a line of their own, so one agent's traffic never holds another's.
 - **Status.** Retained status records from ``<prefix>/+/status`` feed ``ecc_agent``
   (:class:`bridge.instance.agents.Agents`, which also runs the heartbeats).
 """
@@ -35,7 +39,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,7 @@ from bridge.instance.agents import (
     NAME_PATTERN,
     SYSTEM_COMMAND,
     Agents,
+    StatusRefused,
     add_routes,
     agent_id,
     agent_name,
@@ -72,6 +77,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("midbridge.instance.connector")
 
 ECC = "ecc_queue"
+DEAD_LETTERS = "ecc_dead_letter"
+FINISHED = ("processed", "error")
 EXPRESS_TOPICS = frozenset({HEARTBEAT, SYSTEM_COMMAND})
 _SYS_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _IN_CHUNK = 400  # sys_ids in one ``sys_idIN`` claim
@@ -87,7 +94,10 @@ class ConnectorSettings:
     linger: float = 0.001  # seconds to let a burst of inserts gather into one batch
     batch_records: int = 200  # output records in one MQTT message
     max_message_bytes: int = 1_000_000  # below the bridge's limits.max_message_bytes
-    max_input_bytes: int = 16 * 1024 * 1024  # an inbound message larger than this is dropped
+    max_input_bytes: int = 16 * 1024 * 1024  # an inbound message larger than this is refused
+    max_status_bytes: int = 256 * 1024  # a status record larger than this is refused
+    max_records_per_message: int = 10_000  # input records taken from one message; the rest refused
+    dead_letter_excerpt: int = 2048  # characters of a refused message kept in ecc_dead_letter
     heartbeat_interval: float = 300.0
     heartbeat_timeout: float = 60.0
     client_id: str | None = None  # default: midbridge-instance-<prefix>
@@ -101,7 +111,9 @@ class ConnectorStats:
     inputs: int = 0  # input records stored
     duplicates: int = 0  # input records already stored
     finished: int = 0  # outputs moved to processed or error
-    refused_inputs: int = 0  # input records for another agent's output, or malformed
+    refused_inputs: int = 0  # input records refused (another agent's output, not awaited, bad)
+    refused_status: int = 0  # status records refused (not an object, too large, unusable)
+    dead_letters: int = 0  # ecc_dead_letter rows written
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -111,7 +123,31 @@ class ConnectorStats:
             "duplicates": self.duplicates,
             "finished": self.finished,
             "refused_inputs": self.refused_inputs,
+            "refused_status": self.refused_status,
+            "dead_letters": self.dead_letters,
         }
+
+
+class _Refused(Exception):
+    """A message, or one record of it, that the connector will not store: ``reason`` says
+    why; the message is acknowledged and kept in ``ecc_dead_letter``."""
+
+    def __init__(
+        self, reason: str, *, response_to: str = "", excerpt: bytes = b"", records: int = 1
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response_to = response_to
+        self.excerpt = excerpt  # b"": the message's own start is kept
+        self.records = records  # records this refusal stands for
+
+
+@dataclass(slots=True)
+class _Turn:
+    """One agent's place in line: its messages are handled one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(slots=True)
@@ -138,6 +174,12 @@ class _Progress:
             if all(i in seqs for i in range(last + 1)):
                 return record
         return None
+
+
+# Error answers of a bridge that refused a record's signature or its freshness.
+_SIGNATURE_REFUSALS = tuple(
+    f"bad_record: {field}:" for field in ("signature", "issued_at", "valid_until")
+)
 
 
 def _text(value: Any) -> str:
@@ -248,6 +290,20 @@ def input_row(record: Mapping[str, Any], agent: str, response_to: str) -> dict[s
     return row
 
 
+def _awaiting(progress: _Progress) -> bool:
+    """The output was sent (claimed) and its answer is not complete yet."""
+    return not progress.finished and progress.output.get("state") == "processing"
+
+
+def _record_excerpt(record: Any, limit: int = 4096) -> bytes:
+    """The start of one record as JSON, or b"" if it cannot be written (the message's
+    own text is kept then)."""
+    try:
+        return orjson.dumps(record)[:limit]
+    except (TypeError, RecursionError):
+        return b""
+
+
 def _batches(bodies: list[bytes], max_records: int, max_bytes: int) -> Iterable[bytes]:
     """Encoded records joined into JSON arrays within both limits (a single one stays bare)."""
     group: list[bytes] = []
@@ -302,7 +358,7 @@ class Connector:
         self._wake = asyncio.Event()
         self._scan_now = False
         self._progress: OrderedDict[str, _Progress] = OrderedDict()
-        self._input_lock = asyncio.Lock()
+        self._turns: dict[str, _Turn] = {}  # agent name → its line (only while in use)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._handling = 0  # message handlers running
@@ -334,7 +390,20 @@ class Connector:
             self.settings.prefix,
             self.settings.prefix,
         )
+        self._warn_if_anonymous()
         return self
+
+    def _warn_if_anonymous(self) -> None:
+        cfg = self.session.cfg
+        if cfg.username is None:
+            self._log.warning(
+                "connector: logged in to the broker at %s:%s without a user name "
+                "(anonymous): any client that reaches the broker can read every agent's "
+                "jobs and forge its results and status. Give the platform a broker user "
+                "and the agents per-agent ACLs (docs/security.md)",
+                cfg.host,
+                cfg.port,
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         self.running = False
@@ -356,12 +425,28 @@ class Connector:
 
     def _on_change(self, change: Change) -> None:
         """Store listener: a ``ready`` output was written: push it now."""
-        if change.table != ECC or change.op == "delete":
+        if change.table != ECC:
             return
         record = change.record
+        self._follow_output(change)
+        if change.op == "delete":
+            return
         if record.get("queue") == "output" and record.get("state") == "ready":
             self._pending[record["sys_id"]] = record
             self._wake.set()
+
+    def _follow_output(self, change: Change) -> None:
+        """Keep what is cached of an output's answers in step with the output's row."""
+        sys_id = change.record.get("sys_id")
+        progress = self._progress.get(sys_id) if isinstance(sys_id, str) else None
+        if progress is None or change.op == "insert":
+            return
+        if change.op == "delete" or change.record.get("state") == "ready":
+            del self._progress[str(sys_id)]  # gone, or handed out anew: read it again
+            return
+        progress.output = change.record
+        if change.record.get("state") in FINISHED:
+            progress.finished = True
 
     def _agent_up(self, name: str) -> None:
         """An agent came up: what waited for it (ready or leased out) goes now."""
@@ -580,84 +665,222 @@ class Connector:
                 self._idle.set()
 
     async def _handle(self, delivery: Delivery) -> bool:
+        """Every message ends stored, or refused and kept in ``ecc_dead_letter``, and is
+        acknowledged; only a store that cannot even keep the dead letter leaves it
+        unacknowledged (the broker delivers it again). Nothing one agent sends waits for
+        another agent's messages: each agent's inputs have their own line."""
         prefix = self.settings.prefix + "/"
-        if not delivery.topic.startswith(prefix):
-            return True
-        parts = delivery.topic[len(prefix) :].split("/")
-        if len(parts) != 2 or not NAME_PATTERN.match(parts[0]):
-            return True
-        name, kind = parts
-        if len(delivery.payload) > self.settings.max_input_bytes:
-            self._log.warning("dropped a %d-byte message on %s", len(delivery.payload),
-                              delivery.topic)  # fmt: skip
-            return True
+        parts = delivery.topic.removeprefix(prefix).split("/")
+        name, kind = [*parts, "", ""][:2]
+        if not delivery.topic.startswith(prefix) or len(parts) != 2 or kind not in (
+            "input", "status"
+        ) or not NAME_PATTERN.match(name):  # fmt: skip
+            return await self._keep(delivery, name, kind, [_Refused("not an agent's topic")])
         try:
-            data = orjson.loads(delivery.payload)
-        except orjson.JSONDecodeError:
-            self._log.warning("dropped a message that is not JSON on %s", delivery.topic)
-            return True
+            if kind == "status":
+                await self._take_status(name, delivery)
+                return True
+            async with self._turn(name):
+                refused = await self._take_inputs(name, delivery)
+        except _Refused as exc:
+            refused = [exc]
+            self._count_refused(kind)
+        except Exception as exc:  # a bug or a store fault: still answered, never stuck
+            self._log.warning("handling a message on %s failed: %s: %s", delivery.topic,
+                              type(exc).__name__, str(exc)[:300])  # fmt: skip
+            refused = [_Refused(f"internal error: {type(exc).__name__}: {str(exc)[:300]}")]
+            self._count_refused(kind)
+        return await self._keep(delivery, name, kind, refused) if refused else True
+
+    def _count_refused(self, kind: str) -> None:
         if kind == "status":
-            if isinstance(data, dict):
-                await self.agents.on_status(name, data)
-            return True
-        if kind == "input":
-            records = data if isinstance(data, list) else [data]
-            async with self._input_lock:
-                await self._store_inputs(name, records)
+            self.stats.refused_status += 1
+        else:
+            self.stats.refused_inputs += 1
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, name: str) -> AsyncIterator[None]:
+        """One message of agent ``name`` at a time; other agents do not wait for it."""
+        turn = self._turns.get(name)
+        if turn is None:
+            turn = self._turns[name] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[name]
+
+    def _decode(self, delivery: Delivery, limit: int) -> Any:
+        if len(delivery.payload) > limit:
+            raise _Refused(f"message of {len(delivery.payload)} bytes is over the limit of {limit}")
+        try:
+            return orjson.loads(delivery.payload)
+        except orjson.JSONDecodeError as exc:
+            raise _Refused(f"not JSON: {str(exc)[:200]}") from None
+
+    async def _take_status(self, name: str, delivery: Delivery) -> None:
+        data = self._decode(delivery, self.settings.max_status_bytes)
+        if not isinstance(data, dict):
+            raise _Refused(f"a status record is a JSON object, not {type(data).__name__}")
+        try:
+            await self.agents.on_status(name, data)
+        except StatusRefused as exc:
+            raise _Refused(str(exc)) from None
+
+    async def _take_inputs(self, name: str, delivery: Delivery) -> list[_Refused]:
+        data = self._decode(delivery, self.settings.max_input_bytes)
+        records = data if isinstance(data, list) else [data]
+        limit = self.settings.max_records_per_message
+        refused = await self._store_inputs(name, records[:limit])
+        if len(records) > limit:
+            extra = len(records) - limit
+            self.stats.refused_inputs += extra
+            reason = f"{extra} record(s) past the limit of {limit} a message"
+            refused.append(_Refused(reason, records=extra))
+        return refused
+
+    async def _keep(
+        self, delivery: Delivery, name: str, kind: str, refused: list[_Refused]
+    ) -> bool:
+        """Write the dead letters of one message; False (do not acknowledge) if the store
+        cannot take them."""
+        received = now_text()
+        size = self.settings.dead_letter_excerpt
+        rows = [
+            {"agent": name[:64], "topic": delivery.topic[:255], "kind": kind[:16],
+             "reason": r.reason[:1000], "received": received,
+             "records": r.records, "response_to": r.response_to,
+             "excerpt": (r.excerpt or delivery.payload)[:size].decode("utf-8", "replace")}
+            for r in refused
+        ]  # fmt: skip
+        try:
+            await self.store.insert_many(DEAD_LETTERS, rows)
+        except Exception as exc:
+            self._log.error("could not keep %d refused record(s) from %s (%s: %s): left "
+                            "unacknowledged, the broker delivers them again", len(rows),
+                            delivery.topic, type(exc).__name__, exc)  # fmt: skip
+            return False
+        self.stats.dead_letters += len(rows)
+        self._log.warning(
+            "refused %d record(s) from agent %s on %s: %s (kept in %s)",
+            len(rows), name[:64], delivery.topic[:255], refused[0].reason[:300], DEAD_LETTERS,
+        )  # fmt: skip
         return True
 
-    async def _progress_for(self, response_to: str, agent: str) -> tuple[_Progress | None, bool]:
-        """The output's progress (None: no such output), and whether it is another agent's."""
+    async def _progress_for(self, response_to: str) -> _Progress | None:
+        """What is stored of the answers to output ``response_to`` (None: no such output)."""
         progress = self._progress.get(response_to)
-        if progress is None:
-            output = await self.store.get(ECC, response_to)
-            if output is None or output.get("queue") != "output":
-                return None, False
-            progress = _Progress(output, finished=output.get("state") in ("processed", "error"))
-            stored = await self.store.query(ECC, f"queue=input^response_to={escape(response_to)}")
-            for row in stored:
-                seq = _sequence(row.get("sequence"))
-                if seq is not None:
-                    progress.add(_text(row.get("run")), seq, bool(row.get("complete")), row)
-            self._progress[response_to] = progress
-            while len(self._progress) > 20_000:
-                self._progress.popitem(last=False)
-        else:
+        if progress is not None:
             self._progress.move_to_end(response_to)
-        return progress, progress.output.get("agent") not in ("", agent)
+            return progress
+        output = await self.store.get(ECC, response_to)
+        if output is None or output.get("queue") != "output":
+            return None
+        built = _Progress(output, finished=output.get("state") in FINISHED)
+        stored = await self.store.query(ECC, f"queue=input^response_to={escape(response_to)}")
+        for row in stored:
+            seq = _sequence(row.get("sequence"))
+            if seq is not None and row.get("agent") == output.get("agent"):
+                built.add(_text(row.get("run")), seq, bool(row.get("complete")), row)
+        progress = self._progress.get(response_to)  # made meanwhile by another handler
+        if progress is not None:
+            return progress
+        self._progress[response_to] = built
+        while len(self._progress) > 20_000:
+            self._progress.popitem(last=False)
+        return built
 
-    async def _store_inputs(self, name: str, records: list[Any]) -> None:
+    async def _store_inputs(self, name: str, records: list[Any]) -> list[_Refused]:
+        """Store each record that answers an output this agent was sent and that still
+        awaits its answer; the others are refused, one by one."""
         agent = agent_id(name)
         touched: dict[str, _Progress] = {}
+        refused: list[_Refused] = []
         for record in records:
-            if not isinstance(record, dict):
-                self.stats.refused_inputs += 1
-                continue
-            response_to = record.get("response_to")
-            if not isinstance(response_to, str) or not _SYS_ID.match(response_to):
-                response_to = ""
-            progress, foreign = (
-                await self._progress_for(response_to, agent) if response_to else (None, False)
+            try:
+                await self._store_input(agent, record, touched)
+            except _Refused as exc:
+                refused.append(exc)
+            except Exception as exc:  # e.g. a payload nested deeper than JSON text may be
+                reason = f"cannot be stored: {type(exc).__name__}: {str(exc)[:200]}"
+                refused.append(_Refused(reason, excerpt=_record_excerpt(record)))
+        self.stats.refused_inputs += len(refused)
+        try:
+            await self._settle(touched)
+        except Exception as exc:  # the inputs are stored: the lease covers the rest
+            self._log.warning("closing outputs answered by %s failed: %s: %s", name,
+                              type(exc).__name__, str(exc)[:300])  # fmt: skip
+        return refused
+
+    async def _store_input(self, agent: str, record: Any, touched: dict[str, _Progress]) -> None:
+        if not isinstance(record, dict):
+            raise _Refused(f"an input record is a JSON object, not {type(record).__name__}",
+                           excerpt=_record_excerpt(record))  # fmt: skip
+        response_to = record.get("response_to")
+        if response_to in (None, ""):
+            response_to = ""
+        elif not isinstance(response_to, str) or not _SYS_ID.match(response_to):
+            raise _Refused("response_to is not a sys_id", excerpt=_record_excerpt(record))
+        progress = await self._answerable(agent, response_to, record) if response_to else None
+        if progress is not None and self.keys is not None:
+            self._refuse_signature_refusal(record, response_to)
+        row = input_row(record, agent, response_to)
+        seq = row["sequence"]
+        if progress is not None and seq is not None and progress.has(row["run"], seq):
+            self.stats.duplicates += 1
+            return
+        if progress is not None and not _awaiting(progress):
+            raise _Refused(
+                f"output {response_to} is not awaiting an answer "
+                f"(state {progress.output.get('state') or 'unknown'})",
+                response_to=response_to, excerpt=_record_excerpt(record),
+            )  # fmt: skip
+        _stored, inserted = await self.store.insert_input_once(row)
+        if inserted:
+            self.stats.inputs += 1
+        else:
+            self.stats.duplicates += 1
+        if progress is not None and seq is not None:
+            progress.add(row["run"], seq, row["complete"], record)
+            touched[response_to] = progress
+
+    def _refuse_signature_refusal(self, record: Mapping[str, Any], response_to: str) -> None:
+        """A bridge's refusal of a signature never closes an output this instance signed.
+
+        Whoever may publish on an agent's output topic can send an unsigned or stale record
+        with a real job's sys_id; the bridge refuses it and answers with that sys_id. Taken
+        as the job's answer, it would close the job as an error before its real answer came.
+        The refusal is kept as a dead letter instead and the output stays leased: the real
+        answer closes it, or the lease pushes it again, freshly signed (which also cures a
+        record that went stale while the bridge was away).
+        """
+        error = _text(record.get("error_string"))
+        if error.startswith(_SIGNATURE_REFUSALS):
+            raise _Refused(
+                f"a refusal of this instance's signature does not answer output {response_to} "
+                "(a forged or replayed record used its sys_id, or the bridge's "
+                "security.platform_key is not this instance's key)",
+                response_to=response_to,
+                excerpt=_record_excerpt(record),
             )
-            if foreign:
-                self.stats.refused_inputs += 1
-                self._log.warning(
-                    "agent %s answered output %s of another agent: dropped", name, response_to
-                )
-                continue
-            row = input_row(record, agent, response_to)
-            seq = row["sequence"]
-            if progress is not None and seq is not None and progress.has(row["run"], seq):
-                self.stats.duplicates += 1
-                continue
-            _stored, inserted = await self.store.insert_input_once(row)
-            if inserted:
-                self.stats.inputs += 1
-            else:
-                self.stats.duplicates += 1
-            if progress is not None and seq is not None:
-                progress.add(row["run"], seq, row["complete"], record)
-                touched[response_to] = progress
+
+    async def _answerable(
+        self, agent: str, response_to: str, record: Mapping[str, Any]
+    ) -> _Progress:
+        """The progress of the output ``record`` answers, if ``agent`` was sent it."""
+        progress = await self._progress_for(response_to)
+        if progress is None:
+            raise _Refused(f"output {response_to} does not exist", response_to=response_to,
+                           excerpt=_record_excerpt(record))  # fmt: skip
+        if progress.output.get("agent") != agent:
+            raise _Refused(f"output {response_to} was sent to another agent",
+                           response_to=response_to, excerpt=_record_excerpt(record))  # fmt: skip
+        return progress
+
+    async def _settle(self, touched: Mapping[str, _Progress]) -> None:
         for progress in touched.values():
             if progress.finished:
                 continue

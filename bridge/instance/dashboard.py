@@ -29,7 +29,6 @@ clients keep their 401/403 answers); a browser gets the dashboard.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import importlib.resources
@@ -41,7 +40,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 import orjson
@@ -49,7 +48,13 @@ from aiohttp import web
 
 from bridge.instance import agents as agents_module
 from bridge.instance import auth
-from bridge.instance.api import wire_value
+from bridge.instance.api import (
+    authenticator_of,
+    client_address,
+    request_scheme,
+    restrict,
+    wire_value,
+)
 from bridge.instance.auth import AuthError, Principal
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Record, Store
@@ -201,6 +206,11 @@ class View:
     def may_read(self, table: str) -> bool:
         return may_read(self.who, table)
 
+    def scoped(self, table: str, query: str) -> str:
+        """``query`` narrowed to the user's own agents, as the Table API narrows it."""
+        scope = auth.agent_scope(self.who, table)
+        return query if scope is None else restrict(query, scope)
+
 
 def may_read(who: Principal, table: str) -> bool:
     """The Table API's rule: may ``who`` read ``table``?"""
@@ -289,6 +299,12 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+def path_segment(value: Any) -> str:
+    """``value`` as one URL path segment: every ``/`` and ``.``-only name escaped away
+    (Jinja's ``urlencode`` keeps ``/``, so ``x/../dc1`` would reach another agent)."""
+    return quote(str(value), safe="")
+
+
 def _short_agent(agent: Any) -> str:
     name = agents_module.agent_name(agent)
     return name if name is not None else str(agent or "")
@@ -357,7 +373,8 @@ class Dashboard:
         self.start_run = start_run
         self._log = logger or log
         self._key = secrets.token_bytes(32)  # process-random: tags, login-form tokens
-        self._dummy_hash: str | None = None
+        # Replaced by the app's own in add_routes: one sign-in throttle for API and forms.
+        self._authenticator = auth.Authenticator(store)
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("bridge.instance", "templates"),
             autoescape=True,  # every {{ value }} is HTML-escaped
@@ -366,6 +383,7 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self._env.globals["status_kind"] = status_kind
+        self._env.filters["path_segment"] = path_segment
         static = importlib.resources.files("bridge.instance").joinpath("templates", "static")
         self._static = {
             "dashboard.css": (static.joinpath("dashboard.css").read_bytes(), "text/css"),
@@ -380,6 +398,7 @@ class Dashboard:
         """Mount the pages; at start-up, take the discovery engine's ``start_run`` if the
         instance serves discovery (``bridge.instance.discovery.install``)."""
         app.on_startup.append(self._find_discovery)
+        self._authenticator = authenticator_of(app, self.store)
         router = app.router
         router.add_get("/", self.overview)
         router.add_get("/login", self.login_form)
@@ -423,31 +442,14 @@ class Dashboard:
             return False
         return 0 <= time.time() - int(made) <= self.settings.login_form_ttl
 
-    async def _check_password(self, user_name: str, password: str) -> Record | None:
-        """The user if ``password`` is right (scrypt via ``auth.verify_password``); an
-        unknown user, or one without a password, costs the same work."""
-        user = await auth.find_user(self.store, user_name) if user_name else None
-        stored = str(user.get("user_password") or "") if user is not None else ""
-        if len(password) > auth.MAX_PASSWORD:
-            return None
-        if not stored:
-            if self._dummy_hash is None:
-                self._dummy_hash = await asyncio.to_thread(
-                    auth.hash_password, secrets.token_urlsafe(16)
-                )
-            await asyncio.to_thread(auth.verify_password, password, self._dummy_hash)
-            return None
-        if not await asyncio.to_thread(auth.verify_password, password, stored):
-            return None
-        return user
+    async def _check_password(self, user_name: str, password: str, address: str) -> Record | None:
+        """The active user if ``password`` is right, as the Table API checks it (scrypt; an
+        unknown user, an inactive one or one without a password costs the same work and
+        gets the same answer); a failure counts in the shared sign-in throttle."""
+        return await self._authenticator.check(user_name, password, address)
 
     async def _principal(self, user: Mapping[str, Any]) -> Principal:
-        return Principal(
-            sys_id=str(user["sys_id"]),
-            user_name=str(user["user_name"]),
-            roles=await auth.roles_of(self.store, str(user["sys_id"])),
-            web_service_access_only=_truthy(user.get("web_service_access_only")),
-        )
+        return await auth.principal_for(self.store, user)
 
     async def current(self, request: web.Request) -> View | None:
         """The signed-in user of ``request``, checked against ``sys_user`` now."""
@@ -493,7 +495,7 @@ class Dashboard:
             path="/",
             httponly=True,
             samesite="Strict",
-            secure=request.secure if secure is None else secure,
+            secure=request_scheme(request) == "https" if secure is None else secure,
             max_age=max_age,
         )
 
@@ -606,7 +608,18 @@ class Dashboard:
             )  # fmt: skip
         if not isinstance(password, str):
             password = ""
-        user = await self._check_password(user_name, password)
+        address = client_address(request)
+        wait = self._authenticator.throttle.retry_after(user_name, address)
+        if wait > 0:
+            self._authenticator.throttle.refused += 1
+            seconds = auth.SignInThrottled(wait).retry_after
+            page = self._login_page(
+                request, status=429, user_name=user_name, target=target,
+                message=f"Too many failed sign-ins; try again in {seconds} s.",
+            )  # fmt: skip
+            page.headers["Retry-After"] = str(seconds)
+            return page
+        user = await self._check_password(user_name, password, address)
         if user is None or not _truthy(user.get("active")):
             self._log.info("dashboard: sign-in refused for %r", user_name[:64])
             return self._login_page(
@@ -656,16 +669,22 @@ class Dashboard:
         cards: dict[str, Any] = {}
         if view.may_read("ecc_agent"):
             cards["agents"] = {
-                "total": await store.count("ecc_agent"),
-                "up": await store.count("ecc_agent", "status=Up"),
-                "validated": await store.count("ecc_agent", "validated=true"),
+                "total": await store.count("ecc_agent", view.scoped("ecc_agent", "")),
+                "up": await store.count("ecc_agent", view.scoped("ecc_agent", "status=Up")),
+                "validated": await store.count(
+                    "ecc_agent", view.scoped("ecc_agent", "validated=true")
+                ),
             }
         if view.may_read("ecc_queue"):
             cards["ecc"] = {
-                state: await store.count("ecc_queue", f"queue=output^state={state}")
+                state: await store.count(
+                    "ecc_queue", view.scoped("ecc_queue", f"queue=output^state={state}")
+                )
                 for state in ECC_STATES
             }
-            cards["ecc"]["inputs"] = await store.count("ecc_queue", "queue=input")
+            cards["ecc"]["inputs"] = await store.count(
+                "ecc_queue", view.scoped("ecc_queue", "queue=input")
+            )
         if view.may_read("discovery_status"):
             runs = await self._runs(5)
             cards["discovery"] = {
@@ -681,7 +700,8 @@ class Dashboard:
         self._need(view, "ecc_agent")
         now = time.time()
         rows = []
-        for agent in await self.store.query("ecc_agent", "ORDERBYname", limit=1000):
+        agents_query = view.scoped("ecc_agent", "ORDERBYname")
+        for agent in await self.store.query("ecc_agent", agents_query, limit=1000):
             stats = _json_object(agent.get("stats"))
             caps = [c for c in str(agent.get("capabilities") or "").split(",") if c]
             rows.append(
@@ -700,6 +720,7 @@ class Dashboard:
                     "lanes": lanes_text(stats),
                     "processed": stats.get("processed", ""),
                     "failed": stats.get("failed", ""),
+                    "actionable": agents_module.valid_agent_name(agent.get("name")),
                 }
             )
         return self.render(
@@ -744,7 +765,7 @@ class Dashboard:
                 if key == "agent" and not value.startswith(agents_module.AGENT_PREFIX):
                     value = agents_module.agent_id(value)
                 terms.append(f"{key}={escape(value)}")
-        query = "^".join(terms)
+        query = view.scoped("ecc_queue", "^".join(terms))
         total = await self.store.count("ecc_queue", query)
         # The latest: the last `limit` in insertion order, newest first.
         records = await self.store.query(
@@ -753,7 +774,8 @@ class Dashboard:
         records.reverse()
         agent_names: list[str] = []
         topics: set[str] = set()  # what the agents can run: the topic field's suggestions
-        for agent in await self.store.query("ecc_agent", "ORDERBYname", limit=1000):
+        agents_query = view.scoped("ecc_agent", "ORDERBYname")
+        for agent in await self.store.query("ecc_agent", agents_query, limit=1000):
             agent_names.append(str(agent.get("name") or ""))
             topics.update(c for c in str(agent.get("capabilities") or "").split(",") if c)
         rows = [
@@ -784,7 +806,7 @@ class Dashboard:
         view = await self._require(request)
         self._need(view, "ecc_queue")
         record = await self.store.get("ecc_queue", request.match_info["sys_id"])
-        if record is None:
+        if record is None or not auth.in_agent_scope(view.who, "ecc_queue", record):
             raise self._error_page(view, 404, "No such record", "No ECC record has that sys_id.")
         table = TABLES["ecc_queue"]
         fields = [
@@ -800,7 +822,10 @@ class Dashboard:
         if record.get("queue") == "output":
             answers = await self.store.query(
                 "ecc_queue",
-                f"queue=input^response_to={escape(str(record['sys_id']))}^ORDERBYsequence",
+                view.scoped(
+                    "ecc_queue",
+                    f"queue=input^response_to={escape(str(record['sys_id']))}^ORDERBYsequence",
+                ),
                 limit=200,
             )
         return self.render(

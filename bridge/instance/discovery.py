@@ -16,6 +16,12 @@ A run (``discovery_status``) of a schedule (``discovery_schedule``), ``docs/disc
 3. **Identification and CMDB** (``bridge.instance.cmdb``): serial number, then MAC
    addresses, then name + IP; a match is updated, else a CI is made.
 
+Trust: a result counts only from the agent that got the job and only about addresses
+inside that job's targets (a Shazzam batch's range, a classify job's own host); anything
+else is refused (not used), logged at WARNING and counted in ``discovery_status.refused``.
+Credentials go where results point, so this holds for inputs written through the Table API
+as much as for those the connector stores.
+
 Everything is driven by the store's change events (``Store.add_listener``): an input
 record answering one of the run's outputs, and the output becoming ``processed`` or
 ``error`` (the connector's doing, once every chunk is stored). Nothing polls. Events are
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 import uuid
@@ -44,8 +51,14 @@ from aiohttp import web
 
 from bridge.instance import cmdb
 from bridge.instance.agents import AgentActionError, admin_action, agent_id, agent_name
-from bridge.instance.api import ApiError, to_wire
-from bridge.instance.auth import Authenticator, AuthError
+from bridge.instance.api import (
+    ApiError,
+    authenticate,
+    authenticator_of,
+    json_object_body,
+    to_wire,
+)
+from bridge.instance.auth import AuthError
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Change, Record, Store
 from bridge.records import now_text
@@ -74,7 +87,7 @@ CANCEL_ROUTE = "/api/midbridge/discovery/{status}/cancel"
 _COUNTS = (
     "addresses", "scanned", "alive", "batches", "batches_done", "classify_total",
     "classified", "classify_failed", "cis_created", "cis_updated", "errors", "open_ports",
-    "probes",
+    "probes", "refused",
 )  # fmt: skip
 
 
@@ -337,6 +350,22 @@ class _Job:
     batch: int = -1
     host: _Host | None = None
     attempt: Attempt | None = None
+    targets: tuple[Interval, ...] = ()  # a scan's batch: the only addresses it may report
+
+
+def _address(text: Any) -> tuple[int, int, str] | None:
+    """(IP version, number, canonical text) of an address, or None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return address.version, int(address), str(address)
+
+
+def _inside(targets: Sequence[Interval], version: int, number: int) -> bool:
+    return any(i.version == version and i.first <= number <= i.last for i in targets)
 
 
 def _json(value: Any) -> Any:
@@ -369,6 +398,7 @@ class DiscoveryEngine:
         self._worker: asyncio.Task[None] | None = None
         self._remove_listener: Callable[[], None] | None = store.add_listener(self._on_change)
         self.closed = False
+        self.refused_results = 0  # results from another agent, or for addresses not asked
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -568,9 +598,13 @@ class DiscoveryEngine:
         record = change.record
         if change.op == "insert":
             job = self._jobs.get(str(record.get("response_to")))
-            if job is not None and job.kind == "scan" and not job.run.finished:
-                self._scan_chunk(job, record)
-                await self._launch_classify(job.run)
+            if job is None or job.kind != "scan" or job.run.finished:
+                return
+            if record.get("agent") != agent_id(job.agent):
+                self._refuse(job, record, f"from {record.get('agent')!r}, not the job's agent")
+                return
+            self._scan_chunk(job, record)
+            await self._launch_classify(job.run)
             return
         job = self._jobs.pop(str(record["sys_id"]), None)
         if job is None or job.run.finished:
@@ -600,7 +634,8 @@ class DiscoveryEngine:
             sys_id = uuid.uuid4().hex
             name = f"Discovery {plan.schedule.get('name')}: batch {index + 1}/{len(plan.batches)}"
             rows.append(self._output(run, sys_id, agent, SHAZZAM, name, targets, payload))
-            self._jobs[sys_id] = _Job(run, "scan", agent, batch=index)
+            bounds = parse_targets(targets).intervals
+            self._jobs[sys_id] = _Job(run, "scan", agent, batch=index, targets=bounds)
             run.scans[sys_id] = index
         if rows:
             await self._insert(rows)
@@ -641,9 +676,16 @@ class DiscoveryEngine:
             return
         counts = run.counts
         hosts = payload.get("hosts")
+        outside: list[str] = []
         for host in hosts if isinstance(hosts, list) else ():
-            ip = host.get("ip") if isinstance(host, dict) else None
-            if not isinstance(ip, str) or ip in run.seen:
+            address = _address(host.get("ip") if isinstance(host, dict) else None)
+            if address is None:
+                continue
+            if not _inside(job.targets, address[0], address[1]):
+                outside.append(address[2])
+                continue
+            ip = address[2]
+            if ip in run.seen:
                 continue
             run.seen.add(ip)
             counts["scanned"] += 1
@@ -661,6 +703,9 @@ class DiscoveryEngine:
             if attempts:
                 counts["classify_total"] += 1
                 run.queue.append(_Host(ip, job.agent, tuple(ports), attempts))
+        if outside:
+            self._refuse(job, record, f"{len(outside)} host(s) outside the batch, e.g. "
+                         f"{outside[0]}")  # fmt: skip
         totals = payload.get("totals")
         response_to = str(record.get("response_to"))
         if isinstance(totals, dict) and response_to not in run.totals_seen:
@@ -744,13 +789,16 @@ class DiscoveryEngine:
         name = f"Discovery {run.plan.schedule.get('name')}: classify {attempt.kind}"
         return self._output(run, sys_id, host.agent, attempt.topic, name, host.ip, payload)
 
-    async def _answer(self, output_id: str) -> list[dict[str, Any]]:
-        """The payloads of the run of answers that completed the output, in sequence order."""
+    async def _answer(self, job: _Job, output_id: str) -> list[dict[str, Any]]:
+        """The payloads of the run of answers that completed the output, in sequence order:
+        only the job's agent's, and only about the job's host."""
         rows = await self.store.query(
             ECC, f"queue=input^response_to={escape(output_id)}^ORDERBYsequence"
         )
         by_run: dict[str, dict[int, Record]] = {}
         for row in rows:
+            if not self._answer_usable(job, row):
+                continue
             seq = row.get("sequence")
             chunks = by_run.setdefault(str(row.get("run") or ""), {})
             chunks[seq if isinstance(seq, int) else 0] = row
@@ -760,6 +808,34 @@ class DiscoveryEngine:
                 payloads = [_json(chunks[i].get("payload")) for i in range(last + 1)]
                 return [p for p in payloads if isinstance(p, dict)]
         return []
+
+    def _answer_usable(self, job: _Job, row: Record) -> bool:
+        """An answer to a classify job counts only from the job's agent, about its host."""
+        if row.get("agent") != agent_id(job.agent):
+            self._refuse(job, row, f"from {row.get('agent')!r}, not the job's agent")
+            return False
+        payload = _json(row.get("payload"))
+        named = payload.get("host") if isinstance(payload, dict) else None
+        if named is None or job.host is None:
+            return True
+        address = _address(named)
+        if address is None or address[2] != job.host.ip:
+            self._refuse(job, row, f"about {str(named)[:80]!r}, not the job's host {job.host.ip}")
+            return False
+        return True
+
+    def _refuse(self, job: _Job, record: Mapping[str, Any], reason: str) -> None:
+        """A result discovery will not use: logged, counted in the run, said in its log."""
+        run = job.run
+        output = record.get("response_to") or record.get("sys_id")
+        run.counts["refused"] += 1
+        self.refused_results += 1
+        run.note(f"refused a result for output {output}: {reason[:200]}")
+        self._dirty[run.status_id] = run
+        log.warning(
+            "discovery: refused a result of agent %r for output %s (run %s): %s",
+            str(record.get("agent"))[:80], output, run.status_id, reason[:300],
+        )  # fmt: skip
 
     def _observe(self, attempt: Attempt, host: _Host, payloads: list[dict[str, Any]]) -> Any:
         if not payloads:
@@ -779,7 +855,8 @@ class DiscoveryEngine:
         observation: cmdb.Observation | None = None
         error = ""
         if output.get("state") == "processed":
-            observation = self._observe(attempt, host, await self._answer(output["sys_id"]))
+            answer = await self._answer(job, output["sys_id"])
+            observation = self._observe(attempt, host, answer)
             if observation is None:
                 error = "the answer does not tell what the host is"
         else:
@@ -904,17 +981,20 @@ async def cancel_run(target: Instance | Store, status_sys_id: str) -> Record:
 def add_routes(app: web.Application, engine: DiscoveryEngine) -> None:
     """``POST /api/midbridge/discovery/<schedule sys_id or name>/run`` → 201 with the new
     ``discovery_status``; ``POST /api/midbridge/discovery/<status sys_id>/cancel`` → 200.
-    Role ``discovery_admin`` (or ``admin``); Basic authentication."""
-    authenticator = Authenticator(engine.store)
+    Role ``discovery_admin`` (or ``admin``); Basic authentication; a JSON body (``{}``), so
+    that no cross-site form can start or stop a run (and a foreign ``Origin`` is refused by
+    ``bridge.instance.api.origin_middleware``)."""
+    authenticator = authenticator_of(app, engine.store)
     status_table = TABLES[STATUSES]
 
     def dumps(data: Any) -> str:
         return orjson.dumps(data).decode()
 
     async def allowed(request: web.Request, what: str) -> None:
-        who = await authenticator.authenticate(request.headers.get("Authorization"))
+        who = await authenticate(request, authenticator)
         if not who.has_any("discovery_admin"):
             raise AuthError(403, f"{what} requires role discovery_admin or admin")
+        await json_object_body(request)
 
     async def run(request: web.Request) -> web.Response:
         await allowed(request, "starting discovery")

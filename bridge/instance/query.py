@@ -31,6 +31,10 @@ from bridge.instance.store import FieldType, Table
 
 MAX_QUERY_CHARS = 32_768
 MAX_IN_VALUES = 1_000
+MAX_TERMS = 100  # conditions and ORDERBY terms in a client's query (the Table API's bound)
+# Any query the store compiles: a client's plus what access rules AND into each branch.
+# SQLite refuses expression trees deeper than 1,000; this keeps far below that.
+MAX_COMPILED_TERMS = 4 * MAX_TERMS
 
 
 class QueryError(ValueError):
@@ -167,16 +171,23 @@ def _order(term: str, prefix: str) -> OrderBy:
     return OrderBy(name, descending=prefix == "ORDERBYDESC")
 
 
-def parse(text: str) -> Query:
-    """The AST of an encoded query; syntax only (see ``compile_query`` for the fields)."""
+def parse(text: str, *, max_terms: int = MAX_COMPILED_TERMS) -> Query:
+    """The AST of an encoded query; syntax only (see ``compile_query`` for the fields).
+
+    At most ``max_terms`` conditions and ORDERBY terms (``EQ`` and empty terms not counted).
+    """
     if len(text) > MAX_QUERY_CHARS:
         raise QueryError(f"query is longer than {MAX_QUERY_CHARS} characters")
     branches: list[list[list[Condition]]] = []
     current: list[list[Condition]] = []
     order: list[OrderBy] = []
+    counted = 0
     for term in _split(text):
         if term in ("", "EQ"):
             continue
+        counted += 1
+        if counted > max_terms:
+            raise QueryError(f"query has more than {max_terms} terms")
         if term.startswith("ORDERBYDESC"):
             order.append(_order(term, "ORDERBYDESC"))
         elif term.startswith("ORDERBY"):

@@ -37,7 +37,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -54,6 +53,7 @@ from bridge.config import BrokerConfig
 from bridge.errors import BridgeError
 from bridge.instance.connector import _batches, output_topic, output_wire, parameters
 from bridge.records import now_text
+from bridge.signals import StopSignals
 from bridge.transport import Delivery, MqttSession
 
 log = logging.getLogger("midbridge.relay")
@@ -228,7 +228,7 @@ class Relay:
         self._idle = asyncio.Event()
         self._closing = False
         self.stats = {"claimed": 0, "published": 0, "republished": 0, "inputs": 0,
-                      "duplicates": 0, "closed": 0}  # fmt: skip
+                      "duplicates": 0, "closed": 0, "refused": 0}  # fmt: skip
 
     async def __aenter__(self) -> Relay:
         try:
@@ -536,7 +536,15 @@ class Relay:
             if job is not None and seq is not None and job.has(run, seq):
                 self.stats["duplicates"] += 1
                 continue
-            await self._write("POST", TABLE_PATH, self._input_body(record, job))
+            try:
+                await self._write("POST", TABLE_PATH, self._input_body(record, job))
+            except RelayError as exc:
+                if not 400 <= exc.status < 500 or exc.status == 429:
+                    raise  # transient: left for redelivery
+                # Refused for good (e.g. an answer to nothing): redelivery cannot change it.
+                self._log.warning("input record refused by the instance, dropped: %s", exc)
+                self.stats["refused"] += 1
+                continue
             self.stats["inputs"] += 1
             if job is not None and seq is not None:
                 job.add(run, seq, record)
@@ -619,11 +627,8 @@ async def run_command(args: argparse.Namespace) -> int:
         verify_tls=not args.insecure,
         client_id=args.client_id,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with Relay(settings, broker):
-        await stop.wait()
+    with StopSignals() as stop:
+        async with Relay(settings, broker):
+            await stop.wait()
     log.info("relay stopped")
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -135,6 +136,30 @@ def _coerce(table: Table, name: str, value: Any) -> Any:
     raise FieldError(table.name, name, f"expected a number, got {value!r}")
 
 
+DB_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def _create_owner_only(path: Path) -> None:
+    """Make the database file mode 600 (its directory 700 when made here) before SQLite
+    opens it: it holds password hashes and every payload. SQLite gives its -wal, -shm and
+    -journal files the database file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    _owner_only(path)
+
+
+def _owner_only(path: Path) -> None:
+    """Take group and other access away from the database's files we own."""
+    for suffix in DB_FILE_SUFFIXES:
+        part = path.with_name(path.name + suffix)
+        try:
+            mode = part.stat()
+        except FileNotFoundError:
+            continue
+        if mode.st_mode & 0o077 and mode.st_uid == os.getuid():
+            os.chmod(part, 0o600)
+
+
 class SQLiteStore:
     """The ``Store`` on one SQLite file (``":memory:"`` for a throwaway one).
 
@@ -193,12 +218,23 @@ class SQLiteStore:
 
     # --- executor-thread side -----------------------------------------------------------
 
+    def file_path(self) -> Path | None:
+        """The database file, or None for ``":memory:"`` (or a ``file:`` URI)."""
+        if isinstance(self.path, Path):
+            return self.path
+        if self.path in ("", ":memory:") or self.path.startswith("file:"):
+            return None
+        return Path(self.path)
+
     def _open(self) -> None:
+        path = self.file_path()
         try:
-            if isinstance(self.path, Path):
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                _create_owner_only(path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
+            if path is not None:
+                _owner_only(path)  # the -wal and -shm files SQLite just made, too
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         self._migrate(db)
@@ -392,6 +428,7 @@ class SQLiteStore:
                 return None, None
             previous = self._record(table, row[1:])
             if values:
+                values = _new_key_clears_validation(table, previous, values)
                 self._write(table, [row[0]], {**values, "sys_updated_on": now_text()})
             record = self._get(table, sys_id)
             db.execute("COMMIT")
@@ -413,10 +450,13 @@ class SQLiteStore:
         try:
             rows = db.execute(text, (*sql.params, -1 if limit is None else limit)).fetchall()
             previous = [self._record(table, row[1:]) for row in rows]
-            if rows and values:
-                self._write(
-                    table, [row[0] for row in rows], {**values, "sys_updated_on": now_text()}
-                )
+            stamp = now_text()
+            if rows and values and table.name == "ecc_agent":
+                for row, before in zip(rows, previous, strict=True):  # a new key, row by row
+                    changed = _new_key_clears_validation(table, before, values)
+                    self._write(table, [row[0]], {**changed, "sys_updated_on": stamp})
+            elif rows and values:
+                self._write(table, [row[0] for row in rows], {**values, "sys_updated_on": stamp})
             out = []
             for before in previous:
                 after = self._get(table, before["sys_id"])
@@ -533,6 +573,23 @@ class SQLiteStore:
         deleted = await self._call(self._delete, spec, sys_id)
         self._tell([Change(name, "delete", record) for name, record in deleted])
         return bool(deleted)
+
+
+def _new_key_clears_validation(table: Table, previous: Record, values: Record) -> Record:
+    """``values`` for an update of ``previous``: on ``ecc_agent``, a public key or
+    fingerprint other than the stored one always sets ``validated`` false, whoever writes
+    it (an approval is for one key; docs/security.md)."""
+    if table.name != "ecc_agent":
+        return values
+    changed = any(
+        name in values and values[name] != previous.get(name)
+        for name in ("public_key", "fingerprint")
+    )
+    if not changed:
+        return values
+    if previous.get("validated"):
+        log.info("ecc_agent %s: a new key; validated cleared", previous.get("name"))
+    return {**values, "validated": False}
 
 
 def _conflict_message(table: Table, values: Mapping[str, Any], exc: sqlite3.IntegrityError) -> str:

@@ -10,13 +10,17 @@ Tables (fields beyond the ``sys_*`` ones):
   error_string, payload (text: JSON or XML), processed, sequence, complete, run,
   lease_until (epoch seconds, instance-internal), attempts.
 - ``ecc_agent``: name, host, status, validated, version, capabilities (comma list),
-  public_key, fingerprint, last_heartbeat (text time), started_at, stats (JSON text).
+  public_key, fingerprint, last_heartbeat (text time), started_at, stats (JSON text),
+  validation_request (the administrator's validate output awaiting its answer).
 - ``sys_user``: user_name, first_name, last_name, email, active (bool),
-  web_service_access_only (bool), user_password (hash; never returned by the API).
+  web_service_access_only (bool), user_password (hash; never returned by the API),
+  mid_agents (comma list of the MID names a mid_server account acts for).
 - ``sys_user_role``: name, description.
 - ``sys_user_has_role``: user (sys_id of sys_user), role (sys_id of sys_user_role).
 - ``discovery_credentials``: name, type, order, active, secret (ciphertext under the
   instance key; never returned in clear).
+- ``ecc_dead_letter``: agent, topic, kind, reason, received, records, response_to,
+  excerpt: broker messages the connector refused (admin only through the Table API).
 
 ``TABLES`` below is the machine-readable form of that list (types, defaults, references,
 write-only fields); the SQLite store, the query compiler and the Table API all follow it.
@@ -133,8 +137,22 @@ TABLES: Mapping[str, Table] = {
             Field("last_heartbeat"),
             Field("started_at"),
             Field("stats"),
+            # sys_id of the validate SystemCommand an administrator started and whose
+            # answer is awaited: only that answer may set validated (agents.admin_action).
+            Field("validation_request"),
             unique=(("name",),),
             display_field="name",
+        ),
+        _table(
+            "ecc_dead_letter",  # what the connector received and could not store
+            Field("agent"),  # MID name, from the topic
+            Field("topic"),  # the MQTT topic it came on
+            Field("kind"),  # input | status
+            Field("reason"),
+            Field("received"),  # UTC text time
+            Field("records", _INT, default=1),  # records refused in the message
+            Field("response_to"),  # the output a refused input named, if any
+            Field("excerpt"),  # the start of the raw message (bounded)
         ),
         _table(
             "sys_user",
@@ -145,6 +163,9 @@ TABLES: Mapping[str, Table] = {
             Field("active", _BOOL, default=True),
             Field("web_service_access_only", _BOOL),
             Field("user_password", write_only=True),
+            # MID names (without mid.server.) a mid_server account acts for, comma list:
+            # one agent, or a cluster's. Empty: none (it sees no ECC record, no agent).
+            Field("mid_agents"),
             unique=(("user_name",),),
             display_field="user_name",
         ),
@@ -217,6 +238,7 @@ TABLES: Mapping[str, Table] = {
             Field("open_ports", _INT, default=0),  # open TCP ports found (sum over hosts)
             Field("probes", _INT, default=0),  # TCP connects (addresses x ports), Shazzam's count
             Field("classify_failed", _INT, default=0),  # hosts whose every classifier failed
+            Field("refused", _INT, default=0),  # results refused: wrong agent or address
             Field("scan_duration", _REAL),  # seconds from the start to the last batch done
             Field("duration", _REAL),  # seconds from the start to the end of the run
         ),
