@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.config import BrokerConfig, Config, load_config
-from bridge.errors import BridgeError
+from bridge.agent.config import Config, load_config
 from bridge.signals import StopSignals
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.errors import BridgeError
 
 log = logging.getLogger("midbridge")
 
@@ -81,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_instance_parser(sub)
 
-    # --- relay to a ServiceNow instance: `midbridge relay ...` (bridge/instance/relay.py) ---
-    from bridge.instance.relay import add_relay_parser
+    # --- relay to a ServiceNow instance: `midbridge relay ...` (bridge/relay/service.py) ---
+    from bridge.relay.service import add_relay_parser
 
     add_relay_parser(sub)
     # --- end relay ---
@@ -112,8 +113,8 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: Config) -> int:
-    from bridge.core import Bridge
-    from bridge.runtime import tune_gc
+    from bridge.agent.bridge import Bridge
+    from bridge.agent.runtime import tune_gc
 
     tune_gc()
 
@@ -121,7 +122,7 @@ async def _serve(config: Config) -> int:
         stop = stack.enter_context(StopSignals())
         bridge = await stack.enter_async_context(Bridge(config))
         if config.metrics_port is not None:
-            from bridge.metrics import serve_metrics
+            from bridge.agent.metrics import serve_metrics
 
             port = await stack.enter_async_context(
                 serve_metrics(bridge, config.metrics_host, config.metrics_port)
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return _run_loop(sweep())
         if args.command == "demo":
-            from bridge.demo import run_demo
+            from bridge.demo.loop import run_demo
 
             _setup_logging(args.log_level or "warning")
             return _run_loop(
@@ -195,15 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level or "info")
             return run_instance_command(args, run_loop=_run_loop)
-        # --- relay (bridge/instance/relay.py) ---
+        # --- relay (bridge/relay/service.py) ---
         if args.command == "relay":
-            from bridge.instance.relay import run_command
+            from bridge.relay.service import run_command
 
             _setup_logging(args.log_level or "info")
             return _run_loop(run_command(args))
         # --- end relay ---
         if args.command == "bench":
-            from bench import run_bench
+            from bridge.bench import run_bench
 
             _setup_logging(args.log_level or "warning")
             return run_bench(args.name, as_json=args.json, broker=args.broker, rounds=args.rounds)

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bridge.client import EccClient, JobResult, output_record
-from bridge.config import BrokerConfig
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, JobResult, output_record
 
 
 async def run_sweep(

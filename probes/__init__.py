@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bridge.jobs import ProbeSpec
 from probes import echo, heartbeat, http, shazzam, snmp, ssh, system_command
+from probes.contract import ProbeSpec
 
 REGISTRY: dict[str, ProbeSpec] = {
     spec.topic: spec

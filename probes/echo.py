@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import Field
 
-from bridge.jobs import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
-from bridge.records import OutputRecord
+from bridge.wire.records import OutputRecord
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
 
 TOPIC = "Echo"
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
-from bridge.control import CONTROL_RESOURCE, Control
-from bridge.errors import Refused
-from bridge.jobs import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
-from bridge.records import OutputRecord
+from bridge.wire.errors import Refused
+from bridge.wire.records import OutputRecord
+from probes.contract import (
+    CONTROL_RESOURCE,
+    Control,
+    Job,
+    ProbeContext,
+    ProbeParams,
+    ProbeSpec,
+    parse_params,
+)
 
 TOPIC = "HeartbeatProbe"
 

@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
-from bridge.deadlines import Deadlines
-from bridge.errors import (
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import (
     BadParameter,
     BridgeError,
     ConnectionRefused,
@@ -54,17 +54,10 @@ from bridge.errors import (
     TlsError,
     Unreachable,
 )
-from bridge.fanout import fan_out, result_chunks
-from bridge.jobs import (
-    Credential,
-    Job,
-    ProbeContext,
-    ProbeParams,
-    ProbeSpec,
-    parse_params,
-    parse_settings,
-)
-from bridge.records import OutputRecord, error_payload
+from bridge.wire.records import OutputRecord, error_payload
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params, parse_settings
+from probes.kit.deadlines import Deadlines
+from probes.kit.fanout import fan_out, result_chunks
 
 TOPIC = "RESTProbe"
 RESOURCE = "http"  # key in ProbeContext.resources

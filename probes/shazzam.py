@@ -24,14 +24,15 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from bridge.config import ShazzamConfig
-from bridge.errors import BadParameter, BridgeError, ConfigError, CredentialError, Refused
-from bridge.jobs import Credential, Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.agent.config import ShazzamConfig
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import BadParameter, BridgeError, ConfigError, CredentialError, Refused
+from bridge.wire.records import OutputRecord
+from bridge.wire.targets import TargetSet, parse_ports, parse_targets
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from probes.kit.ratelimit import RateLimiter
 from probes.services import service_name
 from probes.snmp import COMMUNITY, snmp_tap_credentials
-from probes.targets import TargetSet, parse_ports, parse_targets
 from probes.tcp_sweep import HostResult, Sweep, SweepError, SweepOptions, iter_hosts
 
 TOPIC = "Shazzam"
@@ -479,4 +480,4 @@ async def run(job: Job[ShazzamParams], ctx: ProbeContext) -> AsyncIterator[dict[
     }
 
 
-SPEC = ProbeSpec(topic=TOPIC, params=ShazzamParams, run=run, build_params=build_params, sweep=True)
+SPEC = ProbeSpec(topic=TOPIC, params=ShazzamParams, run=run, build_params=build_params)

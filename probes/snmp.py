@@ -85,7 +85,8 @@ from gufo.snmp.aio.client import SnmpSession
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from bridge.errors import (
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import (
     AuthFailed,
     BadParameter,
     BridgeError,
@@ -95,18 +96,10 @@ from bridge.errors import (
     ProtocolError,
     Refused,
 )
-from bridge.fanout import fan_out, result_chunks
-from bridge.jobs import (
-    Credential,
-    Job,
-    ProbeContext,
-    ProbeParams,
-    ProbeSpec,
-    parse_params,
-    parse_settings,
-)
-from bridge.records import OutputRecord, error_payload
+from bridge.wire.records import OutputRecord, error_payload
 from probes import snmp_values as sv
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params, parse_settings
+from probes.kit.fanout import fan_out, result_chunks
 
 TOPIC = "SNMP"
 RESOURCE = "snmp"  # key of the pool in ctx.resources

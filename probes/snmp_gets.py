@@ -31,8 +31,8 @@ from typing import Any
 
 from gufo.snmp import SnmpDecodeError
 
-from bridge.errors import BridgeError, ProtocolError
-from bridge.jobs import Credential
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import BridgeError, ProtocolError
 from probes.snmp import (
     Policy,
     SnmpPool,

@@ -43,8 +43,9 @@ from typing import Any, Literal
 import asyncssh
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridge.config import BridgeSection
-from bridge.errors import (
+from bridge.agent.config import BridgeSection
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import (
     AuthFailed,
     BadParameter,
     ConfigError,
@@ -56,16 +57,8 @@ from bridge.errors import (
     Refused,
     Unreachable,
 )
-from bridge.jobs import (
-    Credential,
-    Job,
-    ProbeContext,
-    ProbeParams,
-    ProbeSpec,
-    parse_params,
-    parse_settings,
-)
-from bridge.records import OutputRecord
+from bridge.wire.records import OutputRecord
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params, parse_settings
 
 TOPIC = "SSHCommand"
 RESOURCE = "ssh"  # key of the pool in ctx.resources

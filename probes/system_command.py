@@ -11,10 +11,17 @@ from typing import Any, Literal, cast
 
 from pydantic import Field, model_validator
 
-from bridge.control import CONTROL_RESOURCE, Control
-from bridge.errors import BadParameter, Refused
-from bridge.jobs import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
-from bridge.records import OutputRecord
+from bridge.wire.errors import BadParameter, Refused
+from bridge.wire.records import OutputRecord
+from probes.contract import (
+    CONTROL_RESOURCE,
+    Control,
+    Job,
+    ProbeContext,
+    ProbeParams,
+    ProbeSpec,
+    parse_params,
+)
 
 TOPIC = "SystemCommand"
 Command = Literal["pause", "resume", "drain", "cancel", "stats", "validate", "invalidate"]

@@ -64,7 +64,7 @@ _STALL_LIMIT = 5.0  # seconds of local shortage with nothing in flight: give up
 
 
 class RateBudget(Protocol):
-    """What the engine needs of ``bridge.ratelimit.RateLimiter``."""
+    """What the engine needs of ``probes.kit.ratelimit.RateLimiter``."""
 
     @property
     def unlimited(self) -> bool: ...

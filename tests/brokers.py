@@ -1,7 +1,7 @@
 """Brokers for tests: a private, restartable mosquitto, and an in-thread embedded broker.
 
 ``MosquittoServer`` runs its own ``mosquitto`` on a free loopback port with the raised limits
-of :func:`bridge.embedded_broker.mosquitto_config` (the shared broker on 1883 keeps
+of :func:`bridge.demo.broker.mosquitto_config` (the shared broker on 1883 keeps
 Mosquitto's defaults, which drop QoS 1 messages past 1,000 queued per client) and, by
 default, persistence in its own directory so that ``restart()`` keeps sessions and queued
 QoS 1 messages. It can also pause (SIGSTOP) the broker, force a persistence checkpoint
@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from bridge.embedded_broker import (
+from bridge.demo.broker import (
     LOOPBACK,
     BrokerEndpoint,
     embedded_broker,
@@ -327,7 +327,7 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
 
 
 class ThreadedEmbeddedBroker:
-    """:func:`bridge.embedded_broker.embedded_broker` on its own event loop in a thread.
+    """:func:`bridge.demo.broker.embedded_broker` on its own event loop in a thread.
 
     For a session-wide broker that outlives the tests' per-test event loops (the amqtt
     fallback runs in-process).

@@ -12,16 +12,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from bridge.client import EccClient
-from bridge.config import (
-    BridgeSection,
-    BrokerConfig,
-    Config,
-    LimitsConfig,
-    ProbesConfig,
-    SecurityConfig,
-)
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import BridgeSection, Config, LimitsConfig, ProbesConfig, SecurityConfig
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,8 +21,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.client import EccClient, JobResult, output_record
-from bridge.identity import b64, canonical, sign_record
+from bridge.wire.client import EccClient, JobResult, output_record
+from bridge.wire.sealing import b64, canonical, sign_record
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.client import EccClient, output_record
-from bridge.config import BrokerConfig
-from bridge.core import Bridge
-from bridge.transport import MqttSession
+from bridge.agent.bridge import Bridge
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, output_record
+from bridge.wire.transport import MqttSession
 from tests.harness import make_config
 from tests.test_broker_security import make_user, secure_compose_broker
 

@@ -24,14 +24,15 @@ import aiohttp
 import orjson
 import pytest
 
-from bridge.config import BrokerConfig, Config
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
 from bridge.instance import auth, discovery
 from bridge.instance.agents import SYSTEM_COMMAND, control_output
 from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
 from bridge.instance.platform_credentials import PlatformKeys, add_credential
 from bridge.instance.server import Instance, InstanceConfig
-from bridge.transport import Delivery, MqttSession
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.transport import Delivery, MqttSession
 from tests.brokers import BrokerAddress, MosquittoServer
 from tests.harness import make_config
 from tests.test_discovery import basic, free_port

@@ -28,13 +28,13 @@ import orjson
 import pytest
 from yarl import URL
 
-from bridge.config import BrokerConfig
 from bridge.instance import auth, discovery
 from bridge.instance.api import TABLE_API, ApiSettings
 from bridge.instance.cli import insecure_settings
 from bridge.instance.connector import install, keys_for
 from bridge.instance.query import MAX_TERMS
 from bridge.instance.server import Instance, InstanceConfig
+from bridge.wire.broker import BrokerConfig
 
 pytestmark = pytest.mark.timeout(60)
 

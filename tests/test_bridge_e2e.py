@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bridge.client import EccClient, output_record
+from bridge.wire.client import EccClient, output_record
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 

@@ -34,13 +34,14 @@ import orjson
 import pytest
 from gmqtt.mqtt.constants import MQTTv50
 
-from bridge.client import EccClient, output_record
-from bridge.config import BrokerConfig, Config
-from bridge.core import Bridge
-from bridge.embedded_broker import LOOPBACK, find_mosquitto, free_port
-from bridge.errors import BrokerRefused
-from bridge.mqtt_acks import PublishRefused
-from bridge.transport import Delivery, MqttSession
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
+from bridge.demo.broker import LOOPBACK, find_mosquitto, free_port
+from bridge.wire.acks import PublishRefused
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, output_record
+from bridge.wire.errors import BrokerRefused
+from bridge.wire.transport import Delivery, MqttSession
 from tests.brokers import MosquittoServer, port_accepts
 from tests.harness import REPO, BridgeProcess, config_env, make_config
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import Config, load_config
-from bridge.errors import ConfigError
+from bridge.agent.config import Config, load_config
+from bridge.wire.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,14 +29,15 @@ import aiohttp
 import orjson
 import pytest
 
-from bridge.config import BrokerConfig, Config
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
 from bridge.instance import auth
 from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
 from bridge.instance.platform_credentials import PlatformKeys
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.instance.store import Change
-from bridge.transport import Delivery, MqttSession
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.transport import Delivery, MqttSession
 from tests.brokers import BrokerAddress, MosquittoServer
 from tests.harness import BridgeProcess, make_config
 from tests.sshd import SshdUnavailable, SshServer, ensure_users, generate_key, remove_users

@@ -15,9 +15,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.client import EccClient, JobResult, output_record
-from bridge.core import Bridge
-from bridge.identity import encrypt_credential, sign_record
+from bridge.agent.bridge import Bridge
+from bridge.wire.client import EccClient, JobResult, output_record
+from bridge.wire.sealing import encrypt_credential, sign_record
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 

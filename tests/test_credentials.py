@@ -1,4 +1,4 @@
-"""The local credentials file (bridge/credentials.py): validation, file rules, resolving."""
+"""The local credentials file (bridge/agent/credentials.py): validation, file rules, resolving."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import Config
-from bridge.core import Bridge
-from bridge.credentials import TYPES, LocalCredentials, NoCredentials
-from bridge.errors import ConfigError, CredentialError
-from bridge.jobs import Credential
-from bridge.records import OutputRecord
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
+from bridge.agent.credentials import LocalCredentials, NoCredentials
+from bridge.wire.credentials import TYPES, Credential
+from bridge.wire.errors import ConfigError, CredentialError
+from bridge.wire.records import OutputRecord
 
 SECRET = "S3CRET-do-not-show"  # every secret field in these files holds this marker
 

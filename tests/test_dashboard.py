@@ -35,8 +35,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 from yarl import URL
 
-from bridge.config import BrokerConfig
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
 from bridge.instance import auth, discovery
 from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
 from bridge.instance.dashboard import (
@@ -50,6 +49,7 @@ from bridge.instance.dashboard import (
 )
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.instance.store import Record
+from bridge.wire.broker import BrokerConfig
 from tests.brokers import MosquittoServer
 from tests.harness import REPO, make_config
 

@@ -1,4 +1,4 @@
-"""bridge.deadlines: one timer for the timeouts of many operations in flight."""
+"""probes.kit.deadlines: one timer for the timeouts of many operations in flight."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bridge.deadlines import Deadlines, Expiry
+from probes.kit.deadlines import Deadlines, Expiry
 
 
 async def _sleep_with_deadline(

@@ -25,10 +25,10 @@ import pytest
 from gufo.snmp import SnmpVersion
 from gufo.snmp.aio.client import SnmpSession
 
-from bridge import demo
-from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig, SecurityConfig
-from bridge.core import Bridge
-from bridge.demo_targets import (
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import BridgeSection, Config, LimitsConfig, SecurityConfig
+from bridge.demo import loop as demo
+from bridge.demo.targets import (
     NETWORK,
     SNMP_COMMUNITY_ENV,
     SSH_PASSWORD_ENV,
@@ -40,6 +40,7 @@ from bridge.demo_targets import (
     demo_targets,
 )
 from bridge.instance import cmdb
+from bridge.wire.broker import BrokerConfig
 from tests.brokers import BrokerAddress
 from tests.harness import REPO
 
@@ -307,17 +308,17 @@ async def test_a_taken_port_moves_the_targets_of_its_kind_one_up() -> None:
 
 
 def test_demo_targets_command_line() -> None:
-    done = run_module("bridge.demo_targets", "--help", timeout=30)
+    done = run_module("bridge.demo.targets", "--help", timeout=30)
     assert done.returncode == 0
     assert "--bind" in done.stdout
     assert "--only" in done.stdout
     done = run_module(
-        "bridge.demo_targets", "--only", "nope", env={SSH_PASSWORD_ENV: "x" * 12}, timeout=30
+        "bridge.demo.targets", "--only", "nope", env={SSH_PASSWORD_ENV: "x" * 12}, timeout=30
     )
     assert done.returncode == 2
     assert "unknown target(s) nope" in done.stderr
     env = {SSH_PASSWORD_ENV: "", SNMP_COMMUNITY_ENV: "c"}
-    done = run_module("bridge.demo_targets", env=env, timeout=30)
+    done = run_module("bridge.demo.targets", env=env, timeout=30)
     assert done.returncode == 2
     assert SSH_PASSWORD_ENV in done.stderr
 

@@ -34,8 +34,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bridge.config import BrokerConfig
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
 from bridge.instance import auth, cmdb, discovery
 from bridge.instance.api import restrict
 from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
@@ -44,8 +43,9 @@ from bridge.instance.query import QueryError
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Change
-from bridge.records import now_text
-from probes.targets import parse_targets
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.records import now_text
+from bridge.wire.targets import parse_targets
 from tests.brokers import MosquittoServer
 from tests.harness import make_config
 from tests.snmpd import COMMUNITY, SYS_NAME, Snmpd, SnmpdUnavailable

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from bridge.client import EccClient, output_record
+from bridge.wire.client import EccClient, output_record
 from tests.brokers import MosquittoServer
 from tests.harness import BridgeProcess, bridge_and_client, make_config
 

@@ -13,14 +13,14 @@ import gmqtt
 import pytest
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
-from bridge.embedded_broker import (
+from bridge.demo.broker import (
     BrokerEndpoint,
     embedded_broker,
     find_mosquitto,
     mosquitto_config,
     parse_address,
 )
-from bridge.mqtt_acks import AckTrackingStorage, PublishRefused
+from bridge.wire.acks import AckTrackingStorage, PublishRefused
 from tests.brokers import (
     BrokerAddress,
     MosquittoNotFound,

@@ -1,4 +1,4 @@
-"""bridge/fanout.py: ``fan_out`` with plain asyncio steps (sleeps, events, counters)."""
+"""probes/kit/fanout.py: ``fan_out`` with plain asyncio steps (sleeps, events, counters)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge.fanout import fan_out
+from probes.kit.fanout import fan_out
 
 Step = Callable[[int], Coroutine[Any, Any, int]]
 

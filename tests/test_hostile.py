@@ -40,13 +40,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bridge import records as records_module
-from bridge.client import EccClient, output_record
-from bridge.config import Config
-from bridge.core import Bridge, probe_settings
-from bridge.errors import BadParameter, BadRecord, BridgeError
-from bridge.jobs import ProbeSpec
-from bridge.records import (
+from bridge.agent.bridge import Bridge, probe_settings
+from bridge.agent.config import Config
+from bridge.wire import records as records_module
+from bridge.wire.client import EccClient, output_record
+from bridge.wire.errors import BadParameter, BadRecord, BridgeError
+from bridge.wire.records import (
     MAX_TEXT_FIELD,
     PRIORITIES,
     OutputRecord,
@@ -56,6 +55,7 @@ from bridge.records import (
     record_from_dict,
 )
 from probes import REGISTRY
+from probes.contract import ProbeSpec
 from tests.brokers import BrokerAddress, MosquittoServer
 from tests.harness import BridgeProcess, make_config
 from tests.hostile_strategies import (

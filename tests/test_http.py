@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bridge.client import output_record
-from bridge.credentials import LocalCredentials
-from bridge.errors import (
+from bridge.agent.credentials import LocalCredentials
+from bridge.wire.client import output_record
+from bridge.wire.errors import (
     BadParameter,
     ConfigError,
     ConnectionRefused,
@@ -37,11 +37,11 @@ from bridge.errors import (
     ProtocolError,
     TlsError,
 )
-from bridge.jobs import Job, ProbeContext
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.wire.records import OutputRecord
 from probes import REGISTRY
+from probes.contract import Job, ProbeContext
 from probes.http import SPEC, TOPIC, HttpClient
+from probes.kit.ratelimit import RateLimiter
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 

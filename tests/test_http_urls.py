@@ -19,10 +19,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bridge.client import output_record
-from bridge.errors import BadParameter, Refused
-from bridge.jobs import Job, ProbeContext
-from bridge.records import OutputRecord
+from bridge.wire.client import output_record
+from bridge.wire.errors import BadParameter, Refused
+from bridge.wire.records import OutputRecord
+from probes.contract import Job, ProbeContext
 from probes.http import SPEC, TOPIC, HttpClient, RESTParams
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config

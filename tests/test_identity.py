@@ -11,13 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.errors import BadRecord, ConfigError, CredentialError
-from bridge.identity import (
-    Identity,
-    SignatureCheck,
-    encrypt_credential,
-    sign_record,
-)
+from bridge.agent.identity import Identity
+from bridge.wire.errors import BadRecord, ConfigError, CredentialError
+from bridge.wire.sealing import SignatureCheck, encrypt_credential, sign_record
 
 SECRET = "s3cret-t0ken-value"
 BEARER = {"id": "api", "type": "http_bearer", "token": SECRET}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bridge.client import output_record
-from bridge.metrics import serve_metrics
+from bridge.agent.metrics import serve_metrics
+from bridge.wire.client import output_record
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 

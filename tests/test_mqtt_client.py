@@ -6,7 +6,7 @@
   connection of the same persistent session, with its original packet id and DUP set.
 - ``receive_maximum`` in the CONNECT properties bounds the un-acknowledged messages the
   broker pushes.
-- PUBACK notification through :class:`bridge.mqtt_acks.AckTrackingStorage`, across broker
+- PUBACK notification through :class:`bridge.wire.acks.AckTrackingStorage`, across broker
   pauses, restarts and crashes; lost sessions and refused publishes are reported.
 - gmqtt does not resubscribe after a reconnect: subscriptions survive only in the broker's
   session.
@@ -24,7 +24,7 @@ import gmqtt
 import pytest
 from gmqtt.mqtt.constants import MQTTv50
 
-from bridge.mqtt_acks import AckTrackingStorage, PublishLost, PublishRefused
+from bridge.wire.acks import AckTrackingStorage, PublishLost, PublishRefused
 from tests.brokers import MosquittoServer
 
 TIMEOUT = 10.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from bridge.errors import BadRecord
-from bridge.records import (
+from bridge.wire.errors import BadRecord
+from bridge.wire.records import (
     OutputRecord,
     Rejected,
     decode_outputs,

@@ -23,11 +23,11 @@ from xml.etree import ElementTree
 import aiohttp
 import orjson
 
-from bridge.config import BrokerConfig
-from bridge.core import Bridge
+from bridge.agent.bridge import Bridge
 from bridge.instance import auth
-from bridge.instance.relay import Relay, RelaySettings, results_envelope
 from bridge.instance.server import Instance, InstanceConfig
+from bridge.relay.service import Relay, RelaySettings, results_envelope
+from bridge.wire.broker import BrokerConfig
 from tests.brokers import BrokerAddress
 from tests.harness import REPO, make_config
 from tests.test_connector import ADMIN_PASSWORD, MID_PASSWORD, basic

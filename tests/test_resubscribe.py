@@ -14,10 +14,10 @@ from pathlib import Path
 
 import orjson
 
-from bridge.client import EccClient, output_record
-from bridge.config import Config
-from bridge.core import Bridge
-from bridge.transport import MqttSession
+from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
+from bridge.wire.client import EccClient, output_record
+from bridge.wire.transport import MqttSession
 from tests.brokers import BrokerAddress
 from tests.harness import make_config
 

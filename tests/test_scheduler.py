@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bridge.ratelimit import RateLimiter
-from bridge.scheduler import Admission, RunningJob, Scheduler
+from bridge.agent.scheduler import Admission, RunningJob, Scheduler
+from probes.kit.ratelimit import RateLimiter
 
 
 async def test_interactive_lane_is_not_blocked_by_a_full_standard_lane() -> None:

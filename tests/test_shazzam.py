@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from bridge.config import ShazzamConfig
-from bridge.jobs import Job, ProbeContext
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.agent.config import ShazzamConfig
+from bridge.wire.records import OutputRecord
+from probes.contract import Job, ProbeContext
+from probes.kit.ratelimit import RateLimiter
 from probes.shazzam import SPEC, TOPIC, ShazzamParams, build_params, run
 from probes.tcp_sweep import Sweep, SweepOptions
 
@@ -150,9 +150,8 @@ def sweep_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "tcp-sweep"]
 
 
-def test_spec_is_a_sweep() -> None:
+def test_spec_names_topic_and_parameters() -> None:
     assert SPEC.topic == "Shazzam"
-    assert SPEC.sweep is True
     assert SPEC.params is ShazzamParams
 
 

@@ -25,13 +25,14 @@ import orjson
 import pytest
 
 import probes.shazzam as shazzam
-from bridge.client import output_record
-from bridge.config import ShazzamConfig
-from bridge.credentials import LocalCredentials, NoCredentials
-from bridge.errors import BadParameter, CredentialError, Refused
-from bridge.jobs import Credential, Job, ProbeContext
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.agent.config import ShazzamConfig
+from bridge.agent.credentials import LocalCredentials, NoCredentials
+from bridge.wire.client import output_record
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import BadParameter, CredentialError, Refused
+from bridge.wire.records import OutputRecord
+from probes.contract import Job, ProbeContext
+from probes.kit.ratelimit import RateLimiter
 from probes.shazzam import TOPIC, ShazzamParams, build_params, run
 from probes.snmp import snmp_tap_credentials
 from probes.tcp_sweep import Sweep, SweepOptions, iter_hosts

@@ -6,7 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from bridge.client import EccClient, output_record
+from bridge.wire.client import EccClient, output_record
 from tests.brokers import BrokerAddress
 from tests.harness import BridgeProcess, make_config
 

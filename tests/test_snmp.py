@@ -22,14 +22,15 @@ import pytest
 from gufo.snmp import Aes128Key, Sha1Key, User
 from gufo.snmp.aio.client import SnmpSession
 
-from bridge.client import output_record
-from bridge.credentials import LocalCredentials
-from bridge.errors import BadParameter, BridgeError, Refused
-from bridge.jobs import Credential, Job, ProbeContext
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.agent.credentials import LocalCredentials
+from bridge.wire.client import output_record
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import BadParameter, BridgeError, Refused
+from bridge.wire.records import OutputRecord
 from probes import REGISTRY, snmp
 from probes import snmp_values as sv
+from probes.contract import Job, ProbeContext
+from probes.kit.ratelimit import RateLimiter
 from probes.snmp import SnmpParams, SnmpPool, build_params, snmp_tap, snmp_tap_credentials
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config

@@ -33,9 +33,9 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.client import output_record
-from bridge.errors import BadParameter, BridgeError, Refused
-from bridge.records import OutputRecord
+from bridge.wire.client import output_record
+from bridge.wire.errors import BadParameter, BridgeError, Refused
+from bridge.wire.records import OutputRecord
 from probes import snmp
 from probes.snmp import build_params
 from tests.brokers import BrokerAddress

@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.client import output_record
-from bridge.credentials import LocalCredentials
-from bridge.errors import (
+from bridge.agent.credentials import LocalCredentials
+from bridge.wire.client import output_record
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import (
     AuthFailed,
     BadParameter,
     BridgeError,
@@ -32,10 +33,10 @@ from bridge.errors import (
     ProbeTimeout,
     ProtocolError,
 )
-from bridge.jobs import Credential, Job, ProbeContext
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.wire.records import OutputRecord
 from probes import REGISTRY
+from probes.contract import Job, ProbeContext
+from probes.kit.ratelimit import RateLimiter
 from probes.ssh import SPEC, TOPIC, SSHPool, build_params, remote_command
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.store import StateStore
+from bridge.agent.store import StateStore
 
 
 async def test_outbox_keeps_order_and_survives_reopen(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.config import ShazzamConfig
-from bridge.errors import BadParameter, Refused
-from bridge.records import OutputRecord
+from bridge.agent.config import ShazzamConfig
+from bridge.wire.errors import BadParameter, Refused
+from bridge.wire.records import OutputRecord
+from bridge.wire.targets import parse_ports, parse_targets
 from probes.shazzam import DEFAULT_PORTS, build_params
-from probes.targets import parse_ports, parse_targets
 
 VALID_TARGETS: list[tuple[Any, tuple[str, ...], int]] = [
     ("10.0.0.1", ("10.0.0.1",), 1),

@@ -1,10 +1,10 @@
 """Agents: ``ecc_agent`` rows from the bridges' status records, heartbeats, admin actions.
 
 - **Status.** Each bridge keeps a retained status record on ``<prefix>/<agent>/status``
-  (``bridge.core.Bridge.status_record``; its last will says ``Down``). :meth:`Agents.on_status`
-  turns it into the agent's ``ecc_agent`` row: name (from the topic, never from the
-  record), host, status, version, capabilities, public key, fingerprint, last heartbeat,
-  start time and a few statistics.
+  (``bridge.agent.bridge.Bridge.status_record``; its last will says ``Down``).
+  :meth:`Agents.on_status` turns it into the agent's ``ecc_agent`` row: name (from the
+  topic, never from the record), host, status, version, capabilities, public key,
+  fingerprint, last heartbeat, start time and a few statistics.
 - **Validation is the platform's decision.** A status record cannot make an agent
   validated: only an administrator's ``validate`` action, confirmed by the bridge's answer
   for the very fingerprint the action named, sets ``validated``. The action records its
@@ -39,7 +39,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.control import STATUSES
 from bridge.instance.api import (
     ApiError,
     authenticate,
@@ -50,7 +49,8 @@ from bridge.instance.api import (
 from bridge.instance.auth import MID_AGENT_NAME, AuthError
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Conflict, Record, Store
-from bridge.records import now_text
+from bridge.wire.records import now_text
+from bridge.wire.status import STATUSES
 
 log = logging.getLogger("midbridge.instance.agents")
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from bridge.config import BrokerConfig
 from bridge.instance.agents import valid_agent_name
 from bridge.instance.api import ApiSettings
 from bridge.instance.auth import (
@@ -46,6 +45,7 @@ from bridge.instance.auth import (
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Conflict, StoreError
 from bridge.signals import StopSignals
+from bridge.wire.broker import BrokerConfig
 
 log = logging.getLogger("midbridge.instance")
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from bridge.instance.query import escape
 from bridge.instance.store import Record, Store
-from bridge.records import now_text
+from bridge.wire.records import now_text
 
 CI_TABLE = "cmdb_ci"
 LINUX_SERVER = "cmdb_ci_linux_server"

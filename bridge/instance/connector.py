@@ -47,9 +47,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from bridge.config import BrokerConfig
-from bridge.errors import BadRecord, BridgeError
-from bridge.identity import encrypt_credential
 from bridge.instance.agents import (
     HEARTBEAT,
     NAME_PATTERN,
@@ -68,8 +65,11 @@ from bridge.instance.platform_credentials import (
 )
 from bridge.instance.query import escape
 from bridge.instance.store import Change, Record, Store
-from bridge.records import now_text, parse_xml_parameters
-from bridge.transport import Delivery, MqttSession
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.errors import BadRecord, BridgeError
+from bridge.wire.records import now_text, parse_xml_parameters
+from bridge.wire.sealing import encrypt_credential
+from bridge.wire.transport import Delivery, MqttSession
 
 if TYPE_CHECKING:
     from bridge.instance.server import Instance

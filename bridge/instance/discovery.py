@@ -61,8 +61,8 @@ from bridge.instance.api import (
 from bridge.instance.auth import AuthError
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Change, Record, Store
-from bridge.records import now_text
-from probes.targets import Interval, parse_ports, parse_targets
+from bridge.wire.records import now_text
+from bridge.wire.targets import Interval, parse_ports, parse_targets
 
 if TYPE_CHECKING:
     from bridge.instance.server import Instance
@@ -115,7 +115,7 @@ class DiscoveryError(Exception):
 
 
 def subtract(intervals: Iterable[Interval], holes: Sequence[Interval]) -> list[Interval]:
-    """``intervals`` without the addresses of ``holes`` (both as ``probes.targets`` gives)."""
+    """``intervals`` without the addresses of ``holes`` (both as ``bridge.wire.targets`` gives)."""
     out: list[Interval] = []
     for interval in intervals:
         pieces = [(interval.first, interval.last)]

@@ -5,14 +5,14 @@ Two owner-only files beside the database (``<db>.secret.key``, ``<db>.signing.pe
 - the **at-rest key** (32 random bytes, base64): ChaCha20-Poly1305 over each
   ``discovery_credentials.secret``, so the database file never holds a secret in clear;
 - the **signing key** (Ed25519, PKCS#8 PEM): the instance signs every output record it
-  pushes (``bridge.identity.sign_record``); bridges check it with the public key
+  pushes (``bridge.wire.sealing.sign_record``); bridges check it with the public key
   (``PlatformKeys.public_key_b64``, their ``security.platform_key``).
 
 A ``discovery_credentials`` row is ``name, type, order, active, secret``; ``secret`` is
-``v1.<base64(nonce | ciphertext)>`` of the type's fields as JSON (``bridge.credentials``
+``v1.<base64(nonce | ciphertext)>`` of the type's fields as JSON (``bridge.agent.credentials``
 lists the types and their fields). Nothing here returns a secret except
 :func:`credentials_for_job`, whose result the connector seals at once to one validated
-agent's key for one job (``bridge.identity.encrypt_credential``) and then drops.
+agent's key for one job (``bridge.wire.sealing.encrypt_credential``) and then drops.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from bridge.credentials import TYPES, check_credential
-from bridge.errors import ConfigError, CredentialError
-from bridge.identity import sign_record
 from bridge.instance.api import Write
 from bridge.instance.store import Record, Store
+from bridge.wire.credentials import TYPES, check_credential
+from bridge.wire.errors import ConfigError, CredentialError
+from bridge.wire.sealing import sign_record
 
 TABLE = "discovery_credentials"
 SECRET_PREFIX = "v1."
@@ -160,7 +160,7 @@ def credential_row(keys: PlatformKeys, body: Mapping[str, Any]) -> dict[str, Any
 
     ``body`` has ``name``, ``type``, optional ``order`` (default 100) and ``active``
     (default true), and the type's fields either at the top level or as a ``secret``
-    object. The fields are checked (``bridge.credentials.check_credential``: errors name
+    object. The fields are checked (``bridge.agent.credentials.check_credential``: errors name
     fields, never values) and sealed; no clear value is left in the result.
     """
     name = body.get("name")

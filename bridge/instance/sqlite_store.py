@@ -2,7 +2,7 @@
 
 One connection, one thread: every call runs on a single-thread executor, so SQLite is
 never shared between threads and writes are naturally ordered (the pattern of
-``bridge/store.py``). Each call is one transaction. Listeners (``add_listener``) are told
+``bridge/agent/store.py``). Each call is one transaction. Listeners (``add_listener``) are told
 of each committed write on the event loop, in commit order.
 
 The schema follows ``bridge.instance.store.TABLES``: a table per entry, a column per

@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError
-from bench.common import (
+from bridge.agent.config import LimitsConfig
+from bridge.bench import BenchError
+from bridge.bench.common import (
     BRIDGE_COMMAND,
     CpuMeter,
     Result,
@@ -42,8 +43,8 @@ from bench.common import (
     median,
     reaped_children_cpu,
 )
-from bench.snmp import CREDENTIAL_ID, credentials_text, snmp_versions
-from bench.targets import (
+from bridge.bench.snmp import CREDENTIAL_ID, credentials_text, snmp_versions
+from bridge.bench.targets import (
     SNMP_COMMUNITY,
     JobDriver,
     SnmpEndpoint,
@@ -55,8 +56,7 @@ from bench.targets import (
     snmp_agents,
     tool_env,
 )
-from bridge.client import EccClient, JobResult, output_record
-from bridge.config import LimitsConfig
+from bridge.wire.client import EccClient, JobResult, output_record
 
 ROOT = "1.3.6.1.2.1"
 MAX_REPETITIONS = 10

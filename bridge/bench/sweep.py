@@ -34,8 +34,9 @@ from typing import Any
 
 import orjson
 
-from bench import BenchError
-from bench.common import (
+from bridge.agent.config import BridgeSection, Config, LimitsConfig
+from bridge.bench import BenchError
+from bridge.bench.common import (
     BRIDGE_COMMAND,
     CpuMeter,
     Result,
@@ -50,10 +51,10 @@ from bench.common import (
     progress,
     reaped_children_cpu,
 )
-from bridge.client import EccClient, output_record
-from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig
-from bridge.embedded_broker import stop_process
+from bridge.demo.broker import stop_process
 from bridge.sweep_cli import sweep_hosts
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, output_record
 
 FIRST_PORT, LAST_PORT = 20000, 20099
 PORTS = f"{FIRST_PORT}-{LAST_PORT}"
@@ -124,7 +125,7 @@ async def listeners() -> AsyncIterator[OpenPorts]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.sweep",
+        "bridge.bench.sweep",
         "listen",
         orjson.dumps(LISTENERS).decode(),
         stdin=asyncio.subprocess.PIPE,

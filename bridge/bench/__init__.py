@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from bench.common import Result
+    from bridge.bench.common import Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,45 +35,45 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "sweep",
             "Shazzam over 127.0.0.1-254 × 100 ports through the bridge vs nmap -sT -T5 (probes/s)",
-            "bench.sweep",
+            "bridge.bench.sweep",
         ),
         Benchmark(
             "roundtrip",
             "trivial Echo jobs through the bridge vs a gmqtt echo responder (jobs/s, latency)",
-            "bench.roundtrip",
+            "bridge.bench.roundtrip",
         ),
         Benchmark(
             "snmp-walk",
             "walk of snmpd's MIB-2 through the bridge vs snmpbulkwalk -Cr10 (varbinds/s)",
-            "bench.snmp_walk",
+            "bridge.bench.snmp_walk",
         ),
         Benchmark(
             "snmp-get",
             "GETs across 200 snmpd agents, jobs of 200 agents, through the bridge vs a "
             "gufo-snmp loop (GETs/s)",
-            "bench.snmp",
+            "bridge.bench.snmp",
         ),
         Benchmark(
             "snmp-get-1",
             "snmp-get with one GET a job: the per-job cost (GETs/s, no goal)",
-            "bench.snmp",
+            "bridge.bench.snmp",
             {"many": False},
         ),
         Benchmark(
             "ssh",
             "echo hi over SSH on 4 sshd addresses through the bridge vs asyncssh (commands/s)",
-            "bench.ssh",
+            "bridge.bench.ssh",
         ),
         Benchmark(
             "http",
             "GETs of a small body, jobs of 100 URLs, through the bridge (RESTProbe) vs an "
             "aiohttp loop (req/s)",
-            "bench.http",
+            "bridge.bench.http",
         ),
         Benchmark(
             "http-1",
             "http with one request a job: the per-job cost (req/s, no goal)",
-            "bench.http",
+            "bridge.bench.http",
             {"many": False},
         ),
     )
@@ -112,12 +112,12 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
         print("midbridge bench: --rounds must be at least 1", file=sys.stderr)
         return 2
 
-    from bench.common import loadavg, machine_info, raise_nofile_limit, render, to_json
+    from bridge.bench.common import loadavg, machine_info, raise_nofile_limit, render, to_json
 
     raise_nofile_limit()
     # The bench process decodes every answer and keeps it for the checks: with CPython's
     # default collector thresholds it spent most of its CPU re-walking them.
-    from bridge.runtime import tune_gc
+    from bridge.agent.runtime import tune_gc
 
     tune_gc()
     machine = machine_info()

@@ -1,11 +1,11 @@
 """``midbridge demo``: the whole loop on loopback, nothing to set up beforehand.
 
 1. A broker: the one given (``--broker HOST:PORT``), else a private ``mosquitto`` when
-   the binary is installed, else the embedded amqtt broker (``bridge.embedded_broker``).
+   the binary is installed, else the embedded amqtt broker (``bridge.demo.broker``).
 2. The built-in instance on a free loopback port with a temporary database (the admin
    password is generated, or ``$MIDBRIDGE_ADMIN_PASSWORD``), its broker connector and the
    discovery engine; the web dashboard is part of it.
-3. The sample targets of ``bridge.demo_targets`` on 127.0.0.11-127.0.0.33: Linux hosts
+3. The sample targets of ``bridge.demo.targets`` on 127.0.0.11-127.0.0.33: Linux hosts
    over SSH, network gear over SNMP, web servers over HTTP and HTTPS.
 4. The real bridge (temporary state, ``security.require_validation`` and
    ``require_signatures`` on, the instance's signing key).
@@ -50,8 +50,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig, SecurityConfig
-from bridge.demo_targets import (
+from bridge.agent.config import BridgeSection, Config, LimitsConfig, SecurityConfig
+from bridge.demo.broker import BrokerEndpoint, embedded_broker
+from bridge.demo.targets import (
     DEFAULT_SSH_USER,
     SNMP_COMMUNITY_ENV,
     SSH_PASSWORD_ENV,
@@ -61,8 +62,8 @@ from bridge.demo_targets import (
     demo_targets,
     describe,
 )
-from bridge.embedded_broker import BrokerEndpoint, embedded_broker
 from bridge.signals import StopSignals
+from bridge.wire.broker import BrokerConfig
 
 ADMIN_PASSWORD_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
 DEMO_AGENT = "demo"
@@ -536,7 +537,7 @@ async def _demo(
     keep: bool,
     started: float,
 ) -> int:
-    from bridge.core import Bridge
+    from bridge.agent.bridge import Bridge
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import Instance, InstanceConfig

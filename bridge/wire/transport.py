@@ -44,9 +44,9 @@ import gmqtt
 import orjson
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
-from bridge.config import BrokerConfig
-from bridge.errors import BrokerRefused
-from bridge.mqtt_acks import AckTrackingStorage
+from bridge.wire.acks import AckTrackingStorage
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.errors import BrokerRefused
 
 log = logging.getLogger("midbridge.transport")
 

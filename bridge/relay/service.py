@@ -49,12 +49,12 @@ from xml.etree import ElementTree
 import aiohttp
 import orjson
 
-from bridge.config import BrokerConfig
-from bridge.errors import BridgeError
 from bridge.instance.connector import _batches, output_topic, output_wire, parameters
-from bridge.records import now_text
 from bridge.signals import StopSignals
-from bridge.transport import Delivery, MqttSession
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.errors import BridgeError
+from bridge.wire.records import now_text
+from bridge.wire.transport import Delivery, MqttSession
 
 log = logging.getLogger("midbridge.relay")
 
@@ -596,7 +596,7 @@ async def run_command(args: argparse.Namespace) -> int:
     """Run ``midbridge relay`` until SIGTERM/SIGINT; the exit status."""
     from pathlib import Path
 
-    from bridge.config import Config, load_config
+    from bridge.agent.config import Config, load_config
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

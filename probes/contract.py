@@ -6,22 +6,24 @@ A probe is a plain async generator function::
         yield {"...": "..."}   # one result chunk; the caller turns each into an input record
 
 It does not time itself, apply its deadline, build envelopes or catch its own errors
-beyond translating library exceptions into ``bridge.errors`` at its edge: the caller
-(``bridge.runner``) does all of that. The last chunk yielded is sent with ``complete``.
+beyond translating library exceptions into ``bridge.wire.errors`` at its edge: the caller
+(``bridge.agent.runner``) does all of that. The last chunk yielded is sent with ``complete``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bridge.errors import BadParameter, BridgeError, ConfigError
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord
+from bridge.wire.credentials import Credential
+from bridge.wire.errors import BadParameter, BridgeError, ConfigError
+from bridge.wire.records import OutputRecord
+from probes.kit.ratelimit import RateLimiter
 
 
 class ProbeParams(BaseModel):
@@ -31,20 +33,6 @@ class ProbeParams(BaseModel):
 
 
 P = TypeVar("P", bound=ProbeParams)
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """A resolved secret. ``repr`` never shows the secret fields."""
-
-    id: str
-    type: str
-    fields: Mapping[str, str]
-
-    def __repr__(self) -> str:
-        return f"Credential(id={self.id!r}, type={self.type!r}, fields=<{len(self.fields)} hidden>)"
-
-    __str__ = __repr__
 
 
 class CredentialResolver(Protocol):
@@ -61,6 +49,20 @@ class Job(Generic[P]):
     params: P
 
 
+class ProbeSettings(BaseModel):
+    """Base of every probe's settings model (``[probes.settings.<topic>]`` in the config).
+
+    Validated when the bridge starts, so a typo fails the start naming the key; unknown
+    keys are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoSettings(ProbeSettings):
+    """The settings of a probe that has none."""
+
+
 @dataclass(slots=True)
 class ProbeContext:
     """Shared services a probe may use; owned by the bridge, not by the probe."""
@@ -68,10 +70,19 @@ class ProbeContext:
     agent: str
     rate: RateLimiter  # global probes/s budget for sweeps; acquire before each probe packet
     per_host_limit: int  # concurrent probes a probe may run against one target host
-    settings: Mapping[str, Any] = field(default_factory=dict)  # the probe's config section
+    settings: Any = None  # the probe's settings: an instance of its ProbeSpec.settings model
     credentials: CredentialResolver | None = None
-    resources: dict[str, Any] = field(default_factory=dict)  # shared clients, e.g. an HTTP session
+    resource: Any = None  # what the probe's ProbeSpec.resource opened (entered by the runtime)
+    control: Control | None = None  # control probes only: what they may ask of the bridge
     state_dir: Path | None = None  # the bridge's state directory (owner-only), for probe stores
+    # Transitional: shared clients keyed by name, until every probe has its ProbeSpec.resource.
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+# Opens a probe's long-lived resource (a connection pool, a client session) from its
+# settings and the bridge's state directory. The runtime enters it when the bridge starts
+# and exits it when the bridge stops, after the last job ended.
+ResourceFactory = Callable[[Any, Path | None], AbstractAsyncContextManager[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +92,11 @@ class ProbeSpec:
     topic: str
     params: type[ProbeParams]
     run: Callable[[Job[Any], ProbeContext], AsyncIterator[dict[str, Any]]]
-    build_params: Callable[[OutputRecord, Mapping[str, Any]], ProbeParams]
+    # (the output record, the probe's settings model instance) → the job's parameters
+    build_params: Callable[[OutputRecord, Any], ProbeParams]
+    settings: type[ProbeSettings] = NoSettings
+    resource: ResourceFactory | None = None
     target_host: Callable[[Any], str | None] = lambda _params: None
-    sweep: bool = False  # many targets: paced by the global probe rate instead of per host
     needs_credentials: bool = False
     control: bool = False  # heartbeats and SystemCommand: a lane of their own, never paused
 
@@ -120,3 +133,28 @@ def parse_params(model: type[P], data: Mapping[str, Any]) -> P:
         raise
     except (TypeError, ValueError) as exc:
         raise BadParameter(str(exc)) from None
+
+
+# --- what the control probes (HeartbeatProbe, SystemCommand) may ask of the bridge ---
+
+CONTROL_RESOURCE = "control"  # the key in ProbeContext.resources
+
+
+class Control(Protocol):
+    def status_record(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def cancel(self, sys_id: str) -> bool: ...
+
+    async def validate(self, fingerprint: str) -> None: ...
+
+    async def invalidate(self) -> None: ...
+
+    async def heartbeat(self) -> None: ...

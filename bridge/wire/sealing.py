@@ -1,20 +1,12 @@
-"""The MID's identity: its key pair, validation state, credential decryption, job signatures.
+"""What both ends share of midbridge's cryptography, stateless: sealed credentials and
+signed records (docs/security.md).
 
-- **Key pair** (X25519), made on first start in ``<state_dir>/identity/`` with owner-only
-  permissions. Its public key and fingerprint (SHA-256 of the raw public key, hex) go
-  in the status record; the platform encrypts credentials to it.
-- **Validation**: an administrator's ``SystemCommand validate`` naming the fingerprint
-  marks the key validated (a file beside it). ``invalidate`` deletes the key pair, makes a
-  new one and marks it not validated: ciphertexts made for the old key no longer open.
-- **Encrypted credentials**: hybrid encryption, X25519 key agreement with an ephemeral key
-  of the sender, HKDF-SHA256, ChaCha20-Poly1305 with the job's ``sys_id`` as associated
-  data, so a ciphertext copied into another job's record does not open.
-- **Signed jobs**: the platform signs each output record with Ed25519 over its canonical
-  form (the record without ``signature``, JSON with sorted keys, compact); the bridge,
-  given the platform's public key, refuses unsigned or badly signed records. The signed
-  form carries its freshness (``issued_at``, ``valid_until``, epoch seconds, added by
-  ``sign_record``): a signed record without them, or past them, is refused, so a captured
-  job cannot be replayed once the bridge's dedupe ledger has forgotten it.
+- A credential is sealed to one bridge's X25519 public key for one job: an ephemeral key,
+  HKDF-SHA256, ChaCha20-Poly1305 with the job's ``sys_id`` as associated data.
+- An output record is signed with the platform's Ed25519 key over its canonical JSON,
+  freshness (``issued_at``, ``valid_until``) included.
+
+The bridge's own key files and validation state are ``bridge.agent.identity``.
 """
 
 from __future__ import annotations
@@ -23,8 +15,6 @@ import base64
 import hashlib
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,8 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bridge.errors import BadRecord, CredentialError
-from bridge.jobs import Credential
+from bridge.wire.errors import BadRecord, CredentialError
 
 _INFO = b"midbridge credentials v1"
 SIGNATURE_FIELD = "signature"
@@ -59,7 +48,7 @@ def unb64(text: Any, field: str) -> bytes:
         raise CredentialError("is not valid base64", field=field) from None
 
 
-def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+def raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -67,7 +56,7 @@ def fingerprint_of(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()
 
 
-def _derive(shared: bytes, ephemeral_raw: bytes, recipient_raw: bytes) -> bytes:
+def derive_key(shared: bytes, ephemeral_raw: bytes, recipient_raw: bytes) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(), length=32, salt=ephemeral_raw + recipient_raw, info=_INFO
     ).derive(shared)
@@ -78,9 +67,9 @@ def encrypt_credential(
 ) -> dict[str, str]:
     """The platform's side: seal one credential for one job to one bridge's public key."""
     ephemeral = X25519PrivateKey.generate()
-    ephemeral_raw = _raw_public(ephemeral.public_key())
+    ephemeral_raw = raw_public(ephemeral.public_key())
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public_raw))
-    key = _derive(shared, ephemeral_raw, recipient_public_raw)
+    key = derive_key(shared, ephemeral_raw, recipient_public_raw)
     nonce = os.urandom(12)
     sealed = ChaCha20Poly1305(key).encrypt(nonce, orjson.dumps(credential), sys_id.encode())
     return {
@@ -92,119 +81,23 @@ def encrypt_credential(
     }
 
 
-@dataclass
-class KeyPair:
-    private: X25519PrivateKey
-
-    @property
-    def public_raw(self) -> bytes:
-        return _raw_public(self.private.public_key())
-
-    @property
-    def public_b64(self) -> str:
-        return b64(self.public_raw)
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.public_raw)
-
-
-class Identity:
-    """The key pair and validation state under ``<state_dir>/identity``."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir / "identity"
-        self.key_path = self.dir / "x25519.pem"
-        self.validated_path = self.dir / "validated"
-        self.keys = self._load_or_make()
-        self._validated = self._read_validated()
-
-    def _load_or_make(self) -> KeyPair:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        if self.key_path.exists():
-            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
-            if not isinstance(key, X25519PrivateKey):
-                raise CredentialError(
-                    "the stored key is not an X25519 key", field=str(self.key_path)
-                )
-            return KeyPair(key)
-        key = X25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        return KeyPair(key)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.keys.fingerprint
-
-    def _read_validated(self) -> bool:
-        try:
-            return self.validated_path.read_text().strip() == self.fingerprint
-        except FileNotFoundError:
-            return False
-
-    @property
-    def validated(self) -> bool:
-        """Read on every job: kept in memory, changed only by ``validate``/``invalidate``."""
-        return self._validated
-
-    def validate(self, fingerprint: str) -> None:
-        if fingerprint != self.fingerprint:
-            raise CredentialError(
-                "fingerprint does not match this bridge's key (it may have been re-keyed)",
-                field="fingerprint",
-            )
-        fd = os.open(self.validated_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.fingerprint)
-        self._validated = True
-
-    def invalidate(self) -> None:
-        """Drop the key pair, make a new one, not validated."""
-        self.validated_path.unlink(missing_ok=True)
-        self._validated = False
-        self.key_path.unlink(missing_ok=True)
-        self.keys = self._load_or_make()
-
-    def decrypt_credential(self, sealed: Any, *, sys_id: str) -> Credential:
-        """Open one sealed credential of job ``sys_id``; errors name fields, never values."""
-        if not isinstance(sealed, dict):
-            raise CredentialError("each sealed credential must be an object", field="credentials")
-        if sealed.get("recipient") not in (None, self.fingerprint):
-            raise CredentialError(
-                "sealed for another key (this bridge was re-keyed or it is another bridge)",
-                field="credentials",
-            )
-        ephemeral_raw = unb64(sealed.get("ephemeral"), "credentials.ephemeral")
-        nonce = unb64(sealed.get("nonce"), "credentials.nonce")
-        ciphertext = unb64(sealed.get("ciphertext"), "credentials.ciphertext")
-        if len(ephemeral_raw) != 32 or len(nonce) != 12:
-            raise CredentialError("malformed sealed credential", field="credentials")
-        shared = self.keys.private.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
-        key = _derive(shared, ephemeral_raw, self.keys.public_raw)
-        try:
-            plain = ChaCha20Poly1305(key).decrypt(nonce, ciphertext, sys_id.encode())
-        except InvalidTag:
-            raise CredentialError(
-                "the sealed credential does not open for this job and key", field="credentials"
-            ) from None
-        data = orjson.loads(plain)
-        from bridge.credentials import check_credential  # one validator for both sources
-
-        try:
-            cred, _order = check_credential(data, "credentials")
-        except Exception as exc:
-            raise CredentialError(
-                f"sealed credential is invalid: {exc}", field="credentials"
-            ) from None
-        return cred
+def open_sealed(private: X25519PrivateKey, sealed: dict[str, Any], *, sys_id: str) -> bytes:
+    """The bridge's side: the plaintext of one credential sealed to ``private`` for job
+    ``sys_id``; errors name fields, never values."""
+    ephemeral_raw = unb64(sealed.get("ephemeral"), "credentials.ephemeral")
+    nonce = unb64(sealed.get("nonce"), "credentials.nonce")
+    ciphertext = unb64(sealed.get("ciphertext"), "credentials.ciphertext")
+    if len(ephemeral_raw) != 32 or len(nonce) != 12:
+        raise CredentialError("malformed sealed credential", field="credentials")
+    shared = private.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
+    key = derive_key(shared, ephemeral_raw, raw_public(private.public_key()))
+    try:
+        plain = ChaCha20Poly1305(key).decrypt(nonce, ciphertext, sys_id.encode())
+    except InvalidTag:
+        raise CredentialError(
+            "the sealed credential does not open for this job and key", field="credentials"
+        ) from None
+    return plain
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -237,7 +130,8 @@ def _signed_time(record: dict[str, Any], field: str) -> float:
     if value is None:
         raise BadRecord(
             "is missing: a signed record must carry issued_at and valid_until, signed with it "
-            "(bridge.identity.sign_record adds them); without them it could be replayed forever",
+            "(bridge.wire.sealing.sign_record adds them); without them it could be replayed "
+            "forever",
             field=field,
         )
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
@@ -261,7 +155,7 @@ class SignatureCheck:
             raw = base64.b64decode(public_key_b64, validate=True)
             self.key = Ed25519PublicKey.from_public_bytes(raw)
         except ValueError:
-            from bridge.errors import ConfigError
+            from bridge.wire.errors import ConfigError
 
             raise ConfigError(
                 "must be the platform's raw Ed25519 public key, base64",

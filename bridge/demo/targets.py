@@ -25,7 +25,7 @@ so nothing needs root or a system package:
 Addresses of the range that no target uses answer nothing (a refused connection).
 
 ``async with demo_targets(settings) as running:`` starts them and tells what listens where
-(:class:`RunningTargets`); ``python -m bridge.demo_targets`` serves them until SIGINT or
+(:class:`RunningTargets`); ``python -m bridge.demo.targets`` serves them until SIGINT or
 SIGTERM (``--bind 0.0.0.0 --only db01`` serves one target on every address of a
 container: what ``compose/docker-compose.yml`` does).
 """
@@ -67,7 +67,7 @@ from pysnmp.proto import api as snmp_api
 
 from bridge.signals import StopSignals
 
-# Read by ``python -m bridge.demo_targets`` and ``python -m bridge.demo`` (compose). Not
+# Read by ``python -m bridge.demo.targets`` and ``python -m bridge.demo`` (compose). Not
 # MIDBRIDGE_*: the bridge's configuration takes every MIDBRIDGE_<KEY> as a setting.
 SSH_PASSWORD_ENV = "DEMO_SSH_PASSWORD"
 SNMP_COMMUNITY_ENV = "DEMO_SNMP_COMMUNITY"
@@ -902,7 +902,7 @@ def describe(target: Target) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bridge.demo_targets",
+        prog="python -m bridge.demo.targets",
         description="Serve the midbridge demo's sample targets until SIGINT/SIGTERM.",
     )
     parser.add_argument(

@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from bridge.mqtt_acks import PublishFailed, PublishRefused
-from bridge.store import OutboxRow, StateStore
+from bridge.agent.store import OutboxRow, StateStore
+from bridge.wire.acks import PublishFailed, PublishRefused
 
 log = logging.getLogger("midbridge.egress")
 REFUSED_RETRY_S = 5.0

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from bridge.config import BrokerConfig
-from bridge.core import Topics
-from bridge.records import new_sys_id, now_text
-from bridge.transport import Delivery, MqttSession
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.records import new_sys_id, now_text
+from bridge.wire.topics import Topics
+from bridge.wire.transport import Delivery, MqttSession
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from bridge.core import Bridge
+    from bridge.agent.bridge import Bridge
 
 
 def prometheus_text(bridge: Bridge) -> str:

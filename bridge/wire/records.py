@@ -20,7 +20,7 @@ from xml.etree import ElementTree
 
 import orjson
 
-from bridge.errors import BadRecord, BridgeError
+from bridge.wire.errors import BadRecord, BridgeError
 
 PRIORITY_INTERACTIVE = 0
 PRIORITY_EXPEDITED = 1

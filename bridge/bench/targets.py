@@ -8,7 +8,7 @@ Targets, each a child process (or a few) on loopback addresses:
   local account (:data:`SSH_USER`, public-key login) made for it if missing and removed
   afterwards if this run made it. Needs root, like the SSH tests.
 - :func:`http_server`: a small aiohttp server in a process of its own
-  (``python -m bench.targets http-server HOST PORT``).
+  (``python -m bridge.bench.targets http-server HOST PORT``).
 
 The peer side of these benchmarks is a plain loop of the same library the probe uses,
 run in a child process of its own (:class:`PeerProcess`), so that it has its own
@@ -45,8 +45,9 @@ from typing import Any
 
 import orjson
 
-from bench import BenchError
-from bench.common import (
+from bridge.agent.config import BridgeSection, Config, LimitsConfig, ProbesConfig, SecurityConfig
+from bridge.bench import BenchError
+from bridge.bench.common import (
     CpuMeter,
     Result,
     Round,
@@ -56,16 +57,9 @@ from bench.common import (
     process_cpu,
     progress,
 )
-from bridge.client import EccClient, JobResult
-from bridge.config import (
-    BridgeSection,
-    BrokerConfig,
-    Config,
-    LimitsConfig,
-    ProbesConfig,
-    SecurityConfig,
-)
-from bridge.embedded_broker import BrokerEndpoint, stop_process
+from bridge.demo.broker import BrokerEndpoint, stop_process
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, JobResult
 
 SNMPD = "/usr/sbin/snmpd"
 SSHD = "/usr/sbin/sshd"
@@ -512,7 +506,7 @@ async def http_server(host: str = "127.0.0.1") -> AsyncIterator[HttpServer]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.targets",
+        "bridge.bench.targets",
         "http-server",
         host,
         "0",

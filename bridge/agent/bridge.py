@@ -21,26 +21,28 @@ import socket
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from bridge import __version__
-from bridge.config import BrokerConfig, Config
-from bridge.control import CONTROL_RESOURCE
-from bridge.credentials import LocalCredentials, NoCredentials, of_types
-from bridge.egress import Egress
-from bridge.errors import BridgeError, BrokerRefused, CredentialError, Refused, UnknownTopic
-from bridge.identity import Identity, SignatureCheck
-from bridge.jobs import Credential, CredentialResolver, ProbeContext, ProbeSpec
-from bridge.mqtt_acks import PublishFailed, PublishRefused
-from bridge.ratelimit import RateLimiter
-from bridge.records import OutputRecord, Rejected, decode_outputs
-from bridge.runner import Counters, answer_rejected, run_job
-from bridge.scheduler import CONTROL_LANE, LANE_NAMES, Admission, RunningJob, Scheduler
-from bridge.store import StateStore
-from bridge.transport import Delivery, MqttSession
+from bridge.agent.config import Config
+from bridge.agent.credentials import LocalCredentials, NoCredentials
+from bridge.agent.egress import Egress
+from bridge.agent.identity import Identity
+from bridge.agent.runner import Counters, answer_rejected, run_job
+from bridge.agent.scheduler import CONTROL_LANE, LANE_NAMES, Admission, RunningJob, Scheduler
+from bridge.agent.store import StateStore
+from bridge.wire.acks import PublishFailed, PublishRefused
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.credentials import Credential, of_types
+from bridge.wire.errors import BridgeError, BrokerRefused, CredentialError, Refused, UnknownTopic
+from bridge.wire.records import OutputRecord, Rejected, decode_outputs
+from bridge.wire.sealing import SignatureCheck
+from bridge.wire.topics import Topics
+from bridge.wire.transport import Delivery, MqttSession
+from probes.contract import CONTROL_RESOURCE, CredentialResolver, ProbeContext, ProbeSpec
+from probes.kit.ratelimit import RateLimiter
 
 log = logging.getLogger("midbridge.bridge")
 
@@ -90,21 +92,6 @@ class _GatedCredentials:
 
 class _Stopping(Exception):
     """Intake met a stopping bridge: leave the message unacknowledged."""
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    output: str
-    express: str
-    input: str
-    status: str
-
-    @classmethod
-    def for_agent(cls, prefix: str, agent: str) -> Topics:
-        base = f"{prefix}/{agent}"
-        return cls(
-            f"{base}/output", f"{base}/output/interactive", f"{base}/input", f"{base}/status"
-        )
 
 
 class Bridge:

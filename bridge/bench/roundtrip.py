@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from bench import BenchError
-from bench.common import (
+from bridge.agent.config import BridgeSection, Config, LimitsConfig
+from bridge.bench import BenchError
+from bridge.bench.common import (
     BRIDGE_COMMAND,
     CpuMeter,
     Result,
@@ -53,10 +54,10 @@ from bench.common import (
     percentile,
     progress,
 )
-from bridge.client import EccClient, output_record
-from bridge.config import BridgeSection, BrokerConfig, Config, LimitsConfig
-from bridge.core import Topics
-from bridge.embedded_broker import BrokerEndpoint, stop_process
+from bridge.demo.broker import BrokerEndpoint, stop_process
+from bridge.wire.broker import BrokerConfig
+from bridge.wire.client import EccClient, output_record
+from bridge.wire.topics import Topics
 
 FLOOD_JOBS = 20_000
 WINDOW = 1_000  # jobs published and not yet answered, at most
@@ -149,7 +150,7 @@ def responder_command(endpoint: BrokerEndpoint, agent: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "bench.roundtrip",
+        "bridge.bench.roundtrip",
         "responder",
         endpoint.host,
         str(endpoint.port),
@@ -384,7 +385,7 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                 name="roundtrip",
                 unit="jobs/s",
                 goal=0.5,
-                peer="minimal gmqtt + uvloop echo responder (bench/roundtrip.py), QoS 1",
+                peer="minimal gmqtt + uvloop echo responder (bridge/bench/roundtrip.py), QoS 1",
                 ours="the bridge (child process) running the Echo probe, default limits",
                 peer_command=peer_command,
                 ours_command=BRIDGE_COMMAND,

@@ -5,7 +5,7 @@ spread round-robin over :data:`AGENTS` agents: net-snmp ``snmpd``, :data:`PROCES
 processes each listening on :data:`AGENTS` / :data:`PROCESSES` loopback addresses
 (127.0.161.1 - 127.0.161.200, one UDP port), as in ANCHORS.md.
 
-- peer: a bare loop of the library the SNMP probe uses, gufo-snmp (``python -m bench.snmp
+- peer: a bare loop of the library the SNMP probe uses, gufo-snmp (``python -m bridge.bench.snmp
   peer ...``, a child process on uvloop): one session per agent made before the clock
   starts and kept, :data:`IN_FLIGHT` worker tasks taking the next GET in turn, one request
   at a time per session (a lock per agent), the same timeout and one retry as the probe's
@@ -21,7 +21,7 @@ processes each listening on :data:`AGENTS` / :data:`PROCESSES` loopback addresse
   bounded by the bridge's lanes: the standard lane's 100 workers
   (``limits.lane_workers``), ``limits.per_host`` 8 per agent address.
 
-The benchmark ``snmp-walk`` (:mod:`bench.snmp_walk`) shares this module's pieces.
+The benchmark ``snmp-walk`` (:mod:`bridge.bench.snmp_walk`) shares this module's pieces.
 """
 
 from __future__ import annotations
@@ -38,14 +38,9 @@ from typing import Any
 
 import orjson
 
-from bench.common import (
-    BRIDGE_COMMAND,
-    Result,
-    bench_broker,
-    broker_facts,
-    log_problems,
-)
-from bench.targets import (
+from bridge.agent.config import LimitsConfig
+from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
+from bridge.bench.targets import (
     SNMP_COMMUNITY,
     SNMPD,
     SnmpEndpoint,
@@ -61,8 +56,7 @@ from bench.targets import (
     snmp_agents,
     tool_versions,
 )
-from bridge.client import JobResult, output_record
-from bridge.config import LimitsConfig
+from bridge.wire.client import JobResult, output_record
 
 SYS_DESCR = "1.3.6.1.2.1.1.1.0"
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
@@ -179,7 +173,7 @@ def peer_main(argv: list[str]) -> int:
 
 def peer_command(endpoints: list[SnmpEndpoint]) -> list[str]:
     spec = orjson.dumps([[e.address, e.port] for e in endpoints]).decode()
-    return [sys.executable, "-m", "bench.snmp", "peer", spec, str(GETS), str(IN_FLIGHT)]
+    return [sys.executable, "-m", "bridge.bench.snmp", "peer", spec, str(GETS), str(IN_FLIGHT)]
 
 
 # --- ours -------------------------------------------------------------------------------------

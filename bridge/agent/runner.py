@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import BridgeError, Cancelled, Expired, ProbeTimeout
-from bridge.jobs import Job, ProbeContext, ProbeParams, ProbeSpec
-from bridge.records import (
+from bridge.agent.scheduler import CONTROL_LANE, RunningJob, Scheduler
+from bridge.wire.errors import BridgeError, Cancelled, Expired, ProbeTimeout
+from bridge.wire.records import (
     InputRecord,
     OutputRecord,
     Rejected,
@@ -24,7 +24,7 @@ from bridge.records import (
     error_payload,
     new_sys_id,
 )
-from bridge.scheduler import CONTROL_LANE, RunningJob, Scheduler
+from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec
 
 log = logging.getLogger("midbridge.runner")
 

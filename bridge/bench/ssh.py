@@ -6,7 +6,7 @@ addresses (127.0.22.1-4), all served by one OpenSSH ``sshd`` (one port, one
 ``mbbench`` with an ed25519 key made for the run. Needs root (it makes the user if missing,
 and removes it afterwards if it made it), like the SSH tests.
 
-- peer: a bare asyncssh loop (``python -m bench.ssh peer ...``, a child process on uvloop):
+- peer: a bare asyncssh loop (``python -m bridge.bench.ssh peer ...``, a child process on uvloop):
   one connection per host, made before the clock starts and kept, :data:`CHANNELS` worker
   tasks per host each running ``conn.run("echo hi")`` in turn (so at most 8 sessions per
   connection), a refused session open (OpenSSH frees a session a moment after the client
@@ -32,14 +32,9 @@ from typing import Any
 
 import orjson
 
-from bench.common import (
-    BRIDGE_COMMAND,
-    Result,
-    bench_broker,
-    broker_facts,
-    log_problems,
-)
-from bench.targets import (
+from bridge.agent.config import LimitsConfig
+from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
+from bridge.bench.targets import (
     SSHD,
     bench_config,
     cpu_table,
@@ -52,8 +47,7 @@ from bench.targets import (
     ssh_hosts,
     tool_versions,
 )
-from bridge.client import JobResult, output_record
-from bridge.config import LimitsConfig
+from bridge.wire.client import JobResult, output_record
 
 HOSTS = 4
 COMMANDS = 2_000
@@ -165,7 +159,7 @@ def peer_command(hosts: list[tuple[str, int]], user: str, key_file: Path) -> lis
     return [
         sys.executable,
         "-m",
-        "bench.ssh",
+        "bridge.bench.ssh",
         "peer",
         spec,
         user,

@@ -27,8 +27,8 @@ from typing import Any
 
 import orjson
 
-from bridge.config import Config
-from bridge.embedded_broker import BrokerEndpoint, embedded_broker, find_mosquitto, stop_process
+from bridge.agent.config import Config
+from bridge.demo.broker import BrokerEndpoint, embedded_broker, find_mosquitto, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -414,7 +414,7 @@ def broker_facts(endpoint: BrokerEndpoint) -> dict[str, Any]:
         "protocol": endpoint.protocol,
     }
     if endpoint.kind == "mosquitto":
-        facts["config"] = "bridge.embedded_broker.mosquitto_config (set_tcp_nodelay, raised limits)"
+        facts["config"] = "bridge.demo.broker.mosquitto_config (set_tcp_nodelay, raised limits)"
     return facts
 
 

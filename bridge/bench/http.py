@@ -1,10 +1,10 @@
 """``midbridge bench http``: GETs of a small body, through the bridge (RESTProbe) vs aiohttp.
 
 Workload: :data:`REQUESTS` ``GET /`` of a 3-byte body (``ok\\n``) from an aiohttp server on
-127.0.0.1 that runs in a process of its own (``python -m bench.targets http-server``, on
+127.0.0.1 that runs in a process of its own (``python -m bridge.bench.targets http-server``, on
 uvloop, no access log), so it shares neither the bridge's nor the driver's event loop.
 
-- peer: a bare aiohttp loop (``python -m bench.http peer URL ...``, a child process on
+- peer: a bare aiohttp loop (``python -m bridge.bench.http peer URL ...``, a child process on
   uvloop): one ``ClientSession`` with ``TCPConnector(limit=100)``, :data:`IN_FLIGHT`
   worker tasks each doing ``async with session.get(url) as r: await r.read()`` in turn.
 - ours (``http``): RESTProbe jobs of :data:`URLS_PER_JOB` requests each (``{"urls":
@@ -30,14 +30,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    BRIDGE_COMMAND,
-    Result,
-    bench_broker,
-    broker_facts,
-    log_problems,
-)
-from bench.targets import (
+from bridge.agent.config import LimitsConfig
+from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
+from bridge.bench.targets import (
     HTTP_BODY,
     bench_config,
     count_answers,
@@ -50,8 +45,7 @@ from bench.targets import (
     run_peer,
     tool_versions,
 )
-from bridge.client import JobResult, output_record
-from bridge.config import LimitsConfig
+from bridge.wire.client import JobResult, output_record
 
 REQUESTS = 10_000
 IN_FLIGHT = 100
@@ -112,7 +106,7 @@ def peer_main(argv: list[str]) -> int:
 
 
 def peer_command(url: str) -> list[str]:
-    return [sys.executable, "-m", "bench.http", "peer", url, str(REQUESTS)]
+    return [sys.executable, "-m", "bridge.bench.http", "peer", url, str(REQUESTS)]
 
 
 # --- ours -------------------------------------------------------------------------------------

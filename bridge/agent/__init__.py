@@ -1,0 +1,2 @@
+"""The MID runtime: intake, scheduler, runner, egress and outbox, status and control,
+configuration, local credentials, the key files, metrics."""

@@ -1,0 +1,1 @@
+"""Shared machinery for probes: worker fan-out, request deadlines, rate limits."""
