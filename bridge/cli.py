@@ -14,7 +14,9 @@ from typing import Any
 
 from bridge import __version__
 from bridge.agent.config import Config, load_config
+from bridge.cli_errors import CommandError, fail
 from bridge.signals import StopSignals
+from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import BridgeError
 
@@ -22,10 +24,10 @@ log = logging.getLogger("midbridge")
 
 
 def _broker_arg(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"--broker must be HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return parse_host_port(text, option="--broker")
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,12 +117,13 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(config: Config) -> int:
     from bridge.agent.bridge import Bridge
     from bridge.agent.runtime import tune_gc
+    from probes import REGISTRY
 
     tune_gc()
 
     async with AsyncExitStack() as stack:
         stop = stack.enter_context(StopSignals())
-        bridge = await stack.enter_async_context(Bridge(config))
+        bridge = await stack.enter_async_context(Bridge(config, REGISTRY))
         if config.metrics_port is not None:
             from bridge.agent.metrics import serve_metrics
 
@@ -137,26 +140,25 @@ async def _serve(config: Config) -> int:
     return 0
 
 
-def _config_or_exit(path: Path | None) -> Config:
+def _config(path: Path | None) -> Config:
     try:
         return load_config(path)
     except BridgeError as exc:
-        print(f"midbridge: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise CommandError(f"configuration error: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            config = _config_or_exit(args.config)
+            config = _config(args.config)
             _setup_logging(args.log_level or config.log_level)
             return _run_loop(_serve(config))
         if args.command == "sweep":
             from bridge.sweep_cli import run_sweep
 
             config = (
-                _config_or_exit(args.config)
+                _config(args.config)
                 if args.config or os.environ.get("MIDBRIDGE_CONFIG")
                 else Config()
             )
@@ -208,9 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level or "warning")
             return run_bench(args.name, as_json=args.json, broker=args.broker, rounds=args.rounds)
+    except CommandError as exc:
+        return fail(args.command, exc)
     except BridgeError as exc:
-        print(f"midbridge: {exc.kind}: {exc}", file=sys.stderr)
-        return 2
+        return fail(args.command, f"{exc.kind}: {exc}")
     except KeyboardInterrupt:
         return 130
     return 2

@@ -112,15 +112,27 @@ def validation_to_error(exc: ValidationError) -> BadParameter:
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_settings(model: type[M], settings: Mapping[str, Any], topic: str) -> M:
-    """A probe's ``[probes.settings.<topic>]`` table; a fault is a ``ConfigError`` naming it."""
+def parse_settings(
+    model: type[M],
+    settings: Mapping[str, Any],
+    topic: str,
+    *,
+    section: str | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> M:
+    """A probe's settings table; a fault is a ``ConfigError`` naming ``<section>.<key>``.
+
+    ``section`` defaults to ``probes.settings.<topic>``; ``context`` is pydantic's
+    validation context (the runtime passes ``{"per_host_limit": limits.per_host}``).
+    """
+    where = section or f"probes.settings.{topic}"
     try:
-        return model.model_validate(dict(settings))
+        return model.model_validate(dict(settings), context=dict(context or {}))
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(part) for part in first.get("loc", ()))
         message = "unknown key" if first.get("type") == "extra_forbidden" else first["msg"]
-        raise ConfigError(str(message), field=f"probes.settings.{topic}.{loc}") from None
+        raise ConfigError(str(message), field=f"{where}.{loc}" if loc else where) from None
 
 
 def parse_params(model: type[P], data: Mapping[str, Any]) -> P:
@@ -136,8 +148,6 @@ def parse_params(model: type[P], data: Mapping[str, Any]) -> P:
 
 
 # --- what the control probes (HeartbeatProbe, SystemCommand) may ask of the bridge ---
-
-CONTROL_RESOURCE = "control"  # the key in ProbeContext.resources
 
 
 class Control(Protocol):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import Field
 
 from bridge.wire.records import OutputRecord
-from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params
+from probes.contract import Job, NoSettings, ProbeContext, ProbeParams, ProbeSpec, parse_params
 
 TOPIC = "Echo"
 
@@ -20,7 +20,7 @@ class EchoParams(ProbeParams):
     chunks: int = Field(1, ge=1, le=10_000)  # how many result chunks to stream
 
 
-def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> EchoParams:
+def build_params(record: OutputRecord, settings: NoSettings) -> EchoParams:
     data = dict(record.payload)
     if "message" not in data and record.name:
         data["message"] = record.name
@@ -35,4 +35,4 @@ async def run(job: Job[EchoParams], ctx: ProbeContext) -> AsyncIterator[dict[str
         yield {"message": params.message, "chunk": index}
 
 
-SPEC = ProbeSpec(topic=TOPIC, params=EchoParams, run=run, build_params=build_params)
+SPEC = ProbeSpec(TOPIC, EchoParams, run, build_params, settings=NoSettings)

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 from bridge.wire.errors import Refused
 from bridge.wire.records import OutputRecord
-from probes.contract import (
-    CONTROL_RESOURCE,
-    Control,
-    Job,
-    ProbeContext,
-    ProbeParams,
-    ProbeSpec,
-    parse_params,
-)
+from probes.contract import Job, NoSettings, ProbeContext, ProbeParams, ProbeSpec, parse_params
 
 TOPIC = "HeartbeatProbe"
 
@@ -24,19 +16,16 @@ class HeartbeatParams(ProbeParams):
     pass
 
 
-def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> HeartbeatParams:
+def build_params(record: OutputRecord, settings: NoSettings) -> HeartbeatParams:
     return parse_params(HeartbeatParams, record.payload)
 
 
 async def run(job: Job[HeartbeatParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
-    control = ctx.resources.get(CONTROL_RESOURCE)
+    control = ctx.control
     if control is None:
         raise Refused("this bridge runs no control service")
-    control = cast(Control, control)
     await control.heartbeat()
     yield {"status": control.status_record(), "stats": control.stats()}
 
 
-SPEC = ProbeSpec(
-    topic=TOPIC, params=HeartbeatParams, run=run, build_params=build_params, control=True
-)
+SPEC = ProbeSpec(TOPIC, HeartbeatParams, run, build_params, settings=NoSettings, control=True)

@@ -6,22 +6,14 @@ control lane and never wait behind other work.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal, cast
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from bridge.wire.errors import BadParameter, Refused
 from bridge.wire.records import OutputRecord
-from probes.contract import (
-    CONTROL_RESOURCE,
-    Control,
-    Job,
-    ProbeContext,
-    ProbeParams,
-    ProbeSpec,
-    parse_params,
-)
+from probes.contract import Job, NoSettings, ProbeContext, ProbeParams, ProbeSpec, parse_params
 
 TOPIC = "SystemCommand"
 Command = Literal["pause", "resume", "drain", "cancel", "stats", "validate", "invalidate"]
@@ -41,7 +33,7 @@ class SystemCommandParams(ProbeParams):
         return self
 
 
-def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> SystemCommandParams:
+def build_params(record: OutputRecord, settings: NoSettings) -> SystemCommandParams:
     data = dict(record.payload)
     if "command" not in data and record.name:
         data["command"] = record.name
@@ -53,10 +45,9 @@ def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> SystemCom
 
 
 async def run(job: Job[SystemCommandParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
-    control = ctx.resources.get(CONTROL_RESOURCE)
+    control = ctx.control
     if control is None:
         raise Refused("this bridge runs no control service")
-    control = cast(Control, control)
     params = job.params
     result: dict[str, Any] = {"command": params.command}
     if params.command == "pause":
@@ -82,6 +73,4 @@ async def run(job: Job[SystemCommandParams], ctx: ProbeContext) -> AsyncIterator
     yield result
 
 
-SPEC = ProbeSpec(
-    topic=TOPIC, params=SystemCommandParams, run=run, build_params=build_params, control=True
-)
+SPEC = ProbeSpec(TOPIC, SystemCommandParams, run, build_params, settings=NoSettings, control=True)

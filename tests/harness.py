@@ -8,14 +8,18 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from bridge.agent.bridge import Bridge
 from bridge.agent.config import BridgeSection, Config, LimitsConfig, ProbesConfig, SecurityConfig
+from bridge.agent.probe_contexts import validate_settings
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient
+from probes import REGISTRY
+from probes.contract import CredentialResolver, ProbeContext, ProbeSpec
+from probes.kit.ratelimit import RateLimiter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,10 +48,43 @@ def make_config(
     )
 
 
+def probe_settings(
+    spec: ProbeSpec, table: dict[str, Any] | None = None, *, per_host: int = 8
+) -> Any:
+    """A probe's settings as the bridge validates them (``[probes.settings.<topic>]``)."""
+    return validate_settings(spec.settings, table or {}, spec.topic, per_host_limit=per_host)
+
+
+@asynccontextmanager
+async def probe_context(
+    spec: ProbeSpec,
+    settings: dict[str, Any] | None = None,
+    *,
+    per_host: int = 8,
+    state_dir: Path | None = None,
+    credentials: CredentialResolver | None = None,
+) -> AsyncIterator[ProbeContext]:
+    """A probe's context as the bridge builds it: settings validated, resource opened."""
+    validated = probe_settings(spec, settings, per_host=per_host)
+    async with AsyncExitStack() as stack:
+        resource = None
+        if spec.resource is not None:
+            resource = await stack.enter_async_context(spec.resource(validated, state_dir))
+        yield ProbeContext(
+            agent="mid.server.test",
+            rate=RateLimiter(0),
+            per_host_limit=per_host,
+            settings=validated,
+            credentials=credentials,
+            resource=resource,
+            state_dir=state_dir,
+        )
+
+
 @asynccontextmanager
 async def bridge_and_client(config: Config) -> AsyncIterator[tuple[Bridge, EccClient]]:
     async with (
-        Bridge(config) as bridge,
+        Bridge(config, REGISTRY) as bridge,
         EccClient(
             config.broker, agent=config.bridge.agent, prefix=config.bridge.topic_prefix
         ) as client,

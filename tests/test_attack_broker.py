@@ -16,6 +16,7 @@ from bridge.agent.bridge import Bridge
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient, output_record
 from bridge.wire.transport import MqttSession
+from probes import REGISTRY
 from tests.harness import make_config
 from tests.test_broker_security import make_user, secure_compose_broker
 
@@ -67,7 +68,7 @@ async def test_another_broker_user_cannot_take_over_the_bridges_session(
             },
         )
         async with EccClient(login(port, "platform"), agent=AGENT) as platform:
-            async with Bridge(config) as bridge:
+            async with Bridge(config, REGISTRY) as bridge:
                 bulk_id = bridge.bulk.client_id
             job = output_record("Echo", agent=f"mid.server.{AGENT}", payload={"message": "kept"})
             await platform.send([job])  # queued in the absent bridge's bulk session
@@ -75,7 +76,7 @@ async def test_another_broker_user_cannot_take_over_the_bridges_session(
                 takeover = MqttSession(login(port, attacker), client_id=client_id, clean_start=True)
                 async with takeover:
                     await asyncio.sleep(0.1)
-            async with Bridge(config):
+            async with Bridge(config, REGISTRY):
                 (result,) = await platform.wait([job["sys_id"]], timeout=TIMEOUT)
     assert result.error_string == ""
     assert result.final["payload"]["message"] == "kept"

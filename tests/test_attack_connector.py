@@ -27,12 +27,14 @@ import pytest
 from bridge.agent.bridge import Bridge
 from bridge.agent.config import Config
 from bridge.instance import auth, discovery
-from bridge.instance.agents import SYSTEM_COMMAND, control_output
+from bridge.instance.agents import control_output
 from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
 from bridge.instance.platform_credentials import PlatformKeys, add_credential
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.wire.broker import BrokerConfig
+from bridge.wire.outputs import SYSTEM_COMMAND
 from bridge.wire.transport import Delivery, MqttSession
+from probes import REGISTRY
 from tests.brokers import BrokerAddress, MosquittoServer
 from tests.harness import make_config
 from tests.test_discovery import basic, free_port
@@ -260,7 +262,8 @@ async def test_forged_scan_results_bring_no_ssh_credential_to_an_address_outside
         await add_credential(store, plat.keys, name="lab-ssh", type="ssh_password",
                              fields={"user": "root", "password": SSH_SECRET})  # fmt: skip
         config = bridge_config(private_broker, plat, unique_agent, tmp_path / "bridge")
-        async with Bridge(config):  # validated once; then it goes Down while the run starts
+        # validated once; then it goes Down while the run starts
+        async with Bridge(config, REGISTRY):
             await plat.wait_agent(unique_agent, "status", "Up")
             status, data = await plat.call(
                 "POST", f"/api/midbridge/agents/{unique_agent}/validate", {}
@@ -311,7 +314,7 @@ async def test_forged_scan_results_bring_no_ssh_credential_to_an_address_outside
         steal = {**answer, "sys_id": uuid.uuid4().hex, "response_to": mine["sys_id"]}
         await raider.send(f"{plat.prefix}/{evil}/input", [orjson.dumps([answer, steal])])
 
-        async with Bridge(config):  # the victim is back: its held work goes out
+        async with Bridge(config, REGISTRY):  # the victim is back: its held work goes out
             await plat.wait_agent(unique_agent, "status", "Up")
             await plat.until("both batches scanned", lambda: _scanned(plat, run_id), 30)
             await asyncio.sleep(3.0)  # a forged host's SSH job would have been tried by now
@@ -349,7 +352,7 @@ async def test_a_validate_job_no_administrator_started_does_not_validate(
         plat = await stack.enter_async_context(platform(private_broker, tmp_path))
         config = bridge_config(private_broker, plat, unique_agent, tmp_path / "bridge")
         async with plat.connected() as connector:
-            bridge = await stack.enter_async_context(Bridge(config))
+            bridge = await stack.enter_async_context(Bridge(config, REGISTRY))
             await plat.wait_agent(unique_agent, "status", "Up")
             fingerprint = bridge.identity.fingerprint
             row = control_output(
@@ -406,7 +409,7 @@ async def test_a_flood_of_unstorable_inputs_does_not_stall_another_agent(
                   "the flood")  # fmt: skip
 
         async with plat.connected() as connector:
-            await stack.enter_async_context(Bridge(config))
+            await stack.enter_async_context(Bridge(config, REGISTRY))
             await plat.wait_agent(unique_agent, "status", "Up")
             await flood_then_answer(1)
 

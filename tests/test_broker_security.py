@@ -42,6 +42,7 @@ from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient, output_record
 from bridge.wire.errors import BrokerRefused
 from bridge.wire.transport import Delivery, MqttSession
+from probes import REGISTRY
 from tests.brokers import MosquittoServer, port_accepts
 from tests.harness import REPO, BridgeProcess, config_env, make_config
 
@@ -257,7 +258,7 @@ async def test_mid_and_platform_users_run_an_echo_job(
     config = secure.bridge_config("dc1", "mid.user.dc1", tmp_path / "state")
     config.bridge.shared_group = group
     async with (
-        Bridge(config) as bridge,
+        Bridge(config, REGISTRY) as bridge,
         EccClient(secure.login("platform"), agent="dc1") as platform,
     ):
         shared = f"$share/{group}/ecc/dc1/output"

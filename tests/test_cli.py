@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.brokers import BrokerAddress
 from tests.harness import REPO, BridgeProcess, make_config
 
@@ -200,3 +202,30 @@ async def test_instance_agent_actions_from_the_command_line(
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [("RESTProbe", "tiemout = 3"), ("SNMP", "retires = 2"), ("SSHCommand", "max_channels = 0")],
+)
+def test_run_refuses_a_bad_probe_setting_before_the_broker(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[broker]\nport = 1\n\n[probes.settings.{table}]\n{key}\n")
+    env = {"MIDBRIDGE_BRIDGE__STATE_DIR": str(tmp_path / "state")}
+    done = midbridge("run", "--config", str(config), env=env, timeout=30)
+    assert done.returncode == 2
+    name = key.split(" = ")[0]
+    assert f"probes.settings.{table}.{name}:" in done.stderr
+    assert "cannot reach the broker" not in done.stderr  # checked before connecting
+    assert "Traceback" not in done.stderr
+
+
+def test_run_refuses_settings_for_an_unknown_probe(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[broker]\nport = 1\n\n[probes.settings.RESTprobe]\ntimeout = 3\n")
+    env = {"MIDBRIDGE_BRIDGE__STATE_DIR": str(tmp_path / "state")}
+    done = midbridge("run", "--config", str(config), env=env, timeout=30)
+    assert done.returncode == 2
+    assert "probes.settings.RESTprobe: no probe has this topic" in done.stderr

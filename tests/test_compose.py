@@ -22,6 +22,7 @@ from bridge.agent.config import Config, load_config
 from bridge.demo import loop as demo
 from bridge.demo import targets as demo_targets
 from bridge.demo.targets import SNMP_COMMUNITY_ENV, SSH_PASSWORD_ENV
+from bridge.demo.targets import cli as targets_cli
 from bridge.instance import agents
 from bridge.instance import cli as instance_cli
 from bridge.wire.targets import parse_targets
@@ -325,7 +326,8 @@ def test_target_services_serve_every_kind_of_sample_target_on_the_demo_network()
     addresses = []
     for name, service in target_services().items():
         args = parse(
-            demo_targets._parser(), python_module_args(service["command"], "bridge.demo.targets")
+            targets_cli.command_parser(),
+            python_module_args(service["command"], "bridge.demo.targets"),
         )
         assert args.bind == "0.0.0.0"
         only = args.only.split(",")
@@ -371,7 +373,8 @@ def test_demo_service_discovers_the_targets_through_the_instance() -> None:
         ), f"{address} is outside --ranges {args.ranges}"
         # The targets serve on the ports the demo's schedule maps to the classifiers.
         targets_args = parse(
-            demo_targets._parser(), python_module_args(target["command"], "bridge.demo.targets")
+            targets_cli.command_parser(),
+            python_module_args(target["command"], "bridge.demo.targets"),
         )
         for port in ("ssh_port", "http_port", "https_port", "snmp_port"):
             assert getattr(targets_args, port) == getattr(args, port), port

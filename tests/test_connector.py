@@ -38,6 +38,7 @@ from bridge.instance.server import Instance, InstanceConfig
 from bridge.instance.store import Change
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.transport import Delivery, MqttSession
+from probes import REGISTRY
 from tests.brokers import BrokerAddress, MosquittoServer
 from tests.harness import BridgeProcess, make_config
 from tests.sshd import SshdUnavailable, SshServer, ensure_users, generate_key, remove_users
@@ -245,7 +246,7 @@ async def test_outputs_reach_the_bridge_at_once_and_answers_come_back(
 
         plat.inst.on_insert("ecc_queue", on_input)
         config = bridge_config(broker, unique_agent, tmp_path / "bridge", plat)
-        await stack.enter_async_context(Bridge(config))
+        await stack.enter_async_context(Bridge(config, REGISTRY))
         await plat.wait_agent(unique_agent, lambda a: a["status"] == "Up" and a["last_heartbeat"])
 
         # ~50 round trips, one at a time: Table API insert → the bridge's topic
@@ -468,7 +469,7 @@ async def test_admin_actions_and_validation_belong_to_the_platform(
     async with AsyncExitStack() as stack:
         plat = await stack.enter_async_context(platform(broker.host, broker.port, tmp_path))
         config = bridge_config(broker, unique_agent, tmp_path / "bridge", plat)
-        bridge = await stack.enter_async_context(Bridge(config))
+        bridge = await stack.enter_async_context(Bridge(config, REGISTRY))
         await plat.wait_agent(unique_agent, lambda a: a["status"] == "Up")
         base = f"/api/midbridge/agents/{unique_agent}"
 
@@ -612,7 +613,7 @@ async def test_credentials_go_only_to_a_validated_agent_sealed_to_its_key(
         state = tmp_path / "bridge"
         config = bridge_config(private_broker, unique_agent, state, plat, require_validation=True)
         config.probes.settings = {"SSHCommand": {"known_hosts": str(state / "known_hosts")}}
-        bridge = await stack.enter_async_context(Bridge(config))
+        bridge = await stack.enter_async_context(Bridge(config, REGISTRY))
         await plat.wait_agent(unique_agent, lambda a: a["status"] == "Up")
 
         async def ssh_job(**params: Any) -> tuple[dict[str, Any], dict[str, Any]]:

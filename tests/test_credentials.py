@@ -13,6 +13,7 @@ from bridge.agent.credentials import LocalCredentials, NoCredentials
 from bridge.wire.credentials import TYPES, Credential
 from bridge.wire.errors import ConfigError, CredentialError
 from bridge.wire.records import OutputRecord
+from probes import REGISTRY
 
 SECRET = "S3CRET-do-not-show"  # every secret field in these files holds this marker
 
@@ -237,7 +238,7 @@ def test_the_bridge_refuses_a_bad_file_at_start(tmp_path: Path) -> None:
         {"bridge": {"state_dir": str(tmp_path / "state"), "credentials_file": str(path)}}
     )
     with pytest.raises(ConfigError, match="chmod 600"):
-        Bridge(config)
+        Bridge(config, REGISTRY)
 
 
 # --- resolving -----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from bridge.instance.dashboard import (
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.instance.store import Record
 from bridge.wire.broker import BrokerConfig
+from probes import REGISTRY
 from tests.brokers import MosquittoServer
 from tests.harness import REPO, make_config
 
@@ -968,7 +969,7 @@ async def test_browser_admin_validates_the_agent_runs_discovery_and_sees_cis(
     )  # fmt: skip
     config.bridge.topic_prefix = prefix
     try:
-        async with inst, connector, Bridge(config) as bridge:
+        async with inst, connector, Bridge(config, REGISTRY) as bridge:
             assert inst.dashboard is not None
             assert inst.dashboard.start_run is not None  # found the discovery engine
             await inst.store.insert(

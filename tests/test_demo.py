@@ -41,6 +41,7 @@ from bridge.demo.targets import (
 )
 from bridge.instance import cmdb
 from bridge.wire.broker import BrokerConfig
+from probes import REGISTRY
 from tests.brokers import BrokerAddress
 from tests.harness import REPO
 
@@ -365,7 +366,7 @@ async def test_discover_command_runs_the_loop_against_a_running_instance(
             limits=LimitsConfig(drain_timeout=1.0),
             security=SecurityConfig(require_validation=True),
         )
-        await stack.enter_async_context(Bridge(config))
+        await stack.enter_async_context(Bridge(config, REGISTRY))
         monkeypatch.setenv(demo.ADMIN_PASSWORD_ENV, admin_password)
         monkeypatch.setenv(SSH_PASSWORD_ENV, settings.ssh_password)
         monkeypatch.setenv(SNMP_COMMUNITY_ENV, settings.snmp_community)
@@ -402,5 +403,6 @@ def test_discover_command_needs_its_secrets_from_the_environment() -> None:
         "127.0.0.1", env=env, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2
-    assert f"${demo.ADMIN_PASSWORD_ENV}" in done.stdout
+    assert done.stderr.startswith("midbridge demo discover: set "), done.stderr
+    assert f"${demo.ADMIN_PASSWORD_ENV}" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr

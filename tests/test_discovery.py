@@ -46,6 +46,7 @@ from bridge.instance.store import Change
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.records import now_text
 from bridge.wire.targets import parse_targets
+from probes import REGISTRY
 from tests.brokers import MosquittoServer
 from tests.harness import make_config
 from tests.snmpd import COMMUNITY, SYS_NAME, Snmpd, SnmpdUnavailable
@@ -209,7 +210,7 @@ async def validated_bridge(
         path.write_text(credentials, encoding="utf-8")
         path.chmod(0o600)
         config.bridge.credentials_file = path
-    async with Bridge(config) as bridge:
+    async with Bridge(config, REGISTRY) as bridge:
         await the_lab.wait_agent(agent, "status", "Up")
         status, data = await the_lab.call("POST", f"/api/midbridge/agents/{agent}/validate")
         assert status == 201, data

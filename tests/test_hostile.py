@@ -40,8 +40,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bridge.agent.bridge import Bridge, probe_settings
+from bridge.agent.bridge import Bridge
 from bridge.agent.config import Config
+from bridge.agent.probe_contexts import validate_all_settings
 from bridge.wire import records as records_module
 from bridge.wire.client import EccClient, output_record
 from bridge.wire.errors import BadParameter, BadRecord, BridgeError
@@ -305,9 +306,9 @@ MINIMAL: dict[str, dict[str, Any]] = {
 }
 
 
-def bridge_settings(topic: str) -> dict[str, Any]:
+def bridge_settings(topic: str) -> Any:
     """What ``Bridge`` passes to ``build_params`` under the default configuration."""
-    return probe_settings(Config(), topic)
+    return validate_all_settings(Config(), REGISTRY)[topic]
 
 
 def param_keys(spec: ProbeSpec) -> list[str]:
@@ -462,7 +463,7 @@ async def test_parser_bug_is_answered_and_spoils_nothing_else(
     config = make_config(broker.host, broker.port, unique_agent, tmp_path)
     agent = f"mid.server.{unique_agent}"
     async with (
-        Bridge(config, registry=registry) as bridge,
+        Bridge(config, registry) as bridge,
         EccClient(config.broker, agent=unique_agent) as client,
     ):
         buggy = output_record("Buggy", agent=agent)

@@ -14,6 +14,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,8 @@ from bridge.wire.records import OutputRecord
 from probes import REGISTRY
 from probes.contract import Job, ProbeContext
 from probes.http import SPEC, TOPIC, HttpClient
-from probes.kit.ratelimit import RateLimiter
 from tests.brokers import BrokerAddress
-from tests.harness import bridge_and_client, make_config
+from tests.harness import bridge_and_client, make_config, probe_context, probe_settings
 
 BASIC_USER = "probe"
 BASIC_PASSWORD = "pw-SECRET-basic-7f3a"
@@ -340,19 +340,21 @@ def credentials_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-async def ctx(credentials_file: Path) -> AsyncIterator[ProbeContext]:
-    context = ProbeContext(
-        agent="mid.server.test",
-        rate=RateLimiter(0),
-        per_host_limit=8,
-        settings={"timings": True},
+def http_context(
+    credentials_file: Path, settings: dict[str, Any] | None = None
+) -> AbstractAsyncContextManager[ProbeContext]:
+    """RESTProbe's context as the bridge builds it: settings checked, client opened."""
+    return probe_context(
+        SPEC,
+        {"timings": True} if settings is None else settings,
         credentials=LocalCredentials.from_file(credentials_file),
     )
-    yield context
-    client = context.resources.get("http")
-    if isinstance(client, HttpClient):
-        await client.aclose()
+
+
+@pytest.fixture
+async def ctx(credentials_file: Path) -> AsyncIterator[ProbeContext]:
+    async with http_context(credentials_file) as context:
+        yield context
 
 
 async def probe(ctx: ProbeContext, payload: dict[str, Any], source: str = "") -> dict[str, Any]:
@@ -565,7 +567,7 @@ async def test_a_job_cancelled_from_outside_is_not_reported_as_a_timeout(
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.4)  # past the request's deadline: nothing fires at a task gone
-    client = ctx.resources["http"]
+    client = ctx.resource
     assert isinstance(client, HttpClient)
     assert len(client.deadlines) == 0
 
@@ -584,18 +586,16 @@ async def test_cookies_do_not_travel_between_jobs(ctx: ProbeContext, target: Tar
     assert second["json"]["cookie"] is None
 
 
-async def test_one_shared_session_with_keepalive(ctx: ProbeContext, target: Target) -> None:
-    await probe(ctx, {"url": f"{target.http}/hello"})
-    client = ctx.resources["http"]
-    assert isinstance(client, HttpClient)
-    second = await probe(ctx, {"url": f"{target.http}/hello"})
-    assert ctx.resources["http"] is client
-    assert second["timings_ms"]["reused_connections"] == 1
-    assert second["timings_ms"]["new_connections"] == 0
-    await client.aclose()
-    assert client.closed
-    await probe(ctx, {"url": f"{target.http}/hello"})  # a closed client is replaced
-    assert ctx.resources["http"] is not client
+async def test_one_shared_session_with_keepalive(credentials_file: Path, target: Target) -> None:
+    async with http_context(credentials_file) as ctx:
+        client = ctx.resource
+        assert isinstance(client, HttpClient)
+        await probe(ctx, {"url": f"{target.http}/hello"})
+        second = await probe(ctx, {"url": f"{target.http}/hello"})
+        assert ctx.resource is client
+        assert second["timings_ms"]["reused_connections"] == 1
+        assert second["timings_ms"]["new_connections"] == 0
+    assert client.closed  # the resource closes with its context, as at the bridge's stop
 
 
 # --- TLS -------------------------------------------------------------------------------------
@@ -655,7 +655,7 @@ async def test_ssl_context_per_ca_file_is_cached(
 ) -> None:
     payload = {"url": f"{target.https}/hello", "ca_file": str(pki.ca_file)}
     await probe(ctx, payload)
-    client = ctx.resources["http"]
+    client = ctx.resource
     assert isinstance(client, HttpClient)
     context = client.ssl_for(verify=True, ca_file=str(pki.ca_file))
     assert client.ssl_for(verify=True, ca_file=str(pki.ca_file)) is context
@@ -666,10 +666,11 @@ async def test_ssl_context_per_ca_file_is_cached(
 
 
 async def test_settings_give_the_default_ca_file(
-    ctx: ProbeContext, target: Target, pki: Pki
+    credentials_file: Path, target: Target, pki: Pki
 ) -> None:
-    ctx.settings = {"ca_file": str(pki.ca_file), "timeout": 5}
-    result = await probe(ctx, {"url": f"{target.https}/hello"})
+    settings = {"ca_file": str(pki.ca_file), "timeout": 5}
+    async with http_context(credentials_file, settings) as ctx:
+        result = await probe(ctx, {"url": f"{target.https}/hello"})
     assert result["tls"]["verified"] is True
 
 
@@ -756,7 +757,7 @@ async def test_credential_errors_name_credential_id(ctx: ProbeContext, target: T
 def test_bad_parameters_name_their_field(payload: dict[str, Any], field: str, words: str) -> None:
     record = OutputRecord(sys_id="bad-1", topic=TOPIC, payload=payload)
     with pytest.raises(BadParameter) as info:
-        SPEC.build_params(record, {})
+        SPEC.build_params(record, probe_settings(SPEC))
     assert info.value.field == field
     assert words in info.value.message
 
@@ -781,15 +782,14 @@ async def test_tls_to_a_plain_port_is_a_tls_error(ctx: ProbeContext, target: Tar
 
 
 def test_unknown_setting_is_a_config_error() -> None:
-    record = OutputRecord(sys_id="s-1", topic=TOPIC, payload={"url": "http://127.0.0.1/"})
     with pytest.raises(ConfigError) as info:
-        SPEC.build_params(record, {"tiemout": 3})
+        probe_settings(SPEC, {"tiemout": 3})
     assert info.value.field == "probes.settings.RESTProbe.tiemout"
 
 
 def test_target_host_is_the_url_host() -> None:
     record = OutputRecord(sys_id="h-1", topic=TOPIC, payload={"url": "https://Example.COM:8443/x"})
-    assert SPEC.target_host(SPEC.build_params(record, {})) == "example.com"
+    assert SPEC.target_host(SPEC.build_params(record, probe_settings(SPEC))) == "example.com"
 
 
 # --- through the bridge and the broker -------------------------------------------------------
@@ -821,7 +821,7 @@ async def test_rest_probe_end_to_end_keeps_secrets_off_the_wire(
     async with bridge_and_client(config) as (bridge, client):
         await client.send(jobs)
         results = await client.wait([job["sys_id"] for job in jobs], timeout=20)
-        http_client = bridge.resources["http"]
+        http_client = bridge.probes.context(TOPIC).resource
     assert isinstance(http_client, HttpClient)
     assert http_client.closed  # the bridge closed the shared session at shutdown
     bearer, basic, plain, wrong_type, bad_url = (r.final for r in results)

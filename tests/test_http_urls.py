@@ -25,7 +25,7 @@ from bridge.wire.records import OutputRecord
 from probes.contract import Job, ProbeContext
 from probes.http import SPEC, TOPIC, HttpClient, RESTParams
 from tests.brokers import BrokerAddress
-from tests.harness import bridge_and_client, make_config
+from tests.harness import bridge_and_client, make_config, probe_settings
 from tests.test_http import (
     BASIC_HEADER,
     SECRETS,
@@ -36,6 +36,7 @@ from tests.test_http import (
     credentials_file,
     ctx,
     header_values,
+    http_context,
     pki,
     target,
 )
@@ -72,7 +73,7 @@ def by_index(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def client_of(ctx: ProbeContext) -> HttpClient:
-    client = ctx.resources["http"]
+    client = ctx.resource
     assert isinstance(client, HttpClient)
     return client
 
@@ -243,7 +244,7 @@ async def test_a_timed_out_request_does_not_cancel_the_next_one_of_its_worker(
     entries = by_index(chunks)
     assert entries[0]["error"]["kind"] == "timeout"
     assert [entries[i]["body"] for i in (1, 2)] == ["hello", "hello"]
-    client = ctx.resources["http"]
+    client = ctx.resource
     assert isinstance(client, HttpClient)
     assert len(client.deadlines) == 0  # every request's deadline was taken back
 
@@ -409,66 +410,66 @@ async def test_concurrency_caps_requests_at_once(ctx: ProbeContext, counter: Cou
 
 
 async def test_max_in_flight_is_shared_by_all_urls_jobs(
-    ctx: ProbeContext, counter: Counter
+    credentials_file: Path, counter: Counter
 ) -> None:
-    ctx.settings = {"timings": True, "max_in_flight": 1}  # read when the client is opened
-    first = [f"{counter.base}/count/a{n}" for n in range(4)]
-    second = [f"{counter.base}/count/b{n}" for n in range(4)]
-    a, b = await asyncio.gather(
-        run_chunks(ctx, {"urls": first, "concurrency": 4}, sys_id="job-a"),
-        run_chunks(ctx, {"urls": second, "concurrency": 4}, sys_id="job-b"),
-    )
-    assert counter.peak == 1
-    assert [entry["body"] for entry in sorted(all_responses(a), key=lambda e: e["index"])] == [
-        f"a{n}" for n in range(4)
-    ]
-    assert [entry["body"] for entry in sorted(all_responses(b), key=lambda e: e["index"])] == [
-        f"b{n}" for n in range(4)
-    ]
-    assert a[-1]["summary"]["answered"] == b[-1]["summary"]["answered"] == 4
-    # The one slot's worker keeps it while its job has URLs: jobs are served in turn.
-    assert {name[0] for name in counter.seen[:4]} in ({"a"}, {"b"})
-    assert len(counter.seen) == 8
-    assert client_of(ctx).budget._value == 1
+    async with http_context(credentials_file, {"timings": True, "max_in_flight": 1}) as ctx:
+        first = [f"{counter.base}/count/a{n}" for n in range(4)]
+        second = [f"{counter.base}/count/b{n}" for n in range(4)]
+        a, b = await asyncio.gather(
+            run_chunks(ctx, {"urls": first, "concurrency": 4}, sys_id="job-a"),
+            run_chunks(ctx, {"urls": second, "concurrency": 4}, sys_id="job-b"),
+        )
+        assert counter.peak == 1
+        assert [entry["body"] for entry in sorted(all_responses(a), key=lambda e: e["index"])] == [
+            f"a{n}" for n in range(4)
+        ]
+        assert [entry["body"] for entry in sorted(all_responses(b), key=lambda e: e["index"])] == [
+            f"b{n}" for n in range(4)
+        ]
+        assert a[-1]["summary"]["answered"] == b[-1]["summary"]["answered"] == 4
+        # The one slot's worker keeps it while its job has URLs: jobs are served in turn.
+        assert {name[0] for name in counter.seen[:4]} in ({"a"}, {"b"})
+        assert len(counter.seen) == 8
+        assert client_of(ctx).budget._value == 1
 
 
 async def test_closing_the_job_cancels_its_requests_and_frees_the_budget(
-    ctx: ProbeContext, counter: Counter
+    credentials_file: Path, counter: Counter
 ) -> None:
-    ctx.settings = {"max_in_flight": 7}
-    urls = [
-        f"{counter.base}/count/a",
-        f"{counter.base}/count/b",
-        f"{counter.base}/hold/1",
-        f"{counter.base}/hold/2",
-        f"{counter.base}/hold/3",
-    ]
-    record = OutputRecord(
-        sys_id="cancel-1", topic=TOPIC, payload={"urls": urls, "chunk_responses": 1}
-    )
-    gen = SPEC.run(Job(record, SPEC.build_params(record, ctx.settings)), ctx)
-    try:
-        async with asyncio.timeout(JOB_TIMEOUT):
-            first = await anext(gen)
-        assert "summary" not in first
-        [entry] = first["responses"]
-        assert entry["index"] in (0, 1)
-        assert entry["status"] == 200
-        assert await eventually(lambda: counter.held == 3)
-        budget = client_of(ctx).budget
-        # One slot per request still running (the finished ones' slots come back a loop
-        # iteration after their answers).
-        assert await eventually(lambda: budget._value == 7 - 3), budget._value
-    finally:
-        closing = time.monotonic()
-        async with asyncio.timeout(JOB_TIMEOUT):
-            await gen.aclose()  # type: ignore[attr-defined]
-    # Closed at once (the held requests would take 5 s), every slot back.
-    assert time.monotonic() - closing < 1.0
-    assert budget._value == 7
-    assert await eventually(lambda: counter.held == 0), f"{counter.held} still served"
-    assert counter.held_peak == 3
-    assert counter.held_answered == 0  # they ended because the probe went away
+    async with http_context(credentials_file, {"max_in_flight": 7}) as ctx:
+        urls = [
+            f"{counter.base}/count/a",
+            f"{counter.base}/count/b",
+            f"{counter.base}/hold/1",
+            f"{counter.base}/hold/2",
+            f"{counter.base}/hold/3",
+        ]
+        record = OutputRecord(
+            sys_id="cancel-1", topic=TOPIC, payload={"urls": urls, "chunk_responses": 1}
+        )
+        gen = SPEC.run(Job(record, SPEC.build_params(record, ctx.settings)), ctx)
+        try:
+            async with asyncio.timeout(JOB_TIMEOUT):
+                first = await anext(gen)
+            assert "summary" not in first
+            [entry] = first["responses"]
+            assert entry["index"] in (0, 1)
+            assert entry["status"] == 200
+            assert await eventually(lambda: counter.held == 3)
+            budget = client_of(ctx).budget
+            # One slot per request still running (the finished ones' slots come back a loop
+            # iteration after their answers).
+            assert await eventually(lambda: budget._value == 7 - 3), budget._value
+        finally:
+            closing = time.monotonic()
+            async with asyncio.timeout(JOB_TIMEOUT):
+                await gen.aclose()  # type: ignore[attr-defined]
+        # Closed at once (the held requests would take 5 s), every slot back.
+        assert time.monotonic() - closing < 1.0
+        assert budget._value == 7
+        assert await eventually(lambda: counter.held == 0), f"{counter.held} still served"
+        assert counter.held_peak == 3
+        assert counter.held_answered == 0  # they ended because the probe went away
 
 
 # --- parameters --------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ async def test_closing_the_job_cancels_its_requests_and_frees_the_budget(
 def test_bad_urls_name_urls(payload: dict[str, Any], words: str) -> None:
     record = OutputRecord(sys_id="bad-1", topic=TOPIC, payload=payload)
     with pytest.raises(BadParameter) as info:
-        SPEC.build_params(record, {})
+        SPEC.build_params(record, probe_settings(SPEC))
     assert info.value.field == "urls"
     assert info.value.kind == "bad_parameter"
     assert words in info.value.message
@@ -505,24 +506,24 @@ def test_bad_urls_name_urls(payload: dict[str, Any], words: str) -> None:
 def test_more_urls_than_max_urls_is_refused() -> None:
     urls = [f"http://127.0.0.1/{n}" for n in range(4)]
     at_limit = OutputRecord(sys_id="max-1", topic=TOPIC, payload={"urls": urls[:3]})
-    params = SPEC.build_params(at_limit, {"max_urls": 3})
+    params = SPEC.build_params(at_limit, probe_settings(SPEC, {"max_urls": 3}))
     assert isinstance(params, RESTParams)
     assert params.urls == tuple(urls[:3])
     over = OutputRecord(sys_id="max-2", topic=TOPIC, payload={"urls": urls})
     with pytest.raises(Refused) as info:
-        SPEC.build_params(over, {"max_urls": 3})
+        SPEC.build_params(over, probe_settings(SPEC, {"max_urls": 3}))
     assert info.value.field == "urls"
     assert info.value.kind == "refused"
     assert (
         info.value.message == "4 URLs is over the limit of 3 (probes.settings.RESTProbe.max_urls)"
     )
-    SPEC.build_params(over, {})  # the default (10,000) lets them through
+    SPEC.build_params(over, probe_settings(SPEC))  # the default (10,000) lets them through
 
 
 async def test_urls_as_text_separated_by_white_space(ctx: ProbeContext, target: Target) -> None:
     text = f"\n  {target.http}/hello\n\t{target.http}/json   {target.http}/status/404 \n"
     record = OutputRecord(sys_id="xml-1", topic=TOPIC, payload={"urls": text})
-    params = SPEC.build_params(record, {})
+    params = SPEC.build_params(record, probe_settings(SPEC))
     assert isinstance(params, RESTParams)
     assert params.urls == (
         f"{target.http}/hello",
@@ -543,10 +544,10 @@ def test_a_urls_job_has_no_host_key() -> None:
     record = OutputRecord(
         sys_id="h-1", topic=TOPIC, payload={"urls": ["https://Example.COM/x", "http://b.test/"]}
     )
-    params = SPEC.build_params(record, {})
+    params = SPEC.build_params(record, probe_settings(SPEC))
     assert SPEC.target_host(params) is None
     one = OutputRecord(sys_id="h-2", topic=TOPIC, payload={"url": "https://Example.COM/x"})
-    assert SPEC.target_host(SPEC.build_params(one, {})) == "example.com"
+    assert SPEC.target_host(SPEC.build_params(one, probe_settings(SPEC))) == "example.com"
 
 
 # --- through the bridge and the broker -------------------------------------------------------

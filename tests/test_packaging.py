@@ -46,6 +46,8 @@ def test_wheel_contents(tmp_path: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "midbridge = bridge.cli:main" in text
     assert not any(n.startswith("tests/") for n in names)
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"bridge", "probes"}, "the wheel installs bridge and probes only"
 
 
 # --- the lock: constraints.txt (scripts/lock) ---------------------------------------------

@@ -28,6 +28,7 @@ from bridge.instance import auth
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.relay.service import Relay, RelaySettings, results_envelope
 from bridge.wire.broker import BrokerConfig
+from probes import REGISTRY
 from tests.brokers import BrokerAddress
 from tests.harness import REPO, make_config
 from tests.test_connector import ADMIN_PASSWORD, MID_PASSWORD, basic
@@ -116,7 +117,7 @@ async def test_records_round_trip_through_relay_and_bridge_xml_in_the_results_en
         sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
         config.bridge.topic_prefix = prefix
-        await stack.enter_async_context(Bridge(config))
+        await stack.enter_async_context(Bridge(config, REGISTRY))
         relay = await stack.enter_async_context(
             Relay(relay_settings(sn.inst.url, unique_agent, prefix), broker_config(broker))
         )
@@ -184,7 +185,7 @@ async def test_relay_publishes_again_what_was_not_answered_within_the_lease(
         # Published to nobody: no bridge has ever subscribed. The lease brings it back.
         config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
         config.bridge.topic_prefix = prefix
-        await stack.enter_async_context(Bridge(config))
+        await stack.enter_async_context(Bridge(config, REGISTRY))
         [done] = await sn.wait_done([job])
         assert done["state"] == "processed"
         assert relay.stats["republished"] >= 1
@@ -216,7 +217,7 @@ async def test_relay_command_line(broker: BrokerAddress, unique_agent: str, tmp_
         sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
         config.bridge.topic_prefix = prefix
-        await stack.enter_async_context(Bridge(config))
+        await stack.enter_async_context(Bridge(config, REGISTRY))
         args = [
             sys.executable, "-m", "bridge", "relay", "--instance", sn.inst.url,
             "--user", "mid.user", "--password-stdin", "--agent", unique_agent,

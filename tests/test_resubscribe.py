@@ -18,6 +18,7 @@ from bridge.agent.bridge import Bridge
 from bridge.agent.config import Config
 from bridge.wire.client import EccClient, output_record
 from bridge.wire.transport import MqttSession
+from probes import REGISTRY
 from tests.brokers import BrokerAddress
 from tests.harness import make_config
 
@@ -44,12 +45,12 @@ async def test_restart_with_new_prefix_and_group_on_a_resumed_session(
 ) -> None:
     base = make_config(broker.host, broker.port, unique_agent, tmp_path)
     first = with_topics(base, prefix="ecc", group="g1")
-    async with Bridge(first) as bridge:
+    async with Bridge(first, REGISTRY) as bridge:
         await echo_through(first, "first run")
         assert bridge.bulk.subscriptions == [f"$share/g1/ecc/{unique_agent}/output"]
 
     second = with_topics(base, prefix="ecc2", group="g2")
-    async with Bridge(second) as bridge:
+    async with Bridge(second, REGISTRY) as bridge:
         # The point of the test: the broker handed back the old session.
         assert bridge.bulk._session_present, "the broker did not resume the session"
         await echo_through(second, "after the restart")
@@ -72,12 +73,12 @@ async def test_resumed_session_is_resubscribed_without_a_record(
 ) -> None:
     """No record (a state directory from before records existed): still subscribed."""
     base = make_config(broker.host, broker.port, unique_agent, tmp_path)
-    async with Bridge(with_topics(base, prefix="ecc", group=None)):
+    async with Bridge(with_topics(base, prefix="ecc", group=None), REGISTRY):
         pass
     for name in ("subscriptions-bulk.json", "subscriptions-express.json"):
         (tmp_path / name).unlink()
     moved = with_topics(base, prefix="moved", group=None)
-    async with Bridge(moved) as bridge:
+    async with Bridge(moved, REGISTRY) as bridge:
         assert bridge.bulk._session_present
         await echo_through(moved, "no record")
 

@@ -20,19 +20,20 @@ from typing import Any
 
 import pytest
 
-from bridge.agent.config import ShazzamConfig
 from bridge.wire.records import OutputRecord
 from probes.contract import Job, ProbeContext
 from probes.kit.ratelimit import RateLimiter
-from probes.shazzam import SPEC, TOPIC, ShazzamParams, build_params, run
-from probes.tcp_sweep import Sweep, SweepOptions
+from probes.shazzam.engine import Sweep, SweepOptions
+from probes.shazzam.params import TOPIC, ShazzamParams, build_params
+from probes.shazzam.probe import SPEC, run
+from probes.shazzam.settings import ShazzamSettings
 
 Chunk = dict[str, Any]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_job(payload: dict[str, Any], **settings: Any) -> tuple[Job[ShazzamParams], ProbeContext]:
-    config = ShazzamConfig(**settings).model_dump()
+    config = ShazzamSettings(**settings)
     record = OutputRecord(sys_id="sweep-1", topic=TOPIC, payload=payload)
     params = build_params(record, config)
     ctx = ProbeContext(agent="t", rate=RateLimiter(0), per_host_limit=8, settings=config)
@@ -379,7 +380,7 @@ async def test_a_cancelled_process_sweep_leaves_no_worker_behind() -> None:
 
 SHORT_OF_DESCRIPTORS = """
 import resource, sys
-from probes.tcp_sweep import Engine, SweepOptions, iter_hosts
+from probes.shazzam.engine import Engine, SweepOptions, iter_hosts
 resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 port = int(sys.argv[1])
 got = []

@@ -24,8 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-import probes.shazzam as shazzam
-from bridge.agent.config import ShazzamConfig
+import probes.shazzam.snmp_scan as snmp_scan
 from bridge.agent.credentials import LocalCredentials, NoCredentials
 from bridge.wire.client import output_record
 from bridge.wire.credentials import Credential
@@ -33,9 +32,11 @@ from bridge.wire.errors import BadParameter, CredentialError, Refused
 from bridge.wire.records import OutputRecord
 from probes.contract import Job, ProbeContext
 from probes.kit.ratelimit import RateLimiter
-from probes.shazzam import TOPIC, ShazzamParams, build_params, run
-from probes.snmp import snmp_tap_credentials
-from probes.tcp_sweep import Sweep, SweepOptions, iter_hosts
+from probes.shazzam.engine import Sweep, SweepOptions, iter_hosts
+from probes.shazzam.params import TOPIC, ShazzamParams, build_params
+from probes.shazzam.probe import run
+from probes.shazzam.settings import ShazzamSettings
+from probes.shazzam.snmp_tap import snmp_tap_credentials
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 from tests.snmpd import COMMUNITY, SYS_NAME, Snmpd, SnmpdUnavailable, free_udp_port
@@ -79,7 +80,7 @@ def lab_credentials() -> LocalCredentials:
 def make_job(
     payload: dict[str, Any], credentials: Any = None, rate: RateLimiter | None = None
 ) -> tuple[Job[ShazzamParams], ProbeContext]:
-    config = ShazzamConfig().model_dump()
+    config = ShazzamSettings()
     record = OutputRecord(sys_id="sweep-snmp", topic=TOPIC, payload=payload)
     ctx = ProbeContext(
         agent="t",
@@ -332,7 +333,7 @@ async def test_sweeps_without_snmp_neither_tap_nor_ask_for_credentials(
     async def no_tap(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("tapped without snmp: true")
 
-    monkeypatch.setattr(shazzam, "snmp_tap_credentials", no_tap)
+    monkeypatch.setattr(snmp_scan, "snmp_tap_credentials", no_tap)
     job, ctx = make_job({"targets": "127.0.0.1-5", "ports": [closed_port()]}, Refusing())
     chunks = await collect(job, ctx)
     hosts = all_hosts(chunks)
@@ -357,8 +358,8 @@ async def test_taps_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch, silen
         finally:
             in_flight -= 1
 
-    monkeypatch.setattr(shazzam, "SNMP_IN_FLIGHT", 4)
-    monkeypatch.setattr(shazzam, "snmp_tap_credentials", counted)
+    monkeypatch.setattr(snmp_scan, "SNMP_IN_FLIGHT", 4)
+    monkeypatch.setattr(snmp_scan, "snmp_tap_credentials", counted)
     payload = {**snmp_job(silent_udp, snmp_timeout=0.2), "targets": "127.0.0.1-12"}
     job, ctx = make_job(payload)
     started = time.monotonic()
@@ -429,7 +430,7 @@ async def test_tcp_results_waiting_for_their_taps_hold_the_engine_back(silent_ud
     intervals = [(4, 0x7F000001, 0x7F00000A)]  # 127.0.0.1-10
     sweep = Sweep(intervals, options, window=2)
     creds = [community("lab", COMMUNITY)[0]]
-    join = shazzam._SnmpJoin(
+    join = snmp_scan.SnmpJoin(
         sweep,
         (ip for _version, ip in iter_hosts(intervals)),
         10,

@@ -27,11 +27,15 @@ from bridge.wire.client import output_record
 from bridge.wire.credentials import Credential
 from bridge.wire.errors import BadParameter, BridgeError, Refused
 from bridge.wire.records import OutputRecord
-from probes import REGISTRY, snmp
-from probes import snmp_values as sv
+from probes import REGISTRY
 from probes.contract import Job, ProbeContext
 from probes.kit.ratelimit import RateLimiter
-from probes.snmp import SnmpParams, SnmpPool, build_params, snmp_tap, snmp_tap_credentials
+from probes.shazzam.snmp_tap import snmp_tap, snmp_tap_credentials
+from probes.snmp import probe as snmp
+from probes.snmp import values as sv
+from probes.snmp.params import SnmpParams, build_params
+from probes.snmp.pool import RESOURCE, SnmpPool
+from probes.snmp.settings import TOPIC
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 from tests.snmpd import (
@@ -99,14 +103,14 @@ class Runner:
 
     @property
     def pool(self) -> SnmpPool:
-        pool = self.ctx.resources[snmp.RESOURCE]
+        pool = self.ctx.resources[RESOURCE]
         assert isinstance(pool, SnmpPool)
         return pool
 
     def job(self, payload: dict[str, Any]) -> Job[SnmpParams]:
         record = OutputRecord(
             sys_id="snmp-1",
-            topic=snmp.TOPIC,
+            topic=TOPIC,
             source=self.agent.host,
             payload={"port": self.agent.port, **payload},
         )
@@ -128,7 +132,7 @@ class Runner:
         return caught.value
 
     async def aclose(self) -> None:
-        pool = self.ctx.resources.get(snmp.RESOURCE)
+        pool = self.ctx.resources.get(RESOURCE)
         if pool is not None:
             await pool.aclose()
 
@@ -488,7 +492,7 @@ async def test_v3_sessions_are_pooled_per_target(agent: Snmpd) -> None:
     ],
 )
 def test_bad_parameters_name_the_field(payload: dict[str, Any], field: str, words: str) -> None:
-    record = OutputRecord(sys_id="s", topic=snmp.TOPIC, source="127.0.0.1", payload=payload)
+    record = OutputRecord(sys_id="s", topic=TOPIC, source="127.0.0.1", payload=payload)
     with pytest.raises(BadParameter) as caught:
         build_params(record, {})
     assert caught.value.field == field
@@ -498,7 +502,7 @@ def test_bad_parameters_name_the_field(payload: dict[str, Any], field: str, word
 def test_parameters_are_canonical() -> None:
     record = OutputRecord(
         sys_id="s",
-        topic=snmp.TOPIC,
+        topic=TOPIC,
         source="10.0.0.7",
         payload={
             "version": "v2c",
@@ -526,7 +530,7 @@ def test_parameters_are_canonical() -> None:
 
 
 def test_registered() -> None:
-    assert REGISTRY[snmp.TOPIC] is snmp.SPEC
+    assert REGISTRY[TOPIC] is snmp.SPEC
     assert snmp.SPEC.needs_credentials
     assert snmp.SPEC.target_host(build_params(OutputRecord("s", "SNMP", source="h"), {})) == "h"
 

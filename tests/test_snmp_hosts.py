@@ -9,9 +9,9 @@ without ICMP), an address where nothing listens (:data:`UNUSED`: port unreachabl
 in some tests, a relay that drops each client's first datagram (:class:`DropFirst`:
 the retry answers).
 
-No mocks: the jobs run through ``probes.snmp.run`` (the Runner of ``tests/test_snmp.py``)
-or through the bridge. Which engine served an agent (``probes/snmp_gets.py``'s callback
-lanes or the coroutine fallback ``probes.snmp._gets_step``) is seen through a task
+No mocks: the jobs run through ``probes.snmp.probe.run`` (the Runner of ``tests/test_snmp.py``)
+or through the bridge. Which engine served an agent (``probes/snmp/gets.py``'s callback
+lanes or the coroutine fallback ``probes.snmp.probe._gets_step``) is seen through a task
 factory counting the tasks the loop makes (:func:`counting_tasks`).
 """
 
@@ -36,8 +36,12 @@ import pytest
 from bridge.wire.client import output_record
 from bridge.wire.errors import BadParameter, BridgeError, Refused
 from bridge.wire.records import OutputRecord
-from probes import snmp
-from probes.snmp import build_params
+from probes.snmp import probe as snmp
+from probes.snmp.credentials import fingerprint
+from probes.snmp.params import build_params
+from probes.snmp.pool import RESOURCE, SnmpPool
+from probes.snmp.reader import Reader
+from probes.snmp.settings import TOPIC
 from tests.brokers import BrokerAddress
 from tests.harness import bridge_and_client, make_config
 from tests.snmpd import BIG, COMMUNITY, LAB, USERS, Snmpd, SnmpdUnavailable, V3User, bulkwalk_oids
@@ -55,7 +59,7 @@ RELAY = "127.0.0.10"  # DropFirst, in the tests that start one
 SYS_NAME = "1.3.6.1.2.1.1.5.0"
 MISSING = "1.3.6.1.2.1.1.99.0"  # no such object in the system group
 SYS_OR_ID = "1.3.6.1.2.1.1.9.1.2"  # sysORID: a static column, the same on every agent
-FALLBACK = "_gets_step.<locals>.step"  # the coroutine step of probes.snmp, as a task
+FALLBACK = "_gets_step.<locals>.step"  # the coroutine step of probes.snmp.probe, as a task
 
 
 class LoopbackSnmpd(Snmpd):
@@ -204,8 +208,8 @@ async def sampling(runner: Runner) -> AsyncIterator[Samples]:
 
     async def sample() -> None:
         while True:
-            pool = runner.ctx.resources.get(snmp.RESOURCE)
-            if isinstance(pool, snmp.SnmpPool):
+            pool = runner.ctx.resources.get(RESOURCE)
+            if isinstance(pool, SnmpPool):
                 samples.free.append(pool.budget._value)
                 samples.leased.append(sum(g.leased for g in pool._groups.values()))
             await asyncio.sleep(0.002)
@@ -219,13 +223,13 @@ async def sampling(runner: Runner) -> AsyncIterator[Samples]:
             await task
 
 
-def live_readers(loop: asyncio.AbstractEventLoop) -> list[snmp._Reader]:
+def live_readers(loop: asyncio.AbstractEventLoop) -> list[Reader]:
     """The pooled-socket readers still alive on this loop (the loop keeps registered ones)."""
     gc.collect()
-    return [o for o in gc.get_objects() if type(o) is snmp._Reader and o.loop is loop]
+    return [o for o in gc.get_objects() if type(o) is Reader and o.loop is loop]
 
 
-def assert_pool_at_rest(pool: snmp.SnmpPool, max_in_flight: int) -> None:
+def assert_pool_at_rest(pool: SnmpPool, max_in_flight: int) -> None:
     """Nothing leased, the whole budget free, and every registered reader an idle session's."""
     assert [g.leased for g in pool._groups.values() if g.leased] == []
     assert pool.budget._value == max_in_flight
@@ -504,7 +508,7 @@ async def test_a_session_given_up_leaves_no_reader(agents: Lab, runner: Runner) 
     await runner.run({"credential_id": "v2", "hosts": [A], "oid_spec_list": GETS})
     pool = runner.pool
     cred = community("v2", order=10)[0]
-    group = pool.group_of(A, agents.port, "2c", snmp._fingerprint(cred))
+    group = pool.group_of(A, agents.port, "2c", fingerprint(cred))
     pooled = pool.enter_now(group, A, agents.port, "2c", cred)
     assert pooled is not None
     assert pooled.reader is not None
@@ -846,7 +850,7 @@ async def test_closing_the_job_midway_gives_everything_back(
 def test_bad_hosts_name_the_field(
     payload: dict[str, Any], settings: dict[str, Any], error: type[BridgeError], words: str
 ) -> None:
-    record = OutputRecord(sys_id="s", topic=snmp.TOPIC, source="127.0.0.1", payload=payload)
+    record = OutputRecord(sys_id="s", topic=TOPIC, source="127.0.0.1", payload=payload)
     with pytest.raises(error) as caught:
         build_params(record, settings)
     assert type(caught.value) is error
@@ -857,7 +861,7 @@ def test_bad_hosts_name_the_field(
 def test_hosts_parameters_are_canonical() -> None:
     record = OutputRecord(
         sys_id="s",
-        topic=snmp.TOPIC,
+        topic=TOPIC,
         source="10.0.0.7",
         payload={"hosts": " 10.0.0.1, [::1] edge-3.example ,10.0.0.1", "chunk_agents": 50},
     )

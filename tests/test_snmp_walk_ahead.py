@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 
-from probes import snmp
+from probes.snmp.pool import Pooled
+from probes.snmp.values import SYS_NAME as SYS_NAME_OID
 from tests.snmpd import BIG, SYS_NAME
 from tests.test_snmp import Runner, agent, by_oid, lab
 
 FIXTURES = (agent, lab)  # pytest finds the fixtures by these names
 
 
-def idle_sessions(runner: Runner) -> list[snmp._Pooled]:
+def idle_sessions(runner: Runner) -> list[Pooled]:
     return [p for g in runner.pool._groups.values() for p in g.idle]
 
 
@@ -36,7 +37,7 @@ async def test_a_walk_cut_short_leaves_its_session_clean(lab: Runner) -> None:
     await asyncio.sleep(0.05)  # it arrives and is drained by the reader
     for _ in range(3):  # the same session answers its own requests, not the stale one
         got = by_oid(await lab.run({"credential_id": "v2", "oid_spec_list": "get sysName.0"}))
-        assert got[snmp.SYS_NAME]["value"] == SYS_NAME
+        assert got[SYS_NAME_OID]["value"] == SYS_NAME
     assert [p.session for p in idle_sessions(lab)] == [pooled.session]
 
 

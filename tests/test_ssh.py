@@ -39,7 +39,7 @@ from probes.contract import Job, ProbeContext
 from probes.kit.ratelimit import RateLimiter
 from probes.ssh import SPEC, TOPIC, SSHPool, build_params, remote_command
 from tests.brokers import BrokerAddress
-from tests.harness import bridge_and_client, make_config
+from tests.harness import bridge_and_client, make_config, probe_settings
 from tests.sshd import (
     SshdUnavailable,
     SshServer,
@@ -107,12 +107,15 @@ def key_cred(users: TestUsers, key: Path, cid: str = "key") -> Credential:
 
 
 def make_ctx(tmp_path: Path, creds: list[Credential], **settings: Any) -> ProbeContext:
+    """The probe's context as the bridge builds it: settings checked, its own pool."""
+    validated = probe_settings(SPEC, {"known_hosts": str(tmp_path / "known_hosts"), **settings})
     return ProbeContext(
         agent="mid.server.test",
         rate=RateLimiter(0),
         per_host_limit=8,
-        settings={"known_hosts": str(tmp_path / "known_hosts"), **settings},
+        settings=validated,
         credentials=LocalCredentials([(c, i) for i, c in enumerate(creds)]),
+        resource=SSHPool(validated),
     )
 
 
@@ -122,13 +125,13 @@ async def contexts() -> AsyncIterator[list[ProbeContext]]:
     made: list[ProbeContext] = []
     yield made
     for ctx in made:
-        pool = ctx.resources.get("ssh")
+        pool = ctx.resource
         if isinstance(pool, SSHPool):
             await pool.aclose()
 
 
 def pool_of(ctx: ProbeContext) -> SSHPool:
-    pool = ctx.resources["ssh"]
+    pool = ctx.resource
     assert isinstance(pool, SSHPool)
     return pool
 
@@ -559,7 +562,7 @@ def record(payload: dict[str, Any] | None = None, **fields: Any) -> OutputRecord
 )
 def test_bad_parameters_name_their_field(rec: OutputRecord, field: str) -> None:
     with pytest.raises(BadParameter) as info:
-        build_params(rec, {})
+        build_params(rec, probe_settings(SPEC))
     assert info.value.field == field
 
 
@@ -567,7 +570,7 @@ def test_parameters_defaults_and_xml_strings() -> None:
     params = build_params(
         record({"port": "2222", "must_sudo": "true", "credential_id": ""}, source=" [::1] ",
                name="uname -a"),
-        {"command_timeout": 5, "host_key_policy": "strict"},
+        probe_settings(SPEC, {"command_timeout": 5, "host_key_policy": "strict"}),
     )  # fmt: skip
     assert (params.host, params.port, params.command) == ("::1", 2222, "uname -a")
     assert params.must_sudo is True
@@ -578,7 +581,7 @@ def test_parameters_defaults_and_xml_strings() -> None:
     assert SPEC.needs_credentials
     assert REGISTRY[TOPIC] is SPEC
     with pytest.raises(ConfigError) as info:
-        build_params(record(source="h", name="x"), {"max_channels": 0})
+        probe_settings(SPEC, {"max_channels": 0})
     assert info.value.field == f"probes.settings.{TOPIC}.max_channels"
 
 
@@ -597,7 +600,9 @@ async def test_unknown_credential_id_is_refused(
         await probe(ctx, sshd, {"command": "true", "credential_id": "nobody"})
     assert info.value.field == "credential_id"
     assert info.value.kind == "credential_error"
-    no_resolver = ProbeContext(agent="a", rate=RateLimiter(0), per_host_limit=1)
+    no_resolver = ProbeContext(
+        agent="a", rate=RateLimiter(0), per_host_limit=1, settings=probe_settings(SPEC)
+    )
     with pytest.raises(BridgeError) as again:
         await probe(no_resolver, sshd, {"command": "true"})
     assert again.value.field == "credential_id"
@@ -659,7 +664,7 @@ password = "{users.password}"
     async with bridge_and_client(config) as (bridge, client):
         await client.send(jobs)
         results = await client.wait([job["sys_id"] for job in jobs], timeout=30)
-        pool = bridge.resources["ssh"]
+        pool = bridge.probes.context(TOPIC).resource
     assert isinstance(pool, SSHPool)
     assert pool.closed  # the bridge closed the pool at shutdown
     assert len(pool) == 0

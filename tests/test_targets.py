@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.agent.config import ShazzamConfig
 from bridge.wire.errors import BadParameter, Refused
 from bridge.wire.records import OutputRecord
 from bridge.wire.targets import parse_ports, parse_targets
-from probes.shazzam import DEFAULT_PORTS, build_params
+from probes.shazzam.params import DEFAULT_PORTS, build_params
+from probes.shazzam.settings import ShazzamSettings
 
 VALID_TARGETS: list[tuple[Any, tuple[str, ...], int]] = [
     ("10.0.0.1", ("10.0.0.1",), 1),
@@ -133,7 +133,7 @@ def record(payload: dict[str, Any], source: str = "") -> OutputRecord:
     return OutputRecord(sys_id="s1", topic="Shazzam", source=source, payload=payload)
 
 
-SETTINGS = ShazzamConfig().model_dump()
+SETTINGS = ShazzamSettings()
 
 BAD_PARAMETERS: list[tuple[dict[str, Any], str, str]] = [
     ({"targets": "example.com"}, "targets", "host names"),
@@ -173,7 +173,7 @@ def test_no_targets_anywhere_is_a_bad_parameter() -> None:
 
 
 def test_xml_style_text_parameters_and_defaults_from_settings() -> None:
-    settings = ShazzamConfig(connect_timeout=2.5, chunk_hosts=17).model_dump()
+    settings = ShazzamSettings(connect_timeout=2.5, chunk_hosts=17)
     params = build_params(
         record({"targets": "10.0.0.1-3", "ports": "22,80", "banner": "true"}), settings
     )
@@ -189,7 +189,7 @@ def test_xml_style_text_parameters_and_defaults_from_settings() -> None:
 
 
 def test_too_many_addresses_is_refused_with_the_numbers() -> None:
-    settings = ShazzamConfig(max_addresses=100).model_dump()
+    settings = ShazzamSettings(max_addresses=100)
     with pytest.raises(Refused) as info:
         build_params(record({"targets": "10.0.0.0/24"}), settings)
     assert "254 addresses" in info.value.message
@@ -203,7 +203,7 @@ def test_a_huge_network_is_refused_without_expanding_it() -> None:
 
 
 def test_too_many_probes_is_refused_with_the_numbers() -> None:
-    settings = ShazzamConfig(max_probes=100).model_dump()
+    settings = ShazzamSettings(max_probes=100)
     with pytest.raises(Refused) as info:
         build_params(record({"targets": "10.0.0.1-10", "ports": "1-11"}), settings)
     assert "10 addresses × 11 ports = 110 probes" in info.value.message

@@ -24,6 +24,7 @@ from pydantic import (
 
 from bridge.wire.broker import BrokerConfig, Section
 from bridge.wire.errors import ConfigError
+from probes.shazzam.settings import ShazzamSettings
 
 ENV_PREFIX = "MIDBRIDGE_"
 
@@ -79,18 +80,9 @@ class LimitsConfig(Section):
         return self
 
 
-class ShazzamConfig(Section):
-    max_addresses: int = Field(65_536, ge=1)  # a larger sweep is refused
-    max_probes: int = Field(10_000_000, ge=1)  # addresses × ports
-    chunk_hosts: int = Field(256, ge=1)  # hosts a result chunk holds
-    connect_timeout: float = Field(1.0, gt=0, le=60)
-    concurrency: int = Field(2048, ge=1, le=65_536)  # connects in flight per engine
-    engines: int = Field(1, ge=1, le=64)  # parallel engine threads/processes per big sweep
-
-
 class ProbesConfig(Section):
     enabled: list[str] | None = None  # topics; None = every registered probe
-    shazzam: ShazzamConfig = ShazzamConfig()
+    shazzam: ShazzamSettings = ShazzamSettings()  # [probes.shazzam]
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-topic, other probes
 
 

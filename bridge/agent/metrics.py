@@ -15,85 +15,79 @@ if TYPE_CHECKING:
 def prometheus_text(bridge: Bridge) -> str:
     """The bridge's counters in the Prometheus text exposition format."""
     stats = bridge.stats()
-    lines: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+    def one(key: str) -> list[tuple[str, Any]]:
+        return [("", stats[key])]
+
+    def per_lane(key: str) -> list[tuple[str, Any]]:
+        return [(f'{{lane="{i}"}}', n) for i, n in enumerate(stats[key])]
+
+    metrics: list[tuple[str, str, str, list[tuple[str, Any]]]] = [
+        ("records_received_total", "counter", "Output records received.", one("received")),
+        ("jobs_processed_total", "counter", "Jobs answered with a result.", one("processed")),
+        (
+            "jobs_failed_total",
+            "counter",
+            "Jobs answered with an error record, by kind.",
+            [(f'{{kind="{k}"}}', v) for k, v in sorted(stats["errors_by_kind"].items())]
+            or [('{kind="none"}', 0)],
+        ),
+        (
+            "duplicates_total",
+            "counter",
+            "Output records dropped as duplicates by sys_id.",
+            one("duplicates"),
+        ),
+        (
+            "jobs_in_flight",
+            "gauge",
+            "Jobs accepted and not yet answered durably.",
+            one("in_flight"),
+        ),
+        ("lane_running", "gauge", "Jobs running per priority lane.", per_lane("lanes_running")),
+        (
+            "lane_waiting",
+            "gauge",
+            "Jobs waiting for a worker per priority lane.",
+            per_lane("lanes_waiting"),
+        ),
+        (
+            "outbox_records",
+            "gauge",
+            "Input records on disk waiting to be published.",
+            one("outbox_records"),
+        ),
+        (
+            "records_published_total",
+            "counter",
+            "Input records the broker acknowledged.",
+            one("published_records"),
+        ),
+        (
+            "probe_duration_seconds_total",
+            "counter",
+            "Time spent in probes, by topic.",
+            [
+                (f'{{topic="{t}"}}', round(v, 6))
+                for t, v in sorted(bridge.counters.probe_seconds.items())
+            ]
+            or [('{topic="none"}', 0)],
+        ),
+        (
+            "broker_connected",
+            "gauge",
+            "1 while the session is connected.",
+            [
+                (f'{{session="{name}"}}', int(s.connected.is_set()))
+                for name, s in bridge.sessions().items()
+            ],
+        ),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, samples in metrics:
         lines.append(f"# HELP midbridge_{name} {help_text}")
         lines.append(f"# TYPE midbridge_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"midbridge_{name}{labels} {value}")
-
-    metric(
-        "records_received_total", "counter", "Output records received.", [("", stats["received"])]
-    )
-    metric(
-        "jobs_processed_total",
-        "counter",
-        "Jobs answered with a result.",
-        [("", stats["processed"])],
-    )
-    metric(
-        "jobs_failed_total",
-        "counter",
-        "Jobs answered with an error record, by kind.",
-        [(f'{{kind="{k}"}}', v) for k, v in sorted(stats["errors_by_kind"].items())]
-        or [('{kind="none"}', 0)],
-    )
-    metric(
-        "duplicates_total",
-        "counter",
-        "Output records dropped as duplicates by sys_id.",
-        [("", stats["duplicates"])],
-    )
-    metric(
-        "jobs_in_flight",
-        "gauge",
-        "Jobs accepted and not yet answered durably.",
-        [("", stats["in_flight"])],
-    )
-    metric(
-        "lane_running",
-        "gauge",
-        "Jobs running per priority lane.",
-        [(f'{{lane="{i}"}}', n) for i, n in enumerate(stats["lanes_running"])],
-    )
-    metric(
-        "lane_waiting",
-        "gauge",
-        "Jobs waiting for a worker per priority lane.",
-        [(f'{{lane="{i}"}}', n) for i, n in enumerate(stats["lanes_waiting"])],
-    )
-    metric(
-        "outbox_records",
-        "gauge",
-        "Input records on disk waiting to be published.",
-        [("", stats["outbox_records"])],
-    )
-    metric(
-        "records_published_total",
-        "counter",
-        "Input records the broker acknowledged.",
-        [("", stats["published_records"])],
-    )
-    metric(
-        "probe_duration_seconds_total",
-        "counter",
-        "Time spent in probes, by topic.",
-        [
-            (f'{{topic="{t}"}}', round(v, 6))
-            for t, v in sorted(bridge.counters.probe_seconds.items())
-        ]
-        or [('{topic="none"}', 0)],
-    )
-    metric(
-        "broker_connected",
-        "gauge",
-        "1 while the session is connected.",
-        [
-            (f'{{session="{name}"}}', int(s.connected.is_set()))
-            for name, s in bridge.sessions().items()
-        ],
-    )
+        lines.extend(f"midbridge_{name}{labels} {value}" for labels, value in samples)
     return "\n".join(lines) + "\n"
 
 

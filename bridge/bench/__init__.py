@@ -8,14 +8,14 @@ See docs/benchmarks.md.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from bridge.cli_errors import EXIT_FAILED, CommandError, fail
 
 if TYPE_CHECKING:
     from bridge.bench.common import Result
@@ -82,17 +82,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 Runner = Callable[..., Awaitable["Result"]]  # run(broker, rounds, **options)
 
 
-def _run_loop(make: Callable[[], Awaitable[Result]]) -> Result:
-    async def main() -> Result:
-        return await make()
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(main())
-    return uvloop.run(main())
-
-
 def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, rounds: int) -> int:
     if name == "list":
         if as_json:
@@ -106,13 +95,18 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
     chosen = BENCHMARKS.get(name)
     if chosen is None:
         known = ", ".join(sorted(BENCHMARKS))
-        print(f"midbridge bench: no benchmark named {name!r} (known: {known})", file=sys.stderr)
-        return 2
+        return fail("bench", f"no benchmark named {name!r} (known: {known})")
     if rounds < 1:
-        print("midbridge bench: --rounds must be at least 1", file=sys.stderr)
-        return 2
+        return fail("bench", "--rounds must be at least 1")
 
-    from bridge.bench.common import loadavg, machine_info, raise_nofile_limit, render, to_json
+    from bridge.bench.common import (
+        loadavg,
+        machine_info,
+        raise_nofile_limit,
+        render,
+        run_uvloop,
+        to_json,
+    )
 
     raise_nofile_limit()
     # The bench process decodes every answer and keeps it for the checks: with CPython's
@@ -124,15 +118,17 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
     module = importlib.import_module(chosen.module)
     run: Runner = module.run
     try:
-        result = _run_loop(lambda: run(broker, rounds, **chosen.options))
+        result = run_uvloop(lambda: run(broker, rounds, **chosen.options))
     except BenchError as exc:
-        print(f"midbridge bench {name}: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"bench {name}", exc)
     machine["loadavg_after"] = loadavg()
     result.machine = {**machine, **result.machine}
     print(to_json(result) if as_json else render(result))
     return 0
 
 
-class BenchError(Exception):
-    """A benchmark could not run (a tool missing, a child that did not start)."""
+class BenchError(CommandError):
+    """A benchmark could not run (a tool missing, a child that did not start): exit 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=EXIT_FAILED)

@@ -15,23 +15,27 @@ import importlib.metadata
 import os
 import platform
 import resource
+import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-from bridge.agent.config import Config
+from bridge.agent.config import BridgeSection, Config, LimitsConfig
+from bridge.bench import BenchError
 from bridge.demo.broker import BrokerEndpoint, embedded_broker, find_mosquitto, stop_process
+from bridge.wire.broker import BrokerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def progress(message: str) -> None:
 # --- the machine --------------------------------------------------------------------------------
 
 
-def _first_line(command: Sequence[str]) -> str | None:
+def first_line(command: Sequence[str]) -> str | None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -275,6 +279,16 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def tool_versions(*dists: str) -> dict[str, Any]:
+    """The installed version of each distribution (None: not installed)."""
+    return {dist: _version(dist) for dist in dists}
+
+
+def random_tag() -> str:
+    """A short random tag that keeps one run's agent names apart from another's."""
+    return secrets.token_hex(4)
 
 
 def _cpu_model() -> str | None:
@@ -300,10 +314,10 @@ def loadavg() -> list[float]:
 
 
 def _git_revision() -> str | None:
-    rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     if rev is None:
         return None
-    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain"])
+    dirty = first_line(["git", "-C", str(REPO), "status", "--porcelain"])
     return rev + ("+dirty" if dirty else "")
 
 
@@ -322,8 +336,8 @@ def machine_info() -> dict[str, Any]:
         "gmqtt": _version("gmqtt"),
         "uvloop": _version("uvloop"),
         "orjson": _version("orjson"),
-        "mosquitto": _first_line([mosquitto, "-h"]) if mosquitto else None,
-        "nmap": _first_line([nmap, "--version"]) if nmap else None,
+        "mosquitto": first_line([mosquitto, "-h"]) if mosquitto else None,
+        "nmap": first_line([nmap, "--version"]) if nmap else None,
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "loadavg_before": loadavg(),
     }
@@ -352,15 +366,20 @@ def process_cpu(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def own_cpu() -> float:
+    """CPU seconds of this process so far (all threads)."""
+    cpu = process_cpu(os.getpid())
+    return cpu if cpu is not None else time.process_time()
+
+
 def reaped_children_cpu() -> float:
     """CPU seconds used by the children this process has waited for (nmap runs)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def child_pid(name: str) -> int | None:
-    """The pid of one of this process's children whose command name is ``name``."""
-    me = os.getpid()
+def proc_stats() -> Iterator[tuple[int, str, int]]:
+    """(pid, command name, parent pid) of every live process, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -370,8 +389,15 @@ def child_pid(name: str) -> int | None:
             continue
         comm = text[text.index("(") + 1 : text.rindex(")")]
         ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        yield int(entry.name), comm, ppid
+
+
+def child_pid(name: str) -> int | None:
+    """The pid of one of this process's children whose command name is ``name``."""
+    me = os.getpid()
+    for pid, comm, ppid in proc_stats():
         if ppid == me and comm == name:
-            return int(entry.name)
+            return pid
     return None
 
 
@@ -390,6 +416,22 @@ class CpuMeter:
             return None
         end = process_cpu(self.pid)
         return None if end is None else end - self._start
+
+
+# --- the event loop ---------------------------------------------------------------------------
+
+
+def run_uvloop(main: Callable[[], Awaitable[T]]) -> T:
+    """``main()`` on uvloop, like the bridge (asyncio's own loop where uvloop is missing)."""
+
+    async def wrapped() -> T:
+        return await main()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(wrapped())
+    return uvloop.run(wrapped())
 
 
 # --- the broker ---------------------------------------------------------------------------------
@@ -416,6 +458,26 @@ def broker_facts(endpoint: BrokerEndpoint) -> dict[str, Any]:
     if endpoint.kind == "mosquitto":
         facts["config"] = "bridge.demo.broker.mosquitto_config (set_tcp_nodelay, raised limits)"
     return facts
+
+
+# --- the bridge's config -------------------------------------------------------------------
+
+
+def broker_section(endpoint: BrokerEndpoint) -> BrokerConfig:
+    """The bridge's ``[broker]`` for ``endpoint``: a session that outlives a reconnect."""
+    return BrokerConfig(
+        host=endpoint.host, port=endpoint.port, protocol=endpoint.protocol, session_expiry=300
+    )
+
+
+def plain_config(endpoint: BrokerEndpoint, agent: str, workdir: Path) -> Config:
+    """The bridge's defaults, a short drain, its state in ``workdir``."""
+    return Config(
+        broker=broker_section(endpoint),
+        bridge=BridgeSection(agent=agent, state_dir=workdir / "state"),
+        limits=LimitsConfig(drain_timeout=2.0),
+        log_level="info",
+    )
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -481,3 +543,26 @@ def log_problems(log_path: Path) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if " WARNING " in line or " ERROR " in line][:10]
+
+
+@contextlib.asynccontextmanager
+async def ready_child(
+    what: str, *argv: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A child that prints ``ready ...`` once it serves and stops at EOF on its stdin: the
+    process and the rest of that line. ``what`` names it in the error if it does not start."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if not line.startswith("ready "):
+            raise BenchError(f"{what} did not start: {line!r}")
+        yield proc, line[6:]
+    finally:
+        proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 5)
+        await stop_process(proc, 2)

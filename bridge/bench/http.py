@@ -25,26 +25,23 @@ import asyncio
 import contextlib
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bridge.agent.config import LimitsConfig
-from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
-from bridge.bench.targets import (
-    HTTP_BODY,
-    bench_config,
-    count_answers,
-    cpu_table,
-    http_server,
-    jobs_beside_peer,
-    own_cpu,
-    pass_result,
+from bridge.bench.common import (
+    BRIDGE_COMMAND,
+    Result,
+    bench_broker,
+    broker_facts,
+    log_problems,
     random_tag,
-    run_peer,
     tool_versions,
 )
+from bridge.bench.peers import pass_result, run_peer, timed
+from bridge.bench.rounds import bench_config, count_answers, cpu_table, jobs_beside_peer
+from bridge.bench.targets import HTTP_BODY, http_server
 from bridge.wire.client import JobResult, output_record
 
 REQUESTS = 10_000
@@ -89,13 +86,8 @@ async def _peer_setup(
                 else:
                     failed += 1
 
-        cpu = own_cpu()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        seconds = time.perf_counter() - started
-        return pass_result(
-            ok, seconds, failed, failures=example, own_cpu_s=round(own_cpu() - cpu, 3)
-        )
+        seconds, cpu = await timed(asyncio.gather(*(worker() for _ in range(IN_FLIGHT))))
+        return pass_result(ok, seconds, failed, failures=example, own_cpu_s=round(cpu, 3))
 
     return one_pass
 

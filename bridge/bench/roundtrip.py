@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from bridge.agent.config import BridgeSection, Config, LimitsConfig
+from bridge.agent.config import LimitsConfig
 from bridge.bench import BenchError
 from bridge.bench.common import (
     BRIDGE_COMMAND,
@@ -52,9 +51,11 @@ from bridge.bench.common import (
     log_problems,
     median,
     percentile,
+    plain_config,
     progress,
 )
 from bridge.demo.broker import BrokerEndpoint, stop_process
+from bridge.signals import StopSignals
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient, output_record
 from bridge.wire.topics import Topics
@@ -93,7 +94,6 @@ async def _responder(host: str, port: int, agent: str, prefix: str) -> int:
         receive_maximum=RECEIVE_WINDOW,
     )
     subscribed = asyncio.Event()
-    stop = asyncio.Event()
 
     async def on_message(
         cl: Any, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
@@ -127,15 +127,13 @@ async def _responder(host: str, port: int, agent: str, prefix: str) -> int:
 
     client.on_message = on_message
     client.on_subscribe = on_subscribe
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await client.connect(host, port, version=MQTTv50)
-    client.subscribe(topics.output, qos=1)
-    await asyncio.wait_for(subscribed.wait(), 10)
-    print("ready", flush=True)
-    await stop.wait()
-    await client.disconnect()
+    with StopSignals() as stop:
+        await client.connect(host, port, version=MQTTv50)
+        client.subscribe(topics.output, qos=1)
+        await asyncio.wait_for(subscribed.wait(), 10)
+        print("ready", flush=True)
+        await stop.wait()
+        await client.disconnect()
     return 0
 
 
@@ -394,17 +392,7 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
             )
             result.broker = broker_facts(endpoint)
             broker_pid = child_pid("mosquitto") if endpoint.kind == "mosquitto" else None
-            config = Config(
-                broker=BrokerConfig(
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    protocol=endpoint.protocol,
-                    session_expiry=300,
-                ),
-                bridge=BridgeSection(agent=ours_agent, state_dir=workdir / "state"),
-                limits=LimitsConfig(drain_timeout=2.0),
-                log_level="info",
-            )
+            config = plain_config(endpoint, ours_agent, workdir)
             log_path = workdir / "bridge.log"
             peer_proc = await stack.enter_async_context(responder_process(peer_command))
             bridge = await stack.enter_async_context(bridge_process(config, log_path))

@@ -31,7 +31,6 @@ import contextlib
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -39,23 +38,19 @@ from typing import Any
 import orjson
 
 from bridge.agent.config import LimitsConfig
-from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
-from bridge.bench.targets import (
-    SNMP_COMMUNITY,
-    SNMPD,
-    SnmpEndpoint,
-    bench_config,
-    count_answers,
-    cpu_table,
+from bridge.bench.common import (
+    BRIDGE_COMMAND,
+    Result,
+    bench_broker,
+    broker_facts,
     first_line,
-    jobs_beside_peer,
-    own_cpu,
-    pass_result,
+    log_problems,
     random_tag,
-    run_peer,
-    snmp_agents,
     tool_versions,
 )
+from bridge.bench.peers import pass_result, run_peer, timed
+from bridge.bench.rounds import bench_config, count_answers, cpu_table, jobs_beside_peer
+from bridge.bench.targets import SNMP_COMMUNITY, SNMPD, SnmpEndpoint, snmp_agents
 from bridge.wire.client import JobResult, output_record
 
 SYS_DESCR = "1.3.6.1.2.1.1.1.0"
@@ -148,17 +143,9 @@ async def _peer_setup(
                 else:
                     failed += 1
 
-        cpu = own_cpu()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        seconds = time.perf_counter() - started
+        seconds, cpu = await timed(asyncio.gather(*(worker() for _ in range(in_flight))))
         return pass_result(
-            ok,
-            seconds,
-            failed,
-            timeouts=timeouts,
-            failures=example,
-            own_cpu_s=round(own_cpu() - cpu, 3),
+            ok, seconds, failed, timeouts=timeouts, failures=example, own_cpu_s=round(cpu, 3)
         )
 
     await one_pass()  # every session has sent and received once before the first timing

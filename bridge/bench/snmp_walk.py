@@ -41,21 +41,12 @@ from bridge.bench.common import (
     broker_facts,
     log_problems,
     median,
+    random_tag,
     reaped_children_cpu,
 )
+from bridge.bench.rounds import JobDriver, bench_config, cpu_table, side_by_side
 from bridge.bench.snmp import CREDENTIAL_ID, credentials_text, snmp_versions
-from bridge.bench.targets import (
-    SNMP_COMMUNITY,
-    JobDriver,
-    SnmpEndpoint,
-    TreeMeter,
-    bench_config,
-    cpu_table,
-    random_tag,
-    side_by_side,
-    snmp_agents,
-    tool_env,
-)
+from bridge.bench.targets import SNMP_COMMUNITY, SnmpEndpoint, TreeMeter, snmp_agents, tool_env
 from bridge.wire.client import EccClient, JobResult, output_record
 
 ROOT = "1.3.6.1.2.1"

@@ -25,7 +25,6 @@ import contextlib
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,19 @@ from typing import Any
 import orjson
 
 from bridge.agent.config import LimitsConfig
-from bridge.bench.common import BRIDGE_COMMAND, Result, bench_broker, broker_facts, log_problems
-from bridge.bench.targets import (
-    SSHD,
-    bench_config,
-    cpu_table,
+from bridge.bench.common import (
+    BRIDGE_COMMAND,
+    Result,
+    bench_broker,
+    broker_facts,
     first_line,
-    jobs_beside_peer,
-    own_cpu,
-    pass_result,
+    log_problems,
     random_tag,
-    run_peer,
-    ssh_hosts,
     tool_versions,
 )
+from bridge.bench.peers import pass_result, run_peer, timed
+from bridge.bench.rounds import bench_config, cpu_table, jobs_beside_peer
+from bridge.bench.targets import SSHD, ssh_hosts
 from bridge.wire.client import JobResult, output_record
 
 HOSTS = 4
@@ -132,17 +130,9 @@ async def _peer_setup(
             for channel in range(CHANNELS):
                 runs = per_host // CHANNELS + (1 if channel < per_host % CHANNELS else 0)
                 tasks.append(worker(conn, runs))
-        cpu = own_cpu()
-        started = time.perf_counter()
-        await asyncio.gather(*tasks)
-        seconds = time.perf_counter() - started
+        seconds, cpu = await timed(asyncio.gather(*tasks))
         return pass_result(
-            ok,
-            seconds,
-            failed,
-            open_retries=retries,
-            failures=example,
-            own_cpu_s=round(own_cpu() - cpu, 3),
+            ok, seconds, failed, open_retries=retries, failures=example, own_cpu_s=round(cpu, 3)
         )
 
     return one_pass

@@ -34,7 +34,6 @@ from typing import Any
 
 import orjson
 
-from bridge.agent.config import BridgeSection, Config, LimitsConfig
 from bridge.bench import BenchError
 from bridge.bench.common import (
     BRIDGE_COMMAND,
@@ -48,12 +47,12 @@ from bridge.bench.common import (
     broker_facts,
     log_problems,
     median,
+    plain_config,
     progress,
+    ready_child,
     reaped_children_cpu,
 )
-from bridge.demo.broker import stop_process
 from bridge.sweep_cli import sweep_hosts
-from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient, output_record
 
 FIRST_PORT, LAST_PORT = 20000, 20099
@@ -122,28 +121,10 @@ def listen_main(spec: str) -> int:
 
 @contextlib.asynccontextmanager
 async def listeners() -> AsyncIterator[OpenPorts]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge.bench.sweep",
-        "listen",
-        orjson.dumps(LISTENERS).decode(),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdin is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        if not line.startswith("ready "):
-            raise BenchError(f"the listener process did not start: {line!r}")
-        opened = {(host, int(port)) for host, port in orjson.loads(line[6:])}
-        yield opened
-    finally:
-        proc.stdin.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 5)
-        await stop_process(proc, 2)
+    spec = orjson.dumps(LISTENERS).decode()
+    command = (sys.executable, "-m", "bridge.bench.sweep", "listen", spec)
+    async with ready_child("the listener process", *command) as (_proc, opened):
+        yield {(host, int(port)) for host, port in orjson.loads(opened)}
 
 
 def busy_before(ports: OpenPorts) -> OpenPorts:
@@ -294,17 +275,7 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
                 result.warnings.append(
                     f"only {len(opened)} of {len(LISTENERS)} listeners could be opened"
                 )
-            config = Config(
-                broker=BrokerConfig(
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    protocol=endpoint.protocol,
-                    session_expiry=300,
-                ),
-                bridge=BridgeSection(agent=agent, state_dir=workdir / "state"),
-                limits=LimitsConfig(drain_timeout=2.0),
-                log_level="info",
-            )
+            config = plain_config(endpoint, agent, workdir)
             log_path = workdir / "bridge.log"
             bridge = await stack.enter_async_context(bridge_process(config, log_path))
             client = await stack.enter_async_context(

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bridge.wire.address import parse_host_port
+
 log = logging.getLogger("midbridge.embedded_broker")
 
 BrokerKind = Literal["external", "mosquitto", "amqtt"]
@@ -36,6 +38,7 @@ MqttProtocol = Literal["5", "3.1.1"]
 Force = Literal["auto", "mosquitto", "amqtt"]
 
 LOOPBACK = "127.0.0.1"
+MQTT_PORT = 1883
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 
@@ -92,22 +95,7 @@ def parse_address(preferred: str | tuple[str, int]) -> tuple[str, int]:
         if scheme not in ("mqtt", "tcp"):
             raise ValueError(f"unsupported broker URL scheme {scheme!r} (use mqtt://host:port)")
         text = text.rstrip("/")
-    if text.startswith("["):  # [ipv6]:port
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ValueError(f"no host in broker address {preferred!r}")
-    try:
-        port = int(port_text) if port_text else 1883
-    except ValueError:
-        raise ValueError(f"bad port in broker address {preferred!r}") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in broker address {preferred!r}")
-    return host, port
+    return parse_host_port(text, option="broker address", default_port=MQTT_PORT)
 
 
 def mosquitto_config(

@@ -51,7 +51,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from bridge.agent.config import BridgeSection, Config, LimitsConfig, SecurityConfig
-from bridge.demo.broker import BrokerEndpoint, embedded_broker
+from bridge.cli_errors import EXIT_FAILED, CommandError, fail
+from bridge.demo.broker import BrokerEndpoint, EmbeddedBrokerError, embedded_broker
 from bridge.demo.targets import (
     DEFAULT_SSH_USER,
     SNMP_COMMUNITY_ENV,
@@ -81,8 +82,11 @@ CLASS_LABELS = {
 }
 
 
-class DemoError(Exception):
+class DemoError(CommandError):
     """A step of the demo failed: printed as one line, exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=EXIT_FAILED)
 
 
 # --- the instance's API, as an administrator ----------------------------------------------
@@ -377,17 +381,19 @@ def _ip_key(ci: Mapping[str, Any]) -> tuple[int, str]:
         return 0, str(ci.get("name"))
 
 
+def _listing(title: str, columns: Sequence[str]) -> Table:
+    """A plain table: every column on one line but the last, which folds."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in columns[:-1]:
+        table.add_column(column, no_wrap=True)
+    table.add_column(columns[-1], overflow="fold")
+    return table
+
+
 def ci_table(cis: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(
-        title=f"CIs found: {len(cis)} (class = cmdb_ci_<class>)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    table = _listing(
+        f"CIs found: {len(cis)} (class = cmdb_ci_<class>)", ("class", "name", "IP", "details")
     )
-    table.add_column("class", no_wrap=True)
-    table.add_column("name", no_wrap=True)
-    table.add_column("IP", no_wrap=True)
-    table.add_column("details", overflow="fold")
     for ci in sorted(cis, key=_ip_key):
         table.add_row(
             escape(class_label(ci.get("sys_class_name"))),
@@ -472,16 +478,10 @@ async def discover(
 
 
 def _targets_table(running: RunningTargets) -> Table:
-    table = Table(
-        title="sample targets (every other address of the range: nothing)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    table = _listing(
+        "sample targets (every other address of the range: nothing)",
+        ("target", "address", "serves", "what it is"),
     )
-    table.add_column("target", no_wrap=True)
-    table.add_column("address", no_wrap=True)
-    table.add_column("serves", no_wrap=True)
-    table.add_column("what it is", overflow="fold")
     services: dict[str, list[str]] = {}
     order: list[Any] = []
     for item in running.listening:
@@ -524,8 +524,9 @@ async def run_demo(
             )
             code = await _demo(stack, console, address, hosts, keep, started)
     except DemoError as exc:
-        console.print(f"[red]demo: {escape(str(exc))}[/red]")
-        return 1
+        return fail("demo", exc)
+    except EmbeddedBrokerError as exc:
+        return fail("demo", exc, status=EXIT_FAILED)
     return code
 
 
@@ -541,6 +542,7 @@ async def _demo(
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import Instance, InstanceConfig
+    from probes import REGISTRY
 
     state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="midbridge-demo-")))
     # A broker of its own: the usual prefix; someone else's: topics of this run only.
@@ -589,7 +591,7 @@ async def _demo(
             require_validation=True, require_signatures=True, platform_key=keys.public_key_b64
         ),
     )
-    await stack.enter_async_context(Bridge(config))
+    await stack.enter_async_context(Bridge(config, REGISTRY))
     console.print(
         f"bridge: mid.server.{DEMO_AGENT} up (validation and signed jobs required, "
         f"state in {state / 'bridge'})"
@@ -660,8 +662,7 @@ async def _discover_remote(args: argparse.Namespace) -> int:
         if not os.environ.get(env)
     ]  # fmt: skip
     if missing:
-        console.print(f"[red]demo: set {', '.join('$' + m for m in missing)}[/red]")
-        return 2
+        return fail("demo discover", f"set {', '.join('$' + m for m in missing)}")
     plan = DiscoveryPlan(
         ranges=args.ranges,
         ports=Ports(args.ssh_port, args.http_port, args.https_port, args.snmp_port),
@@ -688,8 +689,7 @@ async def _discover_remote(args: argparse.Namespace) -> int:
                 admin, console, agent=args.agent, plan=plan, agent_timeout=args.wait
             )
         except DemoError as exc:
-            console.print(f"[red]demo: {escape(str(exc))}[/red]")
-            return 1
+            return fail("demo discover", exc)
     console.print(f"dashboard: {args.url.rstrip('/')}/ (user {args.user})")
     return code
 

@@ -46,9 +46,10 @@ from bridge.instance.api import (
     json_object_body,
     to_wire,
 )
-from bridge.instance.auth import MID_AGENT_NAME, AuthError
+from bridge.instance.auth import AGENT_PREFIX, MID_AGENT_NAME, AuthError, agent_of
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Conflict, Record, Store
+from bridge.wire.outputs import HEARTBEAT, SYSTEM_COMMAND
 from bridge.wire.records import now_text
 from bridge.wire.status import STATUSES
 
@@ -56,9 +57,6 @@ log = logging.getLogger("midbridge.instance.agents")
 
 AGENT_TABLE = "ecc_agent"
 ECC_TABLE = "ecc_queue"
-AGENT_PREFIX = "mid.server."
-HEARTBEAT = "HeartbeatProbe"
-SYSTEM_COMMAND = "SystemCommand"
 ADMIN_ACTIONS = ("validate", "invalidate", "pause", "resume", "drain")
 ACTIONS = (*ADMIN_ACTIONS, "cancel", "stats")
 # A MID name: 1-100 of A-Za-z0-9_.- starting with a letter or digit (so never "." or "..",
@@ -99,12 +97,8 @@ def agent_id(name: str) -> str:
     return AGENT_PREFIX + name
 
 
-def agent_name(agent: Any) -> str | None:
-    """The MID name in an ``agent`` field (``mid.server.<name>``), or None if it is not one."""
-    if not isinstance(agent, str) or not agent.startswith(AGENT_PREFIX):
-        return None
-    name = agent[len(AGENT_PREFIX) :]
-    return name if NAME_PATTERN.match(name) else None
+agent_name = agent_of
+"""The MID name in an ``agent`` field (``mid.server.<name>``), or None if it is not one."""
 
 
 def _epoch_text(value: Any) -> str:

@@ -75,6 +75,9 @@ LIST_PARAMS = frozenset(
 
 MAX_JSON_DEPTH = 64  # nesting of arrays/objects in a request body (orjson writes ~254 at most)
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_WRITE_PARAMS = frozenset(
+    {"sysparm_fields", "sysparm_input_display_value", "sysparm_display_value"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,15 +575,19 @@ class TableApi:
             raise _not_found()
         return _json({"result": to_wire(table, record, fields)})
 
-    async def create_record(self, request: web.Request) -> web.Response:
+    async def _write_request(
+        self, request: web.Request
+    ) -> tuple[Principal, Table, dict[str, str], list[str] | None, dict[str, Any]]:
+        """A create's or update's writer, table, parameters, fields to answer, and body."""
         who = await self._who(request)
         table = self._table(request, who)
-        params = self._params(
-            request,
-            frozenset({"sysparm_fields", "sysparm_input_display_value", "sysparm_display_value"}),
-        )
+        params = self._params(request, _WRITE_PARAMS)
         fields = self._fields_param(table, params)
         body = await self._body(request, table)
+        return who, table, params, fields, body
+
+    async def create_record(self, request: web.Request) -> web.Response:
+        who, table, params, fields, body = await self._write_request(request)
         auth.authorize(who, table.name, "create", fields=body)
         _check_agent_name(table, body)
         is_input = table.name == "ecc_queue" and str(body.get("queue") or "input") == "input"
@@ -605,14 +612,7 @@ class TableApi:
         )
 
     async def update_record(self, request: web.Request) -> web.Response:
-        who = await self._who(request)
-        table = self._table(request, who)
-        params = self._params(
-            request,
-            frozenset({"sysparm_fields", "sysparm_input_display_value", "sysparm_display_value"}),
-        )
-        fields = self._fields_param(table, params)
-        body = await self._body(request, table)
+        who, table, params, fields, body = await self._write_request(request)
         if "sys_id" in body:
             raise ApiError(400, "Field 'sys_id' is read-only", f"table {table.name}")
         sys_id = request.match_info["sys_id"]

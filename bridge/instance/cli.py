@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from bridge.cli_errors import CommandError, fail
 from bridge.instance.agents import valid_agent_name
 from bridge.instance.api import ApiSettings
 from bridge.instance.auth import (
@@ -45,6 +46,7 @@ from bridge.instance.auth import (
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Conflict, StoreError
 from bridge.signals import StopSignals
+from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
 
 log = logging.getLogger("midbridge.instance")
@@ -54,10 +56,6 @@ DB_ENV = "MIDBRIDGE_INSTANCE_DB"
 
 
 ADMIN_PASS_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as ``midbridge instance: <message>``, exit 2."""
 
 
 def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,12 +164,11 @@ def run_instance_command(
             return run_loop(_user_set_agents(args))
         return run_loop(_user_list(args.db))
     except CommandError as exc:
-        print(f"midbridge instance: {exc}", file=sys.stderr)
+        return fail("instance", exc)
     except StoreError as exc:
-        print(f"midbridge instance: {exc.message}", file=sys.stderr)
+        return fail("instance", exc.message)
     except sqlite3.Error as exc:
-        print(f"midbridge instance: database {args.db}: {exc}", file=sys.stderr)
-    return 2
+        return fail("instance", f"database {args.db}: {exc}")
 
 
 BROKER_PASSWORD_ENV = "MIDBRIDGE_INSTANCE_BROKER_PASSWORD"
@@ -237,12 +234,13 @@ def _api_error(status: int, body: Any) -> str:
 def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
     if not args.broker:
         return None
-    host, _, port = str(args.broker).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CommandError(f"--broker must be HOST:PORT, got {args.broker!r}")
+    try:
+        host, port = parse_host_port(str(args.broker), option="--broker")
+    except AddressError as exc:
+        raise CommandError(str(exc)) from None
     cfg = BrokerConfig(
         host=host,
-        port=int(port),
+        port=port,
         username=args.broker_username,
         password=os.environ.get(BROKER_PASSWORD_ENV),
     )

@@ -39,7 +39,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +48,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bridge.instance.agents import (
-    HEARTBEAT,
     NAME_PATTERN,
-    SYSTEM_COMMAND,
     Agents,
     StatusRefused,
     add_routes,
@@ -67,7 +65,18 @@ from bridge.instance.query import escape
 from bridge.instance.store import Change, Record, Store
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import BadRecord, BridgeError
-from bridge.wire.records import now_text, parse_xml_parameters
+from bridge.wire.inflight import InFlight
+from bridge.wire.outputs import (
+    EXPRESS_TOPICS,
+    batches,
+    output_topic,
+    output_wire,
+    parameters,
+    priority_of,
+    records_of,
+    text_of,
+)
+from bridge.wire.records import now_text
 from bridge.wire.sealing import encrypt_credential
 from bridge.wire.transport import Delivery, MqttSession
 
@@ -79,7 +88,6 @@ log = logging.getLogger("midbridge.instance.connector")
 ECC = "ecc_queue"
 DEAD_LETTERS = "ecc_dead_letter"
 FINISHED = ("processed", "error")
-EXPRESS_TOPICS = frozenset({HEARTBEAT, SYSTEM_COMMAND})
 _SYS_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _IN_CHUNK = 400  # sys_ids in one ``sys_idIN`` claim
 
@@ -182,81 +190,6 @@ _SIGNATURE_REFUSALS = tuple(
 )
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else str(value)
-
-
-def _priority(value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return 2
-    return number if number in (0, 1, 2) else 2
-
-
-def is_express(record: Mapping[str, Any]) -> bool:
-    """Priority 0 and control topics go to ``.../output/interactive``."""
-    return _priority(record.get("priority")) == 0 or record.get("topic") in EXPRESS_TOPICS
-
-
-def output_topic(prefix: str, name: str, record: Mapping[str, Any]) -> str:
-    base = f"{prefix}/{name}/output"
-    return base + "/interactive" if is_express(record) else base
-
-
-def wire_payload(payload: Any) -> Any:
-    """A stored payload (text) as it goes on the wire: JSON object text becomes an object."""
-    if isinstance(payload, dict):
-        return payload
-    text = _text(payload)
-    stripped = text.lstrip()
-    if not stripped:
-        return {}
-    if stripped.startswith("{"):
-        try:
-            decoded = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return text  # the bridge answers it with a bad_record error
-        return decoded if isinstance(decoded, dict) else text
-    return text
-
-
-def parameters(payload: Any) -> dict[str, Any]:
-    """The job's parameters (JSON object or XML ``<parameters>``); {} if unreadable."""
-    value = wire_payload(payload)
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str) and value.lstrip().startswith("<"):
-        try:
-            return parse_xml_parameters(value)
-        except BridgeError:
-            return {}
-    return {}
-
-
-def output_wire(row: Mapping[str, Any]) -> dict[str, Any]:
-    """An ``ecc_queue`` output row as the bridge takes it (docs/wire-contract.md)."""
-    return {
-        "sys_id": row["sys_id"],
-        "agent": _text(row.get("agent")),
-        "topic": _text(row.get("topic")),
-        "name": _text(row.get("name")),
-        "source": _text(row.get("source")),
-        "queue": "output",
-        "state": _text(row.get("state")) or "ready",
-        "response_to": _text(row.get("response_to")),
-        "agent_correlator": _text(row.get("agent_correlator")),
-        "priority": _priority(row.get("priority")),
-        "error_string": _text(row.get("error_string")),
-        "payload": wire_payload(row.get("payload")),
-        "sys_created_on": _text(row.get("sys_created_on")),
-        # Only if the table has them (ecc_queue does not yet): passed on as they are.
-        **{k: row[k] for k in ("timeout", "expires_at") if row.get(k) not in (None, "")},
-    }
-
-
 def _sequence(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -270,19 +203,19 @@ def input_row(record: Mapping[str, Any], agent: str, response_to: str) -> dict[s
     payload = record.get("payload")
     row: dict[str, Any] = {
         "agent": agent,
-        "topic": _text(record.get("topic"))[:128],
-        "name": _text(record.get("name")),
-        "source": _text(record.get("source")),
+        "topic": text_of(record.get("topic"))[:128],
+        "name": text_of(record.get("name")),
+        "source": text_of(record.get("source")),
         "queue": "input",
         "state": "ready",
         "response_to": response_to,
-        "agent_correlator": _text(record.get("agent_correlator")),
-        "priority": _priority(record.get("priority")),
-        "error_string": _text(record.get("error_string")),
+        "agent_correlator": text_of(record.get("agent_correlator")),
+        "priority": priority_of(record.get("priority")),
+        "error_string": text_of(record.get("error_string")),
         "payload": payload if isinstance(payload, str) else orjson.dumps(payload).decode(),
         "sequence": _sequence(record.get("sequence")),
         "complete": record.get("complete") is True,
-        "run": _text(record.get("run"))[:64],
+        "run": text_of(record.get("run"))[:64],
     }
     sys_id = record.get("sys_id")
     if isinstance(sys_id, str) and _SYS_ID.match(sys_id):
@@ -302,20 +235,6 @@ def _record_excerpt(record: Any, limit: int = 4096) -> bytes:
         return orjson.dumps(record)[:limit]
     except (TypeError, RecursionError):
         return b""
-
-
-def _batches(bodies: list[bytes], max_records: int, max_bytes: int) -> Iterable[bytes]:
-    """Encoded records joined into JSON arrays within both limits (a single one stays bare)."""
-    group: list[bytes] = []
-    size = 2
-    for body in bodies:
-        if group and (len(group) >= max_records or size + len(body) + 1 > max_bytes):
-            yield group[0] if len(group) == 1 else b"[" + b",".join(group) + b"]"
-            group, size = [], 2
-        group.append(body)
-        size += len(body) + 1
-    if group:
-        yield group[0] if len(group) == 1 else b"[" + b",".join(group) + b"]"
 
 
 class Connector:
@@ -361,8 +280,7 @@ class Connector:
         self._turns: dict[str, _Turn] = {}  # agent name → its line (only while in use)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
-        self._handling = 0  # message handlers running
-        self._idle = asyncio.Event()
+        self._handlers = InFlight()  # message handlers running
         self.running = False
 
     # --- lifecycle --------------------------------------------------------------------
@@ -412,10 +330,7 @@ class Connector:
     async def _close_session(self) -> None:
         """Disconnect, then let the handlers already running finish their store writes."""
         await self.session.__aexit__(None, None, None)
-        if self._handling:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self._idle.wait()
+        await self._handlers.drain(5.0)
 
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:
@@ -626,7 +541,7 @@ class Connector:
         futures = []
         sent = 0
         for topic, bodies in by_topic.items():
-            for message in _batches(bodies, settings.batch_records, settings.max_message_bytes):
+            for message in batches(bodies, settings.batch_records, settings.max_message_bytes):
                 futures.append(await self.session.publish_start(topic, message))
             sent += len(bodies)
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -655,14 +570,8 @@ class Connector:
     async def _on_message(self, delivery: Delivery) -> bool:
         if not self.running:
             return False  # stopping: left unacknowledged, the broker keeps it for us
-        self._handling += 1
-        self._idle.clear()
-        try:
+        with self._handlers.track():
             return await self._handle(delivery)
-        finally:
-            self._handling -= 1
-            if not self._handling:
-                self._idle.set()
 
     async def _handle(self, delivery: Delivery) -> bool:
         """Every message ends stored, or refused and kept in ``ecc_dead_letter``, and is
@@ -732,7 +641,7 @@ class Connector:
 
     async def _take_inputs(self, name: str, delivery: Delivery) -> list[_Refused]:
         data = self._decode(delivery, self.settings.max_input_bytes)
-        records = data if isinstance(data, list) else [data]
+        records = records_of(data)
         limit = self.settings.max_records_per_message
         refused = await self._store_inputs(name, records[:limit])
         if len(records) > limit:
@@ -784,7 +693,7 @@ class Connector:
         for row in stored:
             seq = _sequence(row.get("sequence"))
             if seq is not None and row.get("agent") == output.get("agent"):
-                built.add(_text(row.get("run")), seq, bool(row.get("complete")), row)
+                built.add(text_of(row.get("run")), seq, bool(row.get("complete")), row)
         progress = self._progress.get(response_to)  # made meanwhile by another handler
         if progress is not None:
             return progress
@@ -857,7 +766,7 @@ class Connector:
         answer closes it, or the lease pushes it again, freshly signed (which also cures a
         record that went stale while the bridge was away).
         """
-        error = _text(record.get("error_string"))
+        error = text_of(record.get("error_string"))
         if error.startswith(_SIGNATURE_REFUSALS):
             raise _Refused(
                 f"a refusal of this instance's signature does not answer output {response_to} "
@@ -892,7 +801,7 @@ class Connector:
 
     async def _finish(self, progress: _Progress, final: Mapping[str, Any]) -> None:
         sys_id = progress.output["sys_id"]
-        error = _text(final.get("error_string"))
+        error = text_of(final.get("error_string"))
         done = await self.store.update_query(
             ECC,
             f"sys_id={escape(sys_id)}^stateINready,processing",

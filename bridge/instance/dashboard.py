@@ -35,12 +35,9 @@ import importlib.resources
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import jinja2
 import orjson
@@ -52,10 +49,24 @@ from bridge.instance.api import (
     authenticator_of,
     client_address,
     request_scheme,
-    restrict,
     wire_value,
 )
-from bridge.instance.auth import AuthError, Principal
+from bridge.instance.app_keys import START_RUN, StartRun
+from bridge.instance.auth import Principal
+from bridge.instance.dashboard_format import (
+    age_text,
+    as_int,
+    json_object,
+    lanes_text,
+    path_segment,
+    pretty_payload,
+    progress_of,
+    safe_next,
+    short_agent,
+    status_kind,
+    truthy,
+)
+from bridge.instance.dashboard_sessions import DashboardSettings, Session, Sessions, View, may_read
 from bridge.instance.query import escape
 from bridge.instance.store import TABLES, Record, Store
 
@@ -96,7 +107,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-_MAX_NEXT = 512
 _PAYLOAD_SHOWN = 256 * 1024  # characters of a payload shown on a record's page
 _MAX_CLASSES = 64
 _ERRORS: dict[int, type[web.HTTPError]] = {
@@ -109,239 +119,6 @@ _ERRORS: dict[int, type[web.HTTPError]] = {
 AdminAction = Callable[[Store, str, str], Awaitable[Record]]
 """``await admin_action(store, agent_name, action)`` → the SystemCommand output record;
 raises ``bridge.instance.agents.AgentActionError`` (``status``, ``message``) to refuse."""
-
-StartRun = Callable[[str], Awaitable[str]]
-"""``await start_run(schedule_sys_id)`` → the new ``discovery_status`` sys_id; raises
-``ValueError`` / ``LookupError`` (its text is shown to the admin) to refuse."""
-
-
-@dataclass(frozen=True, slots=True)
-class DashboardSettings:
-    session_idle: float = 1800.0  # seconds without a request before a session ends
-    session_lifetime: float = 12 * 3600.0  # seconds after sign-in, whatever happens
-    login_form_ttl: float = 1800.0  # seconds a sign-in form stays valid
-    max_sessions: int = 10_000  # the oldest go first beyond this
-    secure_cookie: bool | None = None  # None: Secure when the request came over HTTPS
-    ecc_rows: int = 50  # ECC records shown by default (at most 500)
-    cmdb_rows: int = 500  # CIs shown on one page
-    runs_shown: int = 20  # discovery runs on the discovery page and in runs.json
-
-
-@dataclass(slots=True)
-class Session:
-    id: str
-    user_sys_id: str
-    user_name: str
-    password_tag: bytes  # HMAC of the stored hash at sign-in: a new password ends the session
-    csrf: str
-    created: float
-    seen: float
-    flash: tuple[str, str] | None = None  # (kind: ok|error, text), shown once
-
-
-class Sessions:
-    """Signed-in sessions, in memory (a restart signs everyone out), oldest first."""
-
-    def __init__(self, settings: DashboardSettings) -> None:
-        self.settings = settings
-        self._by_id: OrderedDict[str, Session] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def create(self, user: Record, password_tag: bytes) -> Session:
-        self.purge()
-        now = time.monotonic()
-        session = Session(
-            id=secrets.token_urlsafe(32),
-            user_sys_id=str(user["sys_id"]),
-            user_name=str(user["user_name"]),
-            password_tag=password_tag,
-            csrf=secrets.token_urlsafe(32),
-            created=now,
-            seen=now,
-        )
-        self._by_id[session.id] = session
-        while len(self._by_id) > self.settings.max_sessions:
-            self._by_id.popitem(last=False)
-        return session
-
-    def get(self, session_id: str | None) -> Session | None:
-        if not session_id:
-            return None
-        session = self._by_id.get(session_id)
-        if session is None:
-            return None
-        now = time.monotonic()
-        if (
-            now - session.seen > self.settings.session_idle
-            or now - session.created > self.settings.session_lifetime
-        ):
-            self.drop(session_id)
-            return None
-        session.seen = now
-        return session
-
-    def drop(self, session_id: str) -> None:
-        self._by_id.pop(session_id, None)
-
-    def purge(self) -> None:
-        now = time.monotonic()
-        for sid in [
-            s.id
-            for s in self._by_id.values()
-            if now - s.seen > self.settings.session_idle
-            or now - s.created > self.settings.session_lifetime
-        ]:
-            self.drop(sid)
-
-
-@dataclass(slots=True)
-class View:
-    """The signed-in user behind a request."""
-
-    session: Session
-    who: Principal
-
-    def may_read(self, table: str) -> bool:
-        return may_read(self.who, table)
-
-    def scoped(self, table: str, query: str) -> str:
-        """``query`` narrowed to the user's own agents, as the Table API narrows it."""
-        scope = auth.agent_scope(self.who, table)
-        return query if scope is None else restrict(query, scope)
-
-
-def may_read(who: Principal, table: str) -> bool:
-    """The Table API's rule: may ``who`` read ``table``?"""
-    try:
-        auth.authorize_table(who, table)
-        auth.authorize(who, table, "read")
-    except AuthError:
-        return False
-    return True
-
-
-# --- formatting helpers (values are escaped by the templates, never here) ---------------------
-
-
-def pretty_payload(text: str) -> str:
-    """A payload for reading: JSON indented, anything else (XML) as it is."""
-    stripped = text.strip()
-    if stripped[:1] in ("{", "["):
-        try:
-            return orjson.dumps(orjson.loads(stripped), option=orjson.OPT_INDENT_2).decode()
-        except orjson.JSONDecodeError:
-            pass
-    return text
-
-
-def age_text(stamp: Any, now: float | None = None) -> str:
-    """``"12 s ago"`` for a stored UTC time text, ``""`` if it is not one."""
-    if not isinstance(stamp, str) or not stamp:
-        return ""
-    try:
-        then = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return ""
-    seconds = int((time.time() if now is None else now) - then)
-    if seconds < 0:
-        return "just now"
-    if seconds < 120:
-        return f"{seconds} s ago"
-    if seconds < 7200:
-        return f"{seconds // 60} min ago"
-    if seconds < 172_800:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"
-
-
-def _json_object(text: Any) -> dict[str, Any]:
-    if not isinstance(text, str) or not text:
-        return {}
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def lanes_text(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """[(lane, "running/waiting")] from an agent's stats, in the bridge's lane order."""
-    running = stats.get("lanes_running")
-    waiting = stats.get("lanes_waiting")
-    if not isinstance(running, dict) or not isinstance(waiting, dict):
-        return []
-    names = list(running) + [n for n in waiting if n not in running]
-    return [(str(n), f"{running.get(n, 0)}/{waiting.get(n, 0)}") for n in names][:8]
-
-
-def status_kind(status: str) -> str:
-    """A CSS class for an agent status or record state (fixed names, never from data)."""
-    if status in ("Up", "processed", "Completed"):
-        return "ok"
-    if status in ("Down", "error", "Error", "Cancelled"):
-        return "bad"
-    return "warn"
-
-
-def safe_next(target: str | None) -> str:
-    """Where to go after sign-in: a local path only (no scheme, no ``//host``)."""
-    if (
-        not target
-        or len(target) > _MAX_NEXT
-        or not target.startswith("/")
-        or target.startswith(("//", "/login", "/logout"))
-        or "\\" in target
-        or any(not c.isprintable() or c.isspace() for c in target)
-    ):
-        return "/"
-    return target
-
-
-def path_segment(value: Any) -> str:
-    """``value`` as one URL path segment: every ``/`` and ``.``-only name escaped away
-    (Jinja's ``urlencode`` keeps ``/``, so ``x/../dc1`` would reach another agent)."""
-    return quote(str(value), safe="")
-
-
-def _short_agent(agent: Any) -> str:
-    name = agents_module.agent_name(agent)
-    return name if name is not None else str(agent or "")
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1")
-    return bool(value)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _progress(value: Any) -> float:
-    try:
-        number = float(value or 0.0)
-    except (TypeError, ValueError):
-        return 0.0
-    return max(0.0, min(100.0, number))
-
-
-def discovery_starter(store: Store) -> StartRun:
-    """``bridge.instance.discovery.start_run`` on ``store``, its refusals as ``ValueError``."""
-    from bridge.instance import discovery
-
-    async def start(schedule_sys_id: str) -> str:
-        try:
-            return await discovery.start_run(store, schedule_sys_id)
-        except discovery.DiscoveryError as exc:
-            raise ValueError(exc.message) from None
-
-    return start
 
 
 # --- the dashboard -----------------------------------------------------------------------------
@@ -365,8 +142,8 @@ class Dashboard:
         start_run: StartRun | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.store = store
         self.settings = settings or DashboardSettings()
+        self.store = store
         self.sessions = Sessions(self.settings)
         self.basic_page = basic_page
         self.admin_action: AdminAction = admin_action or agents_module.admin_action
@@ -399,30 +176,25 @@ class Dashboard:
         instance serves discovery (``bridge.instance.discovery.install``)."""
         app.on_startup.append(self._find_discovery)
         self._authenticator = authenticator_of(app, self.store)
-        router = app.router
-        router.add_get("/", self.overview)
-        router.add_get("/login", self.login_form)
-        router.add_post("/login", self.login)
-        router.add_post("/logout", self.logout)
-        router.add_get("/agents", self.agents_page)
-        router.add_post("/agents/{name}/{action}", self.agent_action)
-        router.add_get("/ecc", self.ecc_page)
-        router.add_get("/ecc/{sys_id}", self.ecc_record)
-        router.add_get("/discovery", self.discovery_page)
-        router.add_get("/discovery/runs.json", self.runs_json)
-        router.add_post("/discovery/{sys_id}/run", self.run_discovery)
-        router.add_get("/cmdb", self.cmdb_page)
-        router.add_get("/static/{name}", self.static)
+        pages = {
+            "/": self.overview, "/login": self.login_form, "/agents": self.agents_page,
+            "/ecc": self.ecc_page, "/ecc/{sys_id}": self.ecc_record,
+            "/discovery": self.discovery_page, "/discovery/runs.json": self.runs_json,
+            "/cmdb": self.cmdb_page, "/static/{name}": self.static,
+        }  # fmt: skip
+        forms = {
+            "/login": self.login, "/logout": self.logout,
+            "/agents/{name}/{action}": self.agent_action,
+            "/discovery/{sys_id}/run": self.run_discovery,
+        }  # fmt: skip
+        for path, page in pages.items():
+            app.router.add_get(path, page)
+        for path, form in forms.items():
+            app.router.add_post(path, form)
 
     async def _find_discovery(self, app: web.Application) -> None:
-        if self.start_run is not None:
-            return
-        try:
-            from bridge.instance import discovery
-        except ImportError:  # a build without the discovery engine
-            return
-        if any(r.canonical == discovery.RUN_ROUTE for r in app.router.resources()):
-            self.start_run = discovery_starter(self.store)
+        if self.start_run is None:
+            self.start_run = app.get(START_RUN)
 
     # --- sessions and users ----------------------------------------------------------------
 
@@ -459,8 +231,8 @@ class Dashboard:
         user = await self.store.get("sys_user", session.user_sys_id)
         if (
             user is None
-            or not _truthy(user.get("active"))
-            or _truthy(user.get("web_service_access_only"))
+            or not truthy(user.get("active"))
+            or truthy(user.get("web_service_access_only"))
             or not hmac.compare_digest(self._password_tag(user), session.password_tag)
         ):
             self.sessions.drop(session.id)
@@ -620,13 +392,13 @@ class Dashboard:
             page.headers["Retry-After"] = str(seconds)
             return page
         user = await self._check_password(user_name, password, address)
-        if user is None or not _truthy(user.get("active")):
+        if user is None or not truthy(user.get("active")):
             self._log.info("dashboard: sign-in refused for %r", user_name[:64])
             return self._login_page(
                 request, status=401, user_name=user_name, target=target,
                 message="Invalid user name or password.",
             )  # fmt: skip
-        if _truthy(user.get("web_service_access_only")):
+        if truthy(user.get("web_service_access_only")):
             return self._login_page(
                 request, status=403, user_name=user_name, target=target,
                 message=f"User {user['user_name']} may use web services only.",
@@ -702,13 +474,13 @@ class Dashboard:
         rows = []
         agents_query = view.scoped("ecc_agent", "ORDERBYname")
         for agent in await self.store.query("ecc_agent", agents_query, limit=1000):
-            stats = _json_object(agent.get("stats"))
+            stats = json_object(agent.get("stats"))
             caps = [c for c in str(agent.get("capabilities") or "").split(",") if c]
             rows.append(
                 {
                     "name": str(agent.get("name") or ""),
                     "status": str(agent.get("status") or "Down"),
-                    "validated": _truthy(agent.get("validated")),
+                    "validated": truthy(agent.get("validated")),
                     "host": str(agent.get("host") or ""),
                     "version": str(agent.get("version") or ""),
                     "capabilities": caps,
@@ -758,11 +530,11 @@ class Dashboard:
             filters["queue"] = ""
         if filters["state"] not in ("", *ECC_STATES):
             filters["state"] = ""
-        limit = max(1, min(500, _int(request.query.get("limit")) or self.settings.ecc_rows))
+        limit = max(1, min(500, as_int(request.query.get("limit")) or self.settings.ecc_rows))
         terms = []
         for key, value in filters.items():
             if value:
-                if key == "agent" and not value.startswith(agents_module.AGENT_PREFIX):
+                if key == "agent" and not value.startswith(auth.AGENT_PREFIX):
                     value = agents_module.agent_id(value)
                 terms.append(f"{key}={escape(value)}")
         query = view.scoped("ecc_queue", "^".join(terms))
@@ -782,7 +554,7 @@ class Dashboard:
             {
                 "sys_id": str(r["sys_id"]),
                 "created": str(r.get("sys_created_on") or ""),
-                "agent": _short_agent(r.get("agent")),
+                "agent": short_agent(r.get("agent")),
                 "queue": str(r.get("queue") or ""),
                 "topic": str(r.get("topic") or ""),
                 "name": str(r.get("name") or ""),
@@ -790,7 +562,7 @@ class Dashboard:
                 "priority": wire_value(r.get("priority")),
                 "attempts": wire_value(r.get("attempts")),
                 "sequence": wire_value(r.get("sequence")),
-                "complete": _truthy(r.get("complete")),
+                "complete": truthy(r.get("complete")),
                 "response_to": str(r.get("response_to") or ""),
                 "error_string": str(r.get("error_string") or "")[:160],
             }
@@ -843,7 +615,7 @@ class Dashboard:
     @staticmethod
     def _run_view(row: Mapping[str, Any]) -> dict[str, Any]:
         run: dict[str, Any] = {name: wire_value(row.get(name)) for name in RUN_FIELDS}
-        run["progress"] = f"{_progress(row.get('progress')):.0f}"
+        run["progress"] = f"{progress_of(row.get('progress')):.0f}"
         run["final"] = str(row.get("state") or "") in RUN_FINAL_STATES
         return run
 
@@ -951,8 +723,10 @@ __all__ = [
     "StartRun",
     "View",
     "age_text",
-    "discovery_starter",
+    "lanes_text",
     "may_read",
+    "path_segment",
     "pretty_payload",
     "safe_next",
+    "status_kind",
 ]

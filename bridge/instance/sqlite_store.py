@@ -1,8 +1,8 @@
 """The instance's tables in one SQLite file (WAL), behind the ``Store`` interface.
 
-One connection, one thread: every call runs on a single-thread executor, so SQLite is
-never shared between threads and writes are naturally ordered (the pattern of
-``bridge/agent/store.py``). Each call is one transaction. Listeners (``add_listener``) are told
+One connection, one thread (``bridge.wire.sqlite_thread.SQLiteThread``): every call runs
+on a single-thread executor, so SQLite is never shared between threads and writes are
+naturally ordered. Each call is one transaction. Listeners (``add_listener``) are told
 of each committed write on the event loop, in commit order.
 
 The schema follows ``bridge.instance.store.TABLES``: a table per entry, a column per
@@ -20,7 +20,6 @@ Columns missing from an older file are added when it is opened.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -28,7 +27,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +45,7 @@ from bridge.instance.store import (
     Table,
     UnknownTable,
 )
+from bridge.wire.sqlite_thread import SQLiteThread
 
 log = logging.getLogger("midbridge.instance.store")
 
@@ -120,20 +119,26 @@ def _coerce(table: Table, name: str, value: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
+        number = _parsed(int, value)
+        if number is not None:
+            return number
         raise FieldError(table.name, name, f"expected an integer, got {value!r}")
     if isinstance(value, int | float):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
+    real = _parsed(float, value)
+    if real is not None:
+        return real
     raise FieldError(table.name, name, f"expected a number, got {value!r}")
+
+
+def _parsed(parse: Callable[[str], T], value: Any) -> T | None:
+    """``parse`` of a text value (stripped); None if it is not text or does not parse."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value.strip())
+    except ValueError:
+        return None
 
 
 DB_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
@@ -168,8 +173,7 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="midbridge-instance")
-        self._db: sqlite3.Connection | None = None
+        self._thread = SQLiteThread(thread_name="midbridge-instance", what="instance store")
         self._listeners: list[Listener] = []
         self._columns: dict[str, list[str]] = {
             name: list(table.fields) for name, table in TABLES.items()
@@ -189,13 +193,10 @@ class SQLiteStore:
         await self.close()
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._call(self._close)
-        self._executor.shutdown(wait=True)
+        await self._thread.close()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._thread.call(fn, *args)
 
     # --- listeners --------------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         self._migrate(db)
-        self._db = db
+        self._thread.db = db
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -262,15 +263,8 @@ class SQLiteStore:
             db.close()
             raise
 
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("instance store is not open")
-        return self._db
+        return self._thread.conn()
 
     def _record(self, table: Table, row: Sequence[Any]) -> Record:
         record: Record = {}

@@ -333,9 +333,9 @@ class Store(Protocol):
         table: str,
         encoded_query: str = "",
         *,
+        hidden: Sequence[str] = (),
         limit: int | None = None,
         offset: int = 0,
-        hidden: Sequence[str] = (),
     ) -> list[Record]:
         """Records matching, in the query's order, then insertion order. ``hidden``: fields
         the query may not use (the API passes the write-only ones: no oracle on hashes)."""
@@ -358,12 +358,7 @@ class Store(Protocol):
         ...
 
     async def update_query(
-        self,
-        table: str,
-        encoded_query: str,
-        fields: Mapping[str, Any],
-        *,
-        limit: int | None = None,
+        self, table: str, encoded_query: str, fields: Mapping[str, Any], *, limit: int | None = None
     ) -> list[Record]:
         """Set ``fields`` on the records matching (the first ``limit`` in the query's order),
         atomically, and return them as updated. A claim:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import re
@@ -49,10 +48,13 @@ from xml.etree import ElementTree
 import aiohttp
 import orjson
 
-from bridge.instance.connector import _batches, output_topic, output_wire, parameters
+from bridge.cli_errors import fail
 from bridge.signals import StopSignals
+from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import BridgeError
+from bridge.wire.inflight import InFlight
+from bridge.wire.outputs import batches, output_topic, output_wire, parameters, records_of
 from bridge.wire.records import now_text
 from bridge.wire.transport import Delivery, MqttSession
 
@@ -64,6 +66,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SYS_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _XML_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 # Characters XML 1.0 cannot carry (control characters, lone surrogates, U+FFFE/U+FFFF).
+QueryParams = Mapping[str, str]  # a request's query string, name → value
 _XML_BAD = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
@@ -224,8 +227,7 @@ class Relay:
         self._lock = asyncio.Lock()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
-        self._handling = 0  # message handlers running
-        self._idle = asyncio.Event()
+        self._handlers = InFlight()  # message handlers running
         self._closing = False
         self.stats = {"claimed": 0, "published": 0, "republished": 0, "inputs": 0,
                       "duplicates": 0, "closed": 0, "refused": 0}  # fmt: skip
@@ -274,10 +276,7 @@ class Relay:
         """Disconnect, then let the handlers already running finish their writes."""
         self._closing = True
         await self.session.__aexit__(None, None, None)
-        if self._handling:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self._idle.wait()
+        await self._handlers.drain(5.0)
 
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:
@@ -290,8 +289,8 @@ class Relay:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
+        params: QueryParams | None = None,
     ) -> Any:
         assert self._http is not None
         url = self.base + path
@@ -421,7 +420,7 @@ class Relay:
             by_topic.setdefault(topic, []).append(orjson.dumps(job.record))
         futures = []
         for topic, bodies in by_topic.items():
-            for message in _batches(bodies, 200, 1_000_000):
+            for message in batches(bodies, 200, 1_000_000):
                 futures.append(await self.session.publish_start(topic, message))
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = sum(1 for r in results if isinstance(r, BaseException))
@@ -495,14 +494,8 @@ class Relay:
     async def _on_input(self, delivery: Delivery) -> bool:
         if self._closing:
             return False  # left unacknowledged: the broker keeps it for the next start
-        self._handling += 1
-        self._idle.clear()
-        try:
+        with self._handlers.track():
             return await self._handle_input(delivery)
-        finally:
-            self._handling -= 1
-            if not self._handling:
-                self._idle.set()
 
     async def _handle_input(self, delivery: Delivery) -> bool:
         try:
@@ -510,7 +503,7 @@ class Relay:
         except orjson.JSONDecodeError:
             self._log.warning("dropped a message that is not JSON on %s", delivery.topic)
             return True
-        records = [r for r in (data if isinstance(data, list) else [data]) if isinstance(r, dict)]
+        records = [r for r in records_of(data) if isinstance(r, dict)]
         async with self._lock:
             try:
                 await self._write_inputs(records)
@@ -603,18 +596,15 @@ async def run_command(args: argparse.Namespace) -> int:
     else:
         password = os.environ.get(PASSWORD_ENV, "")
     if not password:
-        print(f"midbridge relay: no password (--password-stdin or ${PASSWORD_ENV})",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return fail("relay", f"no password (--password-stdin or ${PASSWORD_ENV})")
     config = load_config(Path(args.config)) if args.config else Config()
     broker = config.broker
     if args.broker:
-        host, _, port = str(args.broker).rpartition(":")
-        if not host or not port.isdigit():
-            print(f"midbridge relay: --broker must be HOST:PORT, got {args.broker!r}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        broker = BrokerConfig(**{**broker.model_dump(), "host": host, "port": int(port)})
+        try:
+            host, port = parse_host_port(str(args.broker), option="--broker")
+        except AddressError as exc:
+            return fail("relay", exc)
+        broker = BrokerConfig(**{**broker.model_dump(), "host": host, "port": port})
     settings = RelaySettings(
         instance=args.instance,
         user=args.user,

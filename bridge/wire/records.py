@@ -357,7 +357,3 @@ def encode_batch(records: list[dict[str, Any]]) -> bytes:
     if len(records) == 1:
         return orjson.dumps(records[0])
     return orjson.dumps(records)
-
-
-def monotonic_ms() -> float:
-    return time.perf_counter() * 1000.0

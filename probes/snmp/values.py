@@ -28,6 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+SYS_DESCR = "1.3.6.1.2.1.1.1.0"
+SYS_OBJECT_ID = "1.3.6.1.2.1.1.2.0"
+SYS_NAME = "1.3.6.1.2.1.1.5.0"
+
 MAX_OID_ARCS = 128  # SMI limit on sub-identifiers in an OID
 _ARC_MAX = 2**32 - 1
 _OID_RE = re.compile(r"^\.?([0-9]+)(\.[0-9]+)+$")  # ASCII digits only
@@ -102,6 +106,12 @@ def _columns(entry: str, names: str, syntaxes: str) -> dict[str, tuple[str, str]
     return out
 
 
+def _table(names: str, columns: str, syntaxes: str) -> dict[str, tuple[str, str]]:
+    """A table (``"<table> <entry> <table OID>"``), its entry, and the entry's columns."""
+    table, entry, oid = names.split()
+    return {table: (oid, "-"), entry: (f"{oid}.1", "-"), **_columns(f"{oid}.1", columns, syntaxes)}
+
+
 # name → (OID, syntax). Syntax "-" for tables and groups (no value of their own).
 # Sources: RFC 3418 (SNMPv2-MIB system group), RFC 2863 (IF-MIB), RFC 1213 / RFC 4293
 # (IP-MIB ipAddrTable, ipNetToMediaTable).
@@ -114,19 +124,15 @@ MIB: dict[str, tuple[str, str]] = {
         "DisplayString ObjectIdentifier TimeTicks DisplayString DisplayString DisplayString"
         " Integer32 TimeTicks",
     ),
-    "sysORTable": ("1.3.6.1.2.1.1.9", "-"),
-    "sysOREntry": ("1.3.6.1.2.1.1.9.1", "-"),
-    **_columns(
-        "1.3.6.1.2.1.1.9.1",
+    **_table(
+        "sysORTable sysOREntry 1.3.6.1.2.1.1.9",
         "sysORIndex sysORID sysORDescr sysORUpTime",
         "Integer32 ObjectIdentifier DisplayString TimeTicks",
     ),
     "interfaces": ("1.3.6.1.2.1.2", "-"),
     "ifNumber": ("1.3.6.1.2.1.2.1", INTEGER32),
-    "ifTable": ("1.3.6.1.2.1.2.2", "-"),
-    "ifEntry": ("1.3.6.1.2.1.2.2.1", "-"),
-    **_columns(
-        "1.3.6.1.2.1.2.2.1",
+    **_table(
+        "ifTable ifEntry 1.3.6.1.2.1.2.2",
         "ifIndex ifDescr ifType ifMtu ifSpeed ifPhysAddress ifAdminStatus ifOperStatus"
         " ifLastChange ifInOctets ifInUcastPkts ifInNUcastPkts ifInDiscards ifInErrors"
         " ifInUnknownProtos ifOutOctets ifOutUcastPkts ifOutNUcastPkts ifOutDiscards"
@@ -137,24 +143,18 @@ MIB: dict[str, tuple[str, str]] = {
         " Counter32 Gauge32 ObjectIdentifier",
     ),
     "ip": ("1.3.6.1.2.1.4", "-"),
-    "ipAddrTable": ("1.3.6.1.2.1.4.20", "-"),
-    "ipAddrEntry": ("1.3.6.1.2.1.4.20.1", "-"),
-    **_columns(
-        "1.3.6.1.2.1.4.20.1",
+    **_table(
+        "ipAddrTable ipAddrEntry 1.3.6.1.2.1.4.20",
         "ipAdEntAddr ipAdEntIfIndex ipAdEntNetMask ipAdEntBcastAddr ipAdEntReasmMaxSize",
         "IpAddress Integer32 IpAddress Integer32 Integer32",
     ),
-    "ipNetToMediaTable": ("1.3.6.1.2.1.4.22", "-"),
-    "ipNetToMediaEntry": ("1.3.6.1.2.1.4.22.1", "-"),
-    **_columns(
-        "1.3.6.1.2.1.4.22.1",
+    **_table(
+        "ipNetToMediaTable ipNetToMediaEntry 1.3.6.1.2.1.4.22",
         "ipNetToMediaIfIndex ipNetToMediaPhysAddress ipNetToMediaNetAddress ipNetToMediaType",
         "Integer32 PhysAddress IpAddress Integer32",
     ),
-    "ifXTable": ("1.3.6.1.2.1.31.1.1", "-"),
-    "ifXEntry": ("1.3.6.1.2.1.31.1.1.1", "-"),
-    **_columns(
-        "1.3.6.1.2.1.31.1.1.1",
+    **_table(
+        "ifXTable ifXEntry 1.3.6.1.2.1.31.1.1",
         "ifName ifInMulticastPkts ifInBroadcastPkts ifOutMulticastPkts ifOutBroadcastPkts"
         " ifHCInOctets ifHCInUcastPkts ifHCInMulticastPkts ifHCInBroadcastPkts"
         " ifHCOutOctets ifHCOutUcastPkts ifHCOutMulticastPkts ifHCOutBroadcastPkts"

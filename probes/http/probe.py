@@ -1,10 +1,9 @@
 """RESTProbe: one HTTP(S) request to a target, answered with status, headers, body and TLS facts.
 
 Reference: ``docs/probes/RESTProbe.md``. Every job shares one ``aiohttp.ClientSession`` per
-bridge (``ctx.resources["http"]``, opened on first use, closed by the bridge at shutdown):
-keep-alive connections, a total and a per-host connection limit, no cookie jar (one job's
-cookies never reach another job). TLS is verified by default; an SSL context per CA bundle
-is built once and cached, so a job naming a ``ca_file`` costs a ``stat`` and reuses pooled
+bridge (``ctx.resource``, the ``HttpClient`` of ``probes.http.client``: opened when the bridge
+starts, closed when it stops). TLS is verified by default; an SSL context per CA bundle is
+built once and cached, so a job naming a ``ca_file`` costs a ``stat`` and reuses pooled
 connections.
 
 Secrets: a job names a credential (``credential_id``, types ``http_basic`` and
@@ -20,27 +19,18 @@ import base64
 import contextlib
 import errno
 import functools
-import hashlib
 import ipaddress
-import os
 import re
 import ssl
-import stat
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import hdrs
 from aiohttp.helpers import parse_content_type as _parse_content_type
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_core import PydanticCustomError
-from yarl import URL
 
 from bridge.wire.credentials import Credential
 from bridge.wire.errors import (
@@ -50,445 +40,23 @@ from bridge.wire.errors import (
     CredentialError,
     ProbeTimeout,
     ProtocolError,
-    Refused,
     TlsError,
     Unreachable,
 )
 from bridge.wire.records import OutputRecord, error_payload
-from probes.contract import Job, ProbeContext, ProbeParams, ProbeSpec, parse_params, parse_settings
-from probes.kit.deadlines import Deadlines
+from probes.contract import Job, ProbeContext, ProbeSpec
+from probes.http.client import HttpClient, Timing, open_client
+from probes.http.params import TOPIC, RESTParams, RESTSettings, build_params
 from probes.kit.fanout import fan_out, result_chunks
 
-TOPIC = "RESTProbe"
-RESOURCE = "http"  # key in ProbeContext.resources
 CREDENTIAL_TYPES = ("http_basic", "http_bearer")
-MAX_URL = 8192
-MAX_REQUEST_BODY = 1_048_576
-# Request headers a job may not set: credentials come from credential_id, never in clear.
-FORBIDDEN_HEADERS = frozenset({"authorization", "proxy-authorization"})
 # Request headers whose value is never echoed.
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 REDACTED = "<redacted>"
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")  # an RFC 9110 header name
-_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
-_SSL_CACHE_SIZE = 32
-_MAX_CA_FILE = 4_194_304  # bytes; a job may not make the bridge read /dev/zero
-_CERT_CACHE_SIZE = 1024
-
-
-class RESTSettings(BaseModel):
-    """``[probes.settings.RESTProbe]``: defaults for every job and the shared session."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    timeout: float = Field(30.0, gt=0, le=3600)  # seconds for one request, redirects included
-    max_body: int = Field(1_048_576, ge=0)  # response bytes kept when a job does not say
-    max_body_limit: int = Field(16_777_216, ge=0)  # the most a job may ask for
-    max_redirects: int = Field(5, ge=0, le=50)
-    verify: bool = True
-    ca_file: str | None = None  # PEM bundle used instead of the system's trust store
-    limit: int = Field(100, ge=1, le=10_000)  # connections in the pool (ANCHORS: 100 fastest)
-    limit_per_host: int = Field(0, ge=0, le=10_000)  # 0: the bridge's limits.per_host
-    keepalive_timeout: float = Field(15.0, gt=0, le=3600)
-    user_agent: str = Field("midbridge-RESTProbe/0.1", max_length=256)
-    timings: bool = False  # DNS/connect timings through an aiohttp trace (costs ~20 µs/request)
-    concurrency: int = Field(100, ge=1, le=10_000)  # default requests at once in a urls job
-    max_urls: int = Field(10_000, ge=1, le=1_000_000)  # URLs one job may name
-    max_in_flight: int = Field(0, ge=0, le=65_536)  # requests at once, all urls jobs; 0: limit
-
-
-def load_settings(settings: Mapping[str, Any]) -> RESTSettings:
-    """The validated settings; cached, since every job's parameters start from them."""
-    try:
-        key = frozenset(settings.items())
-    except TypeError:  # an unhashable value: validate it (and report it) uncached
-        return _load_settings(settings)
-    return _cached_settings(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_settings(key: frozenset[tuple[str, Any]]) -> RESTSettings:
-    return _load_settings(dict(key))
-
-
-def _load_settings(settings: Mapping[str, Any]) -> RESTSettings:
-    return parse_settings(RESTSettings, settings, TOPIC)
-
-
-def _clean(message: str) -> PydanticCustomError:
-    """A validation error without pydantic's ``Value error,`` prefix."""
-    return PydanticCustomError("value_error", message)
-
-
-def _maybe_json(value: Any) -> Any:
-    """XML parameters are text: accept a JSON object or list given as text."""
-    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            raise _clean("must be a JSON object (text does not parse)") from None
-    return value
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    raise _clean("query values must be text or numbers")
-
-
-def check_url(value: str) -> URL:
-    """An absolute http(s) URL without credentials in it; ``ValueError`` says what is wrong."""
-    if len(value) > MAX_URL:
-        raise ValueError(f"is longer than {MAX_URL} characters")
-    if _BAD_URL_CHARS.search(value):
-        raise ValueError("may not contain white space or control characters")
-    try:
-        url = URL(value)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"does not parse as a URL: {str(exc)[:100]}") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"scheme must be http or https, got {url.scheme[:20]!r}")
-    if not url.host:
-        raise ValueError("has no host")
-    if url.raw_user or url.raw_password:
-        raise ValueError("may not carry user:password@; name a credential in credential_id")
-    return url
-
-
-class RESTParams(ProbeParams):
-    url: str | None = None
-    urls: tuple[str, ...] | None = None  # many requests in one job (see ``run_many``)
-    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict)
-    query: tuple[tuple[str, str], ...] = ()
-    body: str | None = Field(None, max_length=MAX_REQUEST_BODY)
-    json_body: Any = Field(None, alias="json")
-    credential_id: str | None = Field(None, min_length=1, max_length=256)
-    follow_redirects: bool = True
-    max_redirects: int = Field(5, ge=0, le=50)
-    timeout: float = Field(30.0, gt=0, le=3600)
-    max_body: int = Field(1_048_576, ge=0)
-    ca_file: str | None = Field(None, min_length=1, max_length=4096)
-    verify: bool = True
-    response_headers: bool = True  # false: the result leaves out the response's headers
-    concurrency: int = Field(100, ge=1, le=10_000)  # requests of a ``urls`` job at once
-    chunk_responses: int = Field(100, ge=1, le=100_000)  # responses in one result chunk
-
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _urls(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, str):  # XML parameters are text: URLs separated by white space
-            value = value.split()
-        if not isinstance(value, list | tuple):
-            return value  # pydantic reports the type
-        if not value:
-            raise _clean("is empty: give at least one URL")
-        for n, one in enumerate(value):
-            if not isinstance(one, str):
-                raise _clean(f"entry {n}: is not text")
-        try:
-            return _checked_urls(tuple(value))
-        except ValueError as exc:
-            raise _clean(str(exc)) from None
-
-    @field_validator("url", mode="before")
-    @classmethod
-    def _url(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value  # pydantic reports the type
-        value = value.strip()
-        try:
-            check_url(value)
-            return value
-        except ValueError as exc:
-            raise _clean(str(exc)) from None
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
-
-    @field_validator("headers", mode="before")
-    @classmethod
-    def _headers(cls, value: Any) -> Any:
-        value = _maybe_json(value)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            return value  # pydantic reports the type
-        for name, text in value.items():
-            if not isinstance(name, str) or not _TOKEN.match(name):
-                raise _clean(f"invalid header name {str(name)[:40]!r}")
-            if name.lower() in FORBIDDEN_HEADERS:
-                raise _clean(f"{name} may not be given here; name a credential in credential_id")
-            if isinstance(text, str) and any(ch in text for ch in "\r\n\x00"):
-                raise _clean(f"the value of {name} contains a line break or NUL")
-        return value
-
-    @field_validator("query", mode="before")
-    @classmethod
-    def _query(cls, value: Any) -> Any:
-        value = _maybe_json(value)
-        if value is None:
-            return ()
-        pairs: list[tuple[str, str]] = []
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                items = item if isinstance(item, list | tuple) else [item]
-                pairs.extend((str(key), _scalar(one)) for one in items)
-        elif isinstance(value, list | tuple):
-            for pair in value:
-                if not isinstance(pair, list | tuple) or len(pair) != 2:
-                    raise _clean("must be an object, or a list of [name, value] pairs")
-                pairs.append((str(pair[0]), _scalar(pair[1])))
-        else:
-            raise _clean("must be an object, or a list of [name, value] pairs")
-        return tuple(pairs)
-
-    @property
-    def host(self) -> str | None:
-        return URL(self.url).host if self.url is not None else None
-
-
-@functools.lru_cache(maxsize=16)  # a poller's few lists; up to 10,000 URLs each
-def _checked_urls(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Each URL checked (cached: a poller sends the same list again and again)."""
-    checked: list[str] = []
-    for n, value in enumerate(values):
-        value = value.strip()
-        try:
-            check_url(value)
-        except ValueError as exc:
-            raise ValueError(f"entry {n}: {exc}") from None
-        checked.append(value)
-    return tuple(checked)
-
-
-def build_params(record: OutputRecord, settings: Mapping[str, Any]) -> RESTParams:
-    """Parameters from the payload; ``url`` defaults to the record's ``source`` if it is a URL."""
-    cfg = load_settings(settings)
-    data = {k: v for k, v in record.payload.items() if v is not None}
-    if "urls" in data:
-        if "url" in data:
-            raise BadParameter("give either url or urls, not both", field="urls")
-        data.setdefault("concurrency", cfg.concurrency)
-    elif "url" not in data:
-        source = record.source.strip()
-        if "://" not in source:
-            raise BadParameter(
-                "no URL: give payload 'url' or a URL in the record's source", field="url"
-            )
-        data["url"] = source
-    data.setdefault("timeout", cfg.timeout)
-    data.setdefault("max_body", cfg.max_body)
-    data.setdefault("max_redirects", cfg.max_redirects)
-    data.setdefault("verify", cfg.verify)
-    if cfg.ca_file is not None:
-        data.setdefault("ca_file", cfg.ca_file)
-    params = parse_params(RESTParams, data)
-    if params.body is not None and params.json_body is not None:
-        raise BadParameter("give either body or json, not both", field="body")
-    if params.urls is not None and len(params.urls) > cfg.max_urls:
-        raise Refused(
-            f"{len(params.urls)} URLs is over the limit of {cfg.max_urls}"
-            f" (probes.settings.{TOPIC}.max_urls)",
-            field="urls",
-        )
-    if params.max_body > cfg.max_body_limit:
-        raise BadParameter(
-            f"at most {cfg.max_body_limit} bytes (probes.settings.{TOPIC}.max_body_limit)",
-            field="max_body",
-        )
-    return params
-
-
-# --- the shared client ----------------------------------------------------------------
-
-
-class _Timing(SimpleNamespace):
-    """What the trace measured for one request (durations in seconds, counts)."""
-
-    dns: float = 0.0
-    connect: float = 0.0
-    connections: int = 0  # new connections opened (one per redirect hop at most)
-    reused: int = 0
-
-
-async def _on_dns_start(
-    _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceDnsResolveHostStartParams
-) -> None:
-    ctx.dns_started = time.perf_counter()
-
-
-async def _on_dns_end(
-    _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceDnsResolveHostEndParams
-) -> None:
-    timing = ctx.trace_request_ctx
-    if isinstance(timing, _Timing):
-        timing.dns += time.perf_counter() - ctx.dns_started
-
-
-async def _on_connect_start(
-    _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceConnectionCreateStartParams
-) -> None:
-    ctx.connect_started = time.perf_counter()
-
-
-async def _on_connect_end(
-    _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceConnectionCreateEndParams
-) -> None:
-    timing = ctx.trace_request_ctx
-    if isinstance(timing, _Timing):
-        timing.connect += time.perf_counter() - ctx.connect_started
-        timing.connections += 1
-
-
-async def _on_reuse(
-    _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceConnectionReuseconnParams
-) -> None:
-    timing = ctx.trace_request_ctx
-    if isinstance(timing, _Timing):
-        timing.reused += 1
-
-
-def _trace_config() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_dns_resolvehost_start.append(_on_dns_start)
-    trace.on_dns_resolvehost_end.append(_on_dns_end)
-    trace.on_connection_create_start.append(_on_connect_start)
-    trace.on_connection_create_end.append(_on_connect_end)
-    trace.on_connection_reuseconn.append(_on_reuse)
-    return trace
-
-
-class HttpClient:
-    """The bridge's one HTTP session, SSL contexts per CA bundle, and parsed peer certificates."""
-
-    def __init__(self, settings: RESTSettings, *, per_host: int) -> None:
-        host_cap = settings.limit_per_host or per_host
-        connector = aiohttp.TCPConnector(
-            limit=settings.limit,
-            # A per-host cap as large as the pool caps nothing; aiohttp's per-host
-            # bookkeeping then costs a few µs a request for nothing.
-            limit_per_host=0 if host_cap >= settings.limit else host_cap,
-            keepalive_timeout=settings.keepalive_timeout,
-        )
-        self.timings = settings.timings
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would leak cookies across jobs
-            headers={"User-Agent": settings.user_agent},
-            timeout=aiohttp.ClientTimeout(total=None),
-            trace_configs=[_trace_config()] if settings.timings else None,
-            trust_env=False,
-        )
-        self._ssl: dict[tuple[str, int, int], ssl.SSLContext] = {}
-        self._certs: dict[bytes, dict[str, Any]] = {}
-        # Requests of urls jobs at once, all jobs together: the pool's size by default, so
-        # requests wait here (cheaply) rather than in the connector.
-        self.budget = asyncio.Semaphore(settings.max_in_flight or settings.limit)
-        self.deadlines = Deadlines()  # every request's timeout, checked by one timer
-
-    @property
-    def closed(self) -> bool:
-        return self.session.closed
-
-    async def aclose(self) -> None:
-        self.deadlines.close()
-        await self.session.close()
-
-    def ssl_for(self, *, verify: bool, ca_file: str | None) -> ssl.SSLContext | bool:
-        """``False`` (no verification), ``True`` (system trust store), or a cached context."""
-        if not verify:
-            return False
-        if ca_file is None:
-            return True  # aiohttp's own cached default context
-        path = os.path.abspath(os.path.expanduser(ca_file))
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            raise BadParameter(
-                f"cannot read the CA bundle: {exc.strerror or 'error'}", field="ca_file"
-            ) from None
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CA_FILE:
-            raise BadParameter(
-                f"must be a regular PEM file of at most {_MAX_CA_FILE} bytes", field="ca_file"
-            )
-        key = (path, info.st_mtime_ns, info.st_size)  # a changed file is read again
-        context = self._ssl.get(key)
-        if context is None:
-            try:
-                context = ssl.create_default_context(cafile=path)
-            except (ssl.SSLError, OSError, ValueError):
-                raise BadParameter(
-                    "the CA bundle holds no readable PEM certificate", field="ca_file"
-                ) from None
-            if len(self._ssl) >= _SSL_CACHE_SIZE:
-                del self._ssl[next(iter(self._ssl))]
-            self._ssl[key] = context
-        return context
-
-    def certificate(self, der: bytes) -> dict[str, Any]:
-        cert = self._certs.get(der)
-        if cert is None:
-            cert = describe_certificate(der)
-            if len(self._certs) >= _CERT_CACHE_SIZE:
-                del self._certs[next(iter(self._certs))]
-            self._certs[der] = cert
-        return cert
-
-
-def shared_client(ctx: ProbeContext) -> HttpClient:
-    """The bridge's client, opened on first use (no await between the check and the store)."""
-    client = ctx.resources.get(RESOURCE)
-    if isinstance(client, HttpClient) and not client.closed:
-        return client
-    if client is not None and not isinstance(client, HttpClient):
-        raise BridgeError(f"resource {RESOURCE!r} holds a {type(client).__name__}")
-    client = HttpClient(load_settings(ctx.settings), per_host=max(1, ctx.per_host_limit))
-    ctx.resources[RESOURCE] = client
-    return client
 
 
 # --- results ----------------------------------------------------------------------------
-
-
-def _name(name: x509.Name) -> str:
-    return name.rfc4514_string()
-
-
-def describe_certificate(der: bytes) -> dict[str, Any]:
-    """The facts discovery keeps about a peer certificate (DER in, JSON-ready dict out)."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return {"error": "the peer certificate does not parse"}
-    dns: list[str] = []
-    ips: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = [str(v) for v in san.get_values_for_type(x509.DNSName)]
-        ips = [str(v) for v in san.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        pass
-    except ValueError:  # a malformed extension: report what parses
-        pass
-    return {
-        "subject": _name(cert.subject),
-        "issuer": _name(cert.issuer),
-        "san_dns": dns,
-        "san_ip": ips,
-        "not_before": cert.not_valid_before_utc.isoformat(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "serial": format(cert.serial_number, "x"),
-        "sha256": hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
-        "self_signed": cert.subject == cert.issuer,
-    }
 
 
 def _tls_facts(resp: aiohttp.ClientResponse, client: HttpClient, verified: bool) -> dict[str, Any]:
@@ -648,7 +216,9 @@ class Prepared:
 
 async def prepare(params: RESTParams, ctx: ProbeContext, record: OutputRecord) -> Prepared:
     """The shared client, headers (with the credential's Authorization), body and TLS."""
-    client = shared_client(ctx)
+    client = ctx.resource
+    if not isinstance(client, HttpClient):
+        raise BridgeError("RESTProbe runs without its HTTP client (ProbeSpec.resource)")
     headers = dict(params.headers)
     credential: Credential | None = None
     if params.credential_id is not None:
@@ -697,9 +267,9 @@ async def fetch(
     """
     client = prep.client
     options = prep.options
-    timing: _Timing | None = None
+    timing: Timing | None = None
     if client.timings:
-        timing = _Timing()
+        timing = Timing()
         options = {**options, "trace_request_ctx": timing}
     started = time.perf_counter()
     expiry = client.deadlines.start(params.timeout)  # the whole request, redirects included
@@ -916,9 +486,6 @@ def _host_key(host: str) -> str:
 
 
 SPEC = ProbeSpec(
-    topic=TOPIC,
-    params=RESTParams,
-    run=run,
-    build_params=build_params,
+    TOPIC, RESTParams, run, build_params, settings=RESTSettings, resource=open_client,
     target_host=_target_host,
-)
+)  # fmt: skip

@@ -1,7 +1,7 @@
 """Hosts jobs of GETs, driven from the event loop's callbacks: no task, no future a request.
 
 A poller's job names many agents and a few OIDs (``hosts`` and ``get`` lines only, one
-credential). :func:`probes.snmp.run_many` hands such a job here. Each of up to
+credential). :func:`probes.snmp.probe.run_many` hands such a job here. Each of up to
 ``concurrency`` *lanes* holds a slot of the pool's budget and works through the agents
 one after the other, without a coroutine in between:
 
@@ -15,8 +15,8 @@ An agent whose sessions are all busy (another job is asking it) is put off until
 lane has started the others. Whatever would wait (a host name to resolve, an agent still
 busy then, a new v3 session, an agent that lacks one of the OIDs, a full send buffer)
 goes to the coroutine step instead
-(``fallback``, :func:`probes.snmp._gets_step`), which the lane waits for. Both give the
-same entry (:func:`probes.snmp.gets_entry`).
+(``fallback``, :func:`probes.snmp.probe._gets_step`), which the lane waits for. Both give
+the same entry (:func:`probes.snmp.operations.gets_entry`).
 
 Measured against 200 snmpd agents (callgrind, the SNMP probe alone): the coroutine step
 costs ~100k instructions a GET, the bare gufo-snmp loop ~76k; see docs/benchmarks.md.
@@ -33,21 +33,13 @@ from gufo.snmp import SnmpDecodeError
 
 from bridge.wire.credentials import Credential
 from bridge.wire.errors import BridgeError, ProtocolError
-from probes.snmp import (
-    Policy,
-    SnmpPool,
-    Version,
-    _fingerprint,
-    _Group,
-    _ip_literal,
-    _Pooled,
-    _refused,
-    _sound,
-    _translate,
-    failed_entry,
-    gets_entry,
-    silence,
-)
+from probes.snmp.client import Policy, silence
+from probes.snmp.credentials import fingerprint
+from probes.snmp.errors import refused, sound, translate
+from probes.snmp.operations import failed_entry, gets_entry
+from probes.snmp.params import ip_literal
+from probes.snmp.pool import Group, Pooled, SnmpPool
+from probes.snmp.versions import Version
 
 Item = tuple[int, str]  # (index in hosts, host)
 Entry = dict[str, Any]
@@ -95,8 +87,8 @@ class _Lane:
         self.sweep = sweep
         self.item: Item = (0, "")
         self.address = ""
-        self.group: _Group | None = None
-        self.pooled: _Pooled | None = None
+        self.group: Group | None = None
+        self.pooled: Pooled | None = None
         self.attempt: _Attempt | None = None
         self.task: asyncio.Task[Entry] | None = None
         self.tries = 0
@@ -133,7 +125,7 @@ class _Lane:
         sweep = self.sweep
         self.item = item
         self.requests = 0
-        address = _ip_literal(item[1])
+        address = ip_literal(item[1])
         if address is None:
             return self.delegate(item)
         pool = sweep.pool
@@ -166,7 +158,7 @@ class _Lane:
             self.release(keep=True)
             return self.delegate(self.item)
         except BaseException as exc:
-            error = _translate(exc)
+            error = translate(exc)
             if not isinstance(error, BridgeError):
                 raise
             self.finish_error(error)
@@ -196,9 +188,9 @@ class _Lane:
         except (SnmpDecodeError, StopAsyncIteration):
             error = ProtocolError("the agent's answer did not decode")
         except TimeoutError:  # gufo-snmp reports ICMP port unreachable so
-            error = _refused()
+            error = refused()
         except BaseException as exc:
-            translated = _translate(exc)
+            translated = translate(exc)
             if not isinstance(translated, BridgeError):
                 raise
             error = translated
@@ -235,7 +227,7 @@ class _Lane:
         self.pooled = None
 
     def finish_error(self, error: BridgeError) -> None:
-        self.release(keep=_sound(error))
+        self.release(keep=sound(error))
         index, host = self.item
         self.sweep.add(failed_entry(index, host, error, self.requests))
 
@@ -293,7 +285,7 @@ class GetSweep:
         self.oids = oids  # every OID of the get lines, in order: the entry's varbinds
         self.ask = ask  # the distinct ones: the request
         self.cred = cred
-        self.fingerprint = _fingerprint(cred)
+        self.fingerprint = fingerprint(cred)
         self.pool = pool
         self.port = port
         self.version: Version = version
@@ -356,13 +348,13 @@ async def sweep_gets(sweep: GetSweep, *, limit: int) -> AsyncGenerator[list[Entr
             # for a budget slot it no longer needs: it is cancelled below).
             over = not sweep.lanes and (spawner.done() or (sweep.left <= 0 and not sweep.deferred))
             done = sweep.done
-            if len(done) >= chunk or (over and done):
+            if over or len(done) >= chunk:
+                if not done:
+                    return  # over, and every entry was handed over
                 batch = done[:chunk]
                 del done[:chunk]
                 yield batch
                 continue
-            if over:
-                return
             sweep.ready.clear()
             await sweep.ready.wait()
     finally:

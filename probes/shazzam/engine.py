@@ -332,16 +332,11 @@ class Engine:
                     try:
                         sock = new_socket(host.family, _STREAM)
                     except OSError as exc:
-                        if exc.errno in _LOCAL_SHORTAGE:
-                            host.todo.append(port)
-                            ready.appendleft(host)
-                            limit = max(1, len(inflight))
-                            resume_at = now + 0.01
-                            short = True
-                            break
-                        # e.g. IPv6 disabled: this port of this host cannot be probed.
-                        host.error = host.error or (exc.strerror or str(exc))
-                        err = -1
+                        err = exc.errno or -1
+                        if err not in _LOCAL_SHORTAGE:
+                            # e.g. IPv6 disabled: this port of this host cannot be probed.
+                            host.error = host.error or (exc.strerror or str(exc))
+                            err = -1
                     else:
                         err = sock.connect_ex((host.ip, port))
                         if err == in_progress:
@@ -362,13 +357,13 @@ class Engine:
                                 host.queued = False
                             continue
                         sock.close()
-                        if err in _LOCAL_SHORTAGE:
-                            host.todo.append(port)
-                            ready.appendleft(host)
-                            limit = max(1, len(inflight))
-                            resume_at = now + 0.01
-                            short = True
-                            break
+                    if err in _LOCAL_SHORTAGE:  # no socket, or no local port: not an answer
+                        host.todo.append(port)
+                        ready.appendleft(host)
+                        limit = max(1, len(inflight))
+                        resume_at = now + 0.01
+                        short = True
+                        break
                     # An immediate answer: refused, or unreachable / not permitted.
                     if err == refused:
                         host.closed.append(port)

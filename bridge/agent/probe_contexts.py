@@ -1,0 +1,145 @@
+"""The probes' side of the runtime: settings validated once, resources opened, one context each.
+
+Every registered probe's ``[probes.settings.<topic>]`` table is validated into its
+``ProbeSpec.settings`` model when the bridge starts, before it connects to the broker: an
+unknown topic or key, or a bad value, is a ``ConfigError`` naming
+``probes.settings.<topic>.<key>``. The Shazzam probe's table is ``[probes.shazzam]``.
+Each enabled probe's ``ProbeSpec.resource`` is opened in the bridge's exit stack, so it
+closes when the bridge stops, after the last job ended.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+from bridge.agent.config import Config
+from bridge.wire.errors import ConfigError
+from probes.contract import (
+    Control,
+    CredentialResolver,
+    ProbeContext,
+    ProbeSettings,
+    ProbeSpec,
+    parse_settings,
+)
+from probes.kit.ratelimit import RateLimiter
+
+log = logging.getLogger("midbridge.bridge")
+
+SHAZZAM = "Shazzam"  # its settings are the typed [probes.shazzam] section
+
+
+def settings_table(config: Config, topic: str) -> dict[str, Any]:
+    """The raw settings of ``topic`` from the configuration."""
+    if topic == SHAZZAM:
+        return config.probes.shazzam.model_dump()
+    return dict(config.probes.settings.get(topic, {}))
+
+
+def validate_settings(
+    model: type[ProbeSettings], table: Mapping[str, Any], topic: str, *, per_host_limit: int
+) -> ProbeSettings:
+    """One probe's settings; a fault is a ``ConfigError`` naming ``probes.settings.<topic>.<key>``.
+
+    Validated with the context ``{"per_host_limit": limits.per_host}``, for a setting whose
+    default is the bridge's own limit.
+    """
+    return parse_settings(
+        model,
+        table,
+        topic,
+        section="probes.shazzam" if topic == SHAZZAM else None,
+        context={"per_host_limit": per_host_limit},
+    )
+
+
+def validate_all_settings(
+    config: Config, registry: Mapping[str, ProbeSpec]
+) -> dict[str, ProbeSettings]:
+    """Every registered probe's settings, keyed by topic (an unknown topic is refused)."""
+    for topic in config.probes.settings:
+        if topic not in registry or topic == SHAZZAM:
+            where = " (its settings are [probes.shazzam])" if topic == SHAZZAM else ""
+            raise ConfigError(f"no probe has this topic{where}", field=f"probes.settings.{topic}")
+    per_host = config.limits.per_host
+    return {
+        topic: validate_settings(
+            spec.settings, settings_table(config, topic), topic, per_host_limit=per_host
+        )
+        for topic, spec in registry.items()
+    }
+
+
+class ProbeContexts:
+    """The settings, resource and ``ProbeContext`` of every probe the bridge runs."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Mapping[str, ProbeSpec],
+        *,
+        enabled: Mapping[str, ProbeSpec],
+        rate: RateLimiter,
+    ) -> None:
+        self.config = config
+        self.registry = registry  # every registered probe: their settings are checked
+        self.enabled = enabled  # the probes this bridge runs: their resources are opened
+        self.rate = rate
+        self.credentials: CredentialResolver | None = None
+        self.control: Control | None = None
+        self._settings: dict[str, ProbeSettings] = {}
+        self._contexts: dict[str, ProbeContext] = {}
+        # TRANSITIONAL: clients probes open lazily (the SNMP pool), closed at stop.
+        self.resources: dict[str, Any] = {}
+
+    def connect(self, *, credentials: CredentialResolver, control: Control) -> None:
+        """The bridge's credential gate and control handle, for the contexts."""
+        self.credentials = credentials
+        self.control = control
+
+    def load_settings(self) -> None:
+        """Validate every registered probe's settings (the bridge's start, before the broker)."""
+        self._settings = validate_all_settings(self.config, self.registry)
+
+    def settings(self, topic: str) -> ProbeSettings:
+        return self._settings[topic]
+
+    async def open(self, stack: AsyncExitStack) -> None:
+        """Open every enabled probe's resource in ``stack``; then build the contexts."""
+        state_dir = self.config.bridge.state_dir
+        stack.push_async_callback(self._close_lazy_resources)
+        for topic, spec in self.enabled.items():
+            settings = self._settings[topic]
+            resource = None
+            if spec.resource is not None:
+                resource = await stack.enter_async_context(spec.resource(settings, state_dir))
+            self._contexts[topic] = ProbeContext(
+                agent=self.config.bridge.agent_id,
+                rate=self.rate,
+                per_host_limit=self.config.limits.per_host,
+                settings=settings,
+                credentials=self.credentials,
+                resource=resource,
+                control=self.control if spec.control else None,
+                state_dir=state_dir,
+                resources=self.resources,
+            )
+        stack.callback(self._contexts.clear)
+
+    def context(self, topic: str) -> ProbeContext:
+        return self._contexts[topic]
+
+    async def _close_lazy_resources(self) -> None:
+        """TRANSITIONAL: close what probes opened in ``ProbeContext.resources``."""
+        for name, resource in list(self.resources.items()):
+            try:
+                result = resource.aclose()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.warning("closing %s failed", name, exc_info=True)
+        self.resources.clear()
