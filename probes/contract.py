@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -75,8 +75,6 @@ class ProbeContext:
     resource: Any = None  # what the probe's ProbeSpec.resource opened (entered by the runtime)
     control: Control | None = None  # control probes only: what they may ask of the bridge
     state_dir: Path | None = None  # the bridge's state directory (owner-only), for probe stores
-    # Transitional: shared clients keyed by name, until every probe has its ProbeSpec.resource.
-    resources: dict[str, Any] = field(default_factory=dict)
 
 
 # Opens a probe's long-lived resource (a connection pool, a client session) from its

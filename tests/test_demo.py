@@ -84,6 +84,9 @@ def test_demo_discovers_the_sample_network_and_prints_the_cis(embedded: str) -> 
     out = done.stdout
     assert done.returncode == 0, (out[-3000:], done.stderr[-3000:])
     assert "Traceback" not in out + done.stderr
+    # Nothing on stderr: no Python warning (asyncssh's DSA one included), and no
+    # insecure-default warning about the demo's own private, anonymous broker.
+    assert done.stderr == "", done.stderr[-3000:]
     assert elapsed < 60, f"the demo took {elapsed:.1f} s"
     assert f"broker: {embedded} on 127.0.0.1:" in out
     assert "agent: validated: the bridge confirmed fingerprint" in out

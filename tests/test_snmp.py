@@ -29,15 +29,14 @@ from bridge.wire.errors import BadParameter, BridgeError, Refused
 from bridge.wire.records import OutputRecord
 from probes import REGISTRY
 from probes.contract import Job, ProbeContext
-from probes.kit.ratelimit import RateLimiter
 from probes.shazzam.snmp_tap import snmp_tap, snmp_tap_credentials
 from probes.snmp import probe as snmp
 from probes.snmp import values as sv
 from probes.snmp.params import SnmpParams, build_params
-from probes.snmp.pool import RESOURCE, SnmpPool
-from probes.snmp.settings import TOPIC
+from probes.snmp.pool import SnmpPool
+from probes.snmp.settings import TOPIC, SnmpSettings
 from tests.brokers import BrokerAddress
-from tests.harness import bridge_and_client, make_config
+from tests.harness import bridge_and_client, make_config, probe_context, probe_settings
 from tests.snmpd import (
     BIG,
     BIG_ROWS,
@@ -88,22 +87,32 @@ def v3(
 
 
 class Runner:
-    """Runs SNMP jobs the way the bridge does (build_params, then run), sharing one pool."""
+    """Runs SNMP jobs the way the bridge does (build_params, then run), sharing one pool.
 
-    def __init__(self, agent: Snmpd, entries: list[tuple[Credential, int]], **settings: Any):
+    Made by :meth:`open`: the settings validated and the pool opened (``SPEC.resource``) as
+    the runtime does (``tests.harness.probe_context``); :meth:`aclose` closes the pool.
+    """
+
+    def __init__(self, agent: Snmpd, ctx: ProbeContext, stack: contextlib.AsyncExitStack) -> None:
         self.agent = agent
-        self.settings = settings
-        self.ctx = ProbeContext(
-            agent="t",
-            rate=RateLimiter(0),
-            per_host_limit=8,
-            settings=settings,
-            credentials=LocalCredentials(entries),
+        self.ctx = ctx
+        assert isinstance(ctx.settings, SnmpSettings)
+        self.settings = ctx.settings
+        self._stack = stack
+
+    @classmethod
+    async def open(
+        cls, agent: Snmpd, entries: list[tuple[Credential, int]], **settings: Any
+    ) -> Runner:
+        stack = contextlib.AsyncExitStack()
+        ctx = await stack.enter_async_context(
+            probe_context(snmp.SPEC, settings, credentials=LocalCredentials(entries))
         )
+        return cls(agent, ctx, stack)
 
     @property
     def pool(self) -> SnmpPool:
-        pool = self.ctx.resources[RESOURCE]
+        pool = self.ctx.resource
         assert isinstance(pool, SnmpPool)
         return pool
 
@@ -132,15 +141,13 @@ class Runner:
         return caught.value
 
     async def aclose(self) -> None:
-        pool = self.ctx.resources.get(RESOURCE)
-        if pool is not None:
-            await pool.aclose()
+        await self._stack.aclose()
 
 
 @pytest.fixture
 async def lab(agent: Snmpd) -> AsyncGenerator[Runner, None]:
     """A runner with every credential of the agent: ``v2``, ``sysonly`` and each v3 user."""
-    runner = Runner(
+    runner = await Runner.open(
         agent,
         [community("v2"), community("sysonly", SYSONLY_COMMUNITY), *(v3(u) for u in USERS)],
     )
@@ -376,7 +383,7 @@ async def test_v3_security_levels(lab: Runner, user: V3User) -> None:
 
 
 async def test_wrong_community_is_a_timeout(agent: Snmpd) -> None:
-    runner = Runner(agent, [community("wrong", "not-the-community")])
+    runner = await Runner.open(agent, [community("wrong", "not-the-community")])
     started = time.monotonic()
     error = await runner.fails({"timeout": 0.2, "retries": 1})
     elapsed = time.monotonic() - started
@@ -388,7 +395,7 @@ async def test_wrong_community_is_a_timeout(agent: Snmpd) -> None:
 
 
 async def test_closed_port_is_connection_refused(agent: Snmpd) -> None:
-    runner = Runner(agent, [community("v2")])
+    runner = await Runner.open(agent, [community("v2")])
     started = time.monotonic()
     error = await runner.fails({"port": free_udp_port(), "timeout": 2.0})
     await runner.aclose()
@@ -408,7 +415,7 @@ async def test_closed_port_is_connection_refused(agent: Snmpd) -> None:
 async def test_wrong_v3_secrets_are_auth_failures(
     agent: Snmpd, override: dict[str, str], words: str
 ) -> None:
-    runner = Runner(agent, [v3(USERS[0], "bad", override=override)])
+    runner = await Runner.open(agent, [v3(USERS[0], "bad", override=override)])
     error = await runner.fails({"timeout": 0.3, "retries": 0})
     await runner.aclose()
     assert error.kind == "auth_failed"
@@ -418,7 +425,7 @@ async def test_wrong_v3_secrets_are_auth_failures(
 
 
 async def test_v3_context_names_are_refused(agent: Snmpd) -> None:
-    runner = Runner(agent, [v3(USERS[0], "ctx", override={"context": "vlan-12"})])
+    runner = await Runner.open(agent, [v3(USERS[0], "ctx", override={"context": "vlan-12"})])
     error = await runner.fails({})
     await runner.aclose()
     assert error.kind == "credential_error"
@@ -428,7 +435,7 @@ async def test_v3_context_names_are_refused(agent: Snmpd) -> None:
 async def test_credentials_are_tried_in_order_and_the_working_one_remembered(
     agent: Snmpd,
 ) -> None:
-    runner = Runner(
+    runner = await Runner.open(
         agent,
         [community("stale", "old-community", order=1), v3(USERS[1], "v3-md5", order=2)],
     )
@@ -452,7 +459,7 @@ async def test_credentials_are_tried_in_order_and_the_working_one_remembered(
 
 
 async def test_v3_sessions_are_pooled_per_target(agent: Snmpd) -> None:
-    runner = Runner(agent, [v3(USERS[0])], sessions_per_target=2)
+    runner = await Runner.open(agent, [v3(USERS[0])], sessions_per_target=2)
     try:
         for _ in range(5):
             chunks = await runner.run({"oid_spec_list": "get sysName.0"})
@@ -494,7 +501,7 @@ async def test_v3_sessions_are_pooled_per_target(agent: Snmpd) -> None:
 def test_bad_parameters_name_the_field(payload: dict[str, Any], field: str, words: str) -> None:
     record = OutputRecord(sys_id="s", topic=TOPIC, source="127.0.0.1", payload=payload)
     with pytest.raises(BadParameter) as caught:
-        build_params(record, {})
+        build_params(record, probe_settings(snmp.SPEC))
     assert caught.value.field == field
     assert words in caught.value.message
 
@@ -511,7 +518,7 @@ def test_parameters_are_canonical() -> None:
             "Table ifEntry ifDescr,3,ifDescr; walk system\n",
         },
     )
-    params = build_params(record, {"timeout": 0.5})
+    params = build_params(record, probe_settings(snmp.SPEC, {"timeout": 0.5}))
     assert params.host == "10.0.0.7"
     assert params.port == 1161
     assert params.version == "2c"
@@ -521,18 +528,23 @@ def test_parameters_are_canonical() -> None:
         "table 1.3.6.1.2.1.2.2 2,3",
         "walk 1.3.6.1.2.1.1",
     )
-    assert build_params(OutputRecord(sys_id="s", topic="SNMP", source="h"), {}).oid_spec_list == (
-        "walk 1.3.6.1.2.1.1",
-    )
+    assert build_params(
+        OutputRecord(sys_id="s", topic="SNMP", source="h"), probe_settings(snmp.SPEC)
+    ).oid_spec_list == ("walk 1.3.6.1.2.1.1",)
     over = OutputRecord(sys_id="s", topic="SNMP", source="h", payload={"max_varbinds": 50})
     with pytest.raises(Refused):
-        build_params(over, {"max_varbinds": 10})
+        build_params(over, probe_settings(snmp.SPEC, {"max_varbinds": 10}))
 
 
 def test_registered() -> None:
     assert REGISTRY[TOPIC] is snmp.SPEC
     assert snmp.SPEC.needs_credentials
-    assert snmp.SPEC.target_host(build_params(OutputRecord("s", "SNMP", source="h"), {})) == "h"
+    assert (
+        snmp.SPEC.target_host(
+            build_params(OutputRecord("s", "SNMP", source="h"), probe_settings(snmp.SPEC))
+        )
+        == "h"
+    )
 
 
 def test_value_typing() -> None:

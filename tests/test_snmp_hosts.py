@@ -39,11 +39,11 @@ from bridge.wire.records import OutputRecord
 from probes.snmp import probe as snmp
 from probes.snmp.credentials import fingerprint
 from probes.snmp.params import build_params
-from probes.snmp.pool import RESOURCE, SnmpPool
+from probes.snmp.pool import SnmpPool
 from probes.snmp.reader import Reader
 from probes.snmp.settings import TOPIC
 from tests.brokers import BrokerAddress
-from tests.harness import bridge_and_client, make_config
+from tests.harness import bridge_and_client, make_config, probe_settings
 from tests.snmpd import BIG, COMMUNITY, LAB, USERS, Snmpd, SnmpdUnavailable, V3User, bulkwalk_oids
 from tests.test_snmp import Runner, community, v3
 
@@ -144,14 +144,16 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab.close()
 
 
-def make_runner(lab: Lab, **settings: Any) -> Runner:
+async def make_runner(lab: Lab, **settings: Any) -> Runner:
     """Credentials ``v2`` (the lab community, v2c) and ``sha-aes`` (v3 authPriv)."""
-    return Runner(lab.agents[A], [community("v2", order=10), v3(USERS[0], order=20)], **settings)
+    return await Runner.open(
+        lab.agents[A], [community("v2", order=10), v3(USERS[0], order=20)], **settings
+    )
 
 
 @pytest.fixture
 async def runner(agents: Lab) -> AsyncGenerator[Runner, None]:
-    runner = make_runner(agents)
+    runner = await make_runner(agents)
     yield runner
     await runner.aclose()
 
@@ -208,10 +210,9 @@ async def sampling(runner: Runner) -> AsyncIterator[Samples]:
 
     async def sample() -> None:
         while True:
-            pool = runner.ctx.resources.get(RESOURCE)
-            if isinstance(pool, SnmpPool):
-                samples.free.append(pool.budget._value)
-                samples.leased.append(sum(g.leased for g in pool._groups.values()))
+            pool = runner.pool
+            samples.free.append(pool.budget._value)
+            samples.leased.append(sum(g.leased for g in pool._groups.values()))
             await asyncio.sleep(0.002)
 
     task = asyncio.create_task(sample())
@@ -524,7 +525,7 @@ async def test_a_session_given_up_leaves_no_reader(agents: Lab, runner: Runner) 
 async def test_an_agent_listed_many_times_with_one_session_answers_each_time(
     agents: Lab, credential_id: str
 ) -> None:
-    runner = make_runner(agents, sessions_per_target=1)
+    runner = await make_runner(agents, sessions_per_target=1)
     hosts = [A] * 6 + [B] * 2
     try:
         for _ in range(2):
@@ -585,7 +586,7 @@ async def test_the_summary_counts_the_tries_of_silent_agents(runner: Runner, spe
 
 @pytest.mark.parametrize("spec", [f"get {SYS_NAME}", "getnext sysName"], ids=["gets", "general"])
 async def test_a_lost_request_is_sent_again_and_answered(agents: Lab, spec: str) -> None:
-    runner = make_runner(agents)
+    runner = await make_runner(agents)
     try:
         async with drop_first(agents) as relay:
             started = time.monotonic()
@@ -613,7 +614,7 @@ async def test_a_lost_request_is_sent_again_and_answered(agents: Lab, spec: str)
         assert chunks[-1]["summary"]["requests"] == 2
         # without retries, the same loss is the agent's error
         async with drop_first(agents):
-            fresh = make_runner(agents)
+            fresh = await make_runner(agents)
             try:
                 chunks = await fresh.run(
                     {
@@ -726,7 +727,7 @@ async def test_v3_gets_discover_through_the_fallback_then_reuse_sessions(runner:
 
 @pytest.mark.parametrize("spec", [f"get {SYS_NAME}", "getnext sysName"], ids=["gets", "general"])
 async def test_concurrency_bounds_the_agents_in_flight(agents: Lab, spec: str) -> None:
-    runner = make_runner(agents, max_in_flight=10)
+    runner = await make_runner(agents, max_in_flight=10)
     try:
         started = time.monotonic()
         async with sampling(runner) as samples:
@@ -752,7 +753,7 @@ async def test_concurrency_bounds_the_agents_in_flight(agents: Lab, spec: str) -
 
 
 async def test_a_budget_of_one_serves_jobs_one_agent_at_a_time(agents: Lab) -> None:
-    runner = make_runner(agents, max_in_flight=1)
+    runner = await make_runner(agents, max_in_flight=1)
     hosts = [A, B, HOLES[0], C, B]  # a silent one keeps each job going for 50 ms at least
     try:
         gets = {
@@ -795,7 +796,7 @@ async def test_a_budget_of_one_serves_jobs_one_agent_at_a_time(agents: Lab) -> N
 async def test_closing_the_job_midway_gives_everything_back(
     agents: Lab, credential_id: str, spec: str
 ) -> None:
-    runner = make_runner(agents, max_in_flight=20)
+    runner = await make_runner(agents, max_in_flight=20)
     loop = asyncio.get_running_loop()
     try:
         hosts = [A, HOLES[0], HOLES[1], "localhost", B, HOLES[2]]
@@ -852,7 +853,7 @@ def test_bad_hosts_name_the_field(
 ) -> None:
     record = OutputRecord(sys_id="s", topic=TOPIC, source="127.0.0.1", payload=payload)
     with pytest.raises(error) as caught:
-        build_params(record, settings)
+        build_params(record, probe_settings(snmp.SPEC, settings))
     assert type(caught.value) is error
     assert caught.value.field == "hosts"
     assert words in caught.value.message
@@ -865,7 +866,7 @@ def test_hosts_parameters_are_canonical() -> None:
         source="10.0.0.7",
         payload={"hosts": " 10.0.0.1, [::1] edge-3.example ,10.0.0.1", "chunk_agents": 50},
     )
-    params = build_params(record, {"concurrency": 7, "max_hosts": 4})
+    params = build_params(record, probe_settings(snmp.SPEC, {"concurrency": 7, "max_hosts": 4}))
     assert params.hosts == ("10.0.0.1", "::1", "edge-3.example", "10.0.0.1")
     assert params.host is None  # the record's source is not an agent of a hosts job
     assert (params.concurrency, params.chunk_agents) == (7, 50)

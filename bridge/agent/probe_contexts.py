@@ -10,8 +10,6 @@ closes when the bridge stops, after the last job ended.
 
 from __future__ import annotations
 
-import inspect
-import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
@@ -27,8 +25,6 @@ from probes.contract import (
     parse_settings,
 )
 from probes.kit.ratelimit import RateLimiter
-
-log = logging.getLogger("midbridge.bridge")
 
 SHAZZAM = "Shazzam"  # its settings are the typed [probes.shazzam] section
 
@@ -93,8 +89,6 @@ class ProbeContexts:
         self.control: Control | None = None
         self._settings: dict[str, ProbeSettings] = {}
         self._contexts: dict[str, ProbeContext] = {}
-        # TRANSITIONAL: clients probes open lazily (the SNMP pool), closed at stop.
-        self.resources: dict[str, Any] = {}
 
     def connect(self, *, credentials: CredentialResolver, control: Control) -> None:
         """The bridge's credential gate and control handle, for the contexts."""
@@ -111,7 +105,6 @@ class ProbeContexts:
     async def open(self, stack: AsyncExitStack) -> None:
         """Open every enabled probe's resource in ``stack``; then build the contexts."""
         state_dir = self.config.bridge.state_dir
-        stack.push_async_callback(self._close_lazy_resources)
         for topic, spec in self.enabled.items():
             settings = self._settings[topic]
             resource = None
@@ -126,20 +119,8 @@ class ProbeContexts:
                 resource=resource,
                 control=self.control if spec.control else None,
                 state_dir=state_dir,
-                resources=self.resources,
             )
         stack.callback(self._contexts.clear)
 
     def context(self, topic: str) -> ProbeContext:
         return self._contexts[topic]
-
-    async def _close_lazy_resources(self) -> None:
-        """TRANSITIONAL: close what probes opened in ``ProbeContext.resources``."""
-        for name, resource in list(self.resources.items()):
-            try:
-                result = resource.aclose()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.warning("closing %s failed", name, exc_info=True)
-        self.resources.clear()

@@ -20,6 +20,7 @@ from bridge.wire.records import (
     InputRecord,
     OutputRecord,
     Rejected,
+    answer,
     error_input,
     error_payload,
     new_sys_id,
@@ -57,17 +58,12 @@ def chunk_record(
     run: str,
     probe_time_ms: float | None = None,
 ) -> InputRecord:
-    return InputRecord(
-        response_to=record.sys_id,
-        topic=record.topic,
-        agent=record.agent or agent,
-        name=record.name,
-        source=record.source,
-        agent_correlator=record.agent_correlator,
-        priority=record.priority,
+    return answer(
+        record,
+        agent=agent,
+        payload=payload,
         sequence=sequence,
         complete=complete,
-        payload=payload,
         probe_time_ms=probe_time_ms,
         run=run,
     )

@@ -31,12 +31,13 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
+import logging
 import os
 import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ from bridge.demo.targets import (
 )
 from bridge.signals import StopSignals
 from bridge.wire.broker import BrokerConfig
+from bridge.wire.errors import INSECURE_DEFAULT
 
 ADMIN_PASSWORD_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
 DEMO_AGENT = "demo"
@@ -503,6 +505,25 @@ async def _wait_for_signal() -> None:
         await stop.wait()
 
 
+class _DropInsecureDefault(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, INSECURE_DEFAULT, False)
+
+
+@contextlib.contextmanager
+def _without_insecure_default_warnings() -> Iterator[None]:
+    """Leave out the warnings about an anonymous broker while the demo runs its own."""
+    handlers = logging.getLogger().handlers
+    drop = _DropInsecureDefault()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
 async def run_demo(
     *,
     broker: tuple[str, int] | None = None,
@@ -521,7 +542,10 @@ async def run_demo(
             )
             console.print(
                 f"broker: {address.kind} on {address.host}:{address.port} (MQTT {address.protocol})"
+                + ("" if broker else ", private to this run (anonymous, on loopback)")
             )
+            if broker is None:  # our own broker: its anonymous login is no news to anyone
+                stack.enter_context(_without_insecure_default_warnings())
             code = await _demo(stack, console, address, hosts, keep, started)
     except DemoError as exc:
         return fail("demo", exc)

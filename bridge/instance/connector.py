@@ -64,7 +64,7 @@ from bridge.instance.platform_credentials import (
 from bridge.instance.query import escape
 from bridge.instance.store import Change, Record, Store
 from bridge.wire.broker import BrokerConfig
-from bridge.wire.errors import BadRecord, BridgeError
+from bridge.wire.errors import INSECURE_DEFAULT, BadRecord, BridgeError
 from bridge.wire.inflight import InFlight
 from bridge.wire.outputs import (
     EXPRESS_TOPICS,
@@ -321,6 +321,7 @@ class Connector:
                 "and the agents per-agent ACLs (docs/security.md)",
                 cfg.host,
                 cfg.port,
+                extra={INSECURE_DEFAULT: True},
             )
 
     async def __aexit__(self, *exc: object) -> None:

@@ -102,3 +102,9 @@ class Unreachable(BridgeError):
     """No route, host unreachable, or the name does not resolve."""
 
     kind = "unreachable"
+
+
+# The ``extra`` key of a log record that warns about an insecure default (an anonymous
+# broker, unsigned jobs): a program that made that choice on purpose, such as the demo on
+# its own private broker, may filter exactly those records.
+INSECURE_DEFAULT = "insecure_default"

@@ -327,15 +327,19 @@ def error_payload(error: BridgeError) -> dict[str, Any]:
     return {"error": body}
 
 
-def error_input(
+def answer(
     origin: OutputRecord | Rejected,
-    error: BridgeError,
     *,
     agent: str,
+    payload: dict[str, Any],
     sequence: int = 0,
+    complete: bool = True,
+    error_string: str = "",
     probe_time_ms: float | None = None,
+    run: str = "",
 ) -> InputRecord:
-    """The one complete input record that answers a job with an error."""
+    """An input record answering ``origin``: its identifying fields copied (``agent`` when
+    it names none), in run ``run`` (a new one when empty)."""
     return InputRecord(
         response_to=origin.sys_id or "",
         topic=origin.topic,
@@ -345,15 +349,28 @@ def error_input(
         agent_correlator=origin.agent_correlator,
         priority=origin.priority,
         sequence=sequence,
-        complete=True,
-        payload=error_payload(error),
-        error_string=f"{error.kind}: {error}",
+        complete=complete,
+        payload=payload,
+        error_string=error_string,
         probe_time_ms=probe_time_ms,
+        run=run or new_sys_id(),
     )
 
 
-def encode_batch(records: list[dict[str, Any]]) -> bytes:
-    """One MQTT message: a single record as an object, several as an array."""
-    if len(records) == 1:
-        return orjson.dumps(records[0])
-    return orjson.dumps(records)
+def error_input(
+    origin: OutputRecord | Rejected,
+    error: BridgeError,
+    *,
+    agent: str,
+    sequence: int = 0,
+    probe_time_ms: float | None = None,
+) -> InputRecord:
+    """The one complete input record that answers a job with an error."""
+    return answer(
+        origin,
+        agent=agent,
+        payload=error_payload(error),
+        sequence=sequence,
+        error_string=f"{error.kind}: {error}",
+        probe_time_ms=probe_time_ms,
+    )

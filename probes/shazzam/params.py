@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -12,7 +12,7 @@ from bridge.wire.errors import BadParameter, Refused
 from bridge.wire.records import OutputRecord
 from bridge.wire.targets import TargetSet, parse_ports, parse_targets
 from probes.contract import ProbeParams, parse_params
-from probes.shazzam.settings import ShazzamSettings, shazzam_settings
+from probes.shazzam.settings import ShazzamSettings
 
 TOPIC = "Shazzam"
 
@@ -92,14 +92,11 @@ class ShazzamParams(ProbeParams):
         return parse_targets(list(self.targets))
 
 
-def build_params(
-    record: OutputRecord, settings: ShazzamSettings | Mapping[str, Any]
-) -> ShazzamParams:
+def build_params(record: OutputRecord, cfg: ShazzamSettings) -> ShazzamParams:
     """Parameters from the payload (targets default to the record's ``source``).
 
     Raises ``BadParameter`` naming the field, or ``Refused`` for a sweep over the limits.
     """
-    cfg = shazzam_settings(settings)  # Transitional: the runtime passes the instance soon
     data = {k: v for k, v in record.payload.items() if v is not None}
     if "targets" not in data:
         if not record.source.strip():

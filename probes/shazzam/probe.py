@@ -26,7 +26,7 @@ from probes.contract import Job, ProbeContext, ProbeSpec
 from probes.shazzam.engine import HostResult, Sweep, SweepError, SweepOptions, iter_hosts
 from probes.shazzam.params import TOPIC, ShazzamParams, build_params
 from probes.shazzam.services import service_name
-from probes.shazzam.settings import ShazzamSettings, shazzam_settings
+from probes.shazzam.settings import ShazzamSettings
 from probes.shazzam.snmp_scan import FD_RESERVE, SnmpJoin, snmp_credentials, snmp_in_flight
 
 # Engines beyond the first are worker processes (threads would share the GIL), each worth
@@ -62,7 +62,12 @@ async def _tcp_only(sweep: Sweep) -> AsyncGenerator[list[HostResult], None]:
 
 async def run(job: Job[ShazzamParams], ctx: ProbeContext) -> AsyncIterator[dict[str, Any]]:
     params = job.params
-    cfg = shazzam_settings(ctx.settings)  # Transitional: the runtime passes the instance soon
+    cfg = ctx.settings
+    if not isinstance(cfg, ShazzamSettings):
+        raise TypeError(
+            f"the Shazzam probe's settings are {type(cfg).__name__}, not the ShazzamSettings "
+            "the runtime validates from [probes.shazzam]"
+        )
     targets = params.target_set()
     total = targets.count
     chunk = params.chunk_hosts

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -14,7 +13,7 @@ from pydantic_core import PydanticCustomError
 from bridge.wire.errors import BadParameter, Refused
 from bridge.wire.records import OutputRecord
 from probes.contract import ProbeParams, parse_params
-from probes.snmp.settings import TOPIC, SnmpSettings, snmp_settings
+from probes.snmp.settings import TOPIC, SnmpSettings
 from probes.snmp.spec import DEFAULT_SPEC, OidSpec, parse_spec_list
 from probes.snmp.versions import Version, normalize_version
 
@@ -133,9 +132,11 @@ def ip_literal(text: str) -> str | None:
         return None
 
 
-def build_params(record: OutputRecord, settings: SnmpSettings | Mapping[str, Any]) -> SnmpParams:
-    """Parameters from the payload; ``host`` defaults to the record's ``source``."""
-    cfg = snmp_settings(settings)  # Transitional: the runtime passes the instance soon
+def build_params(record: OutputRecord, cfg: SnmpSettings) -> SnmpParams:
+    """Parameters from the payload; ``host`` defaults to the record's ``source``.
+
+    ``cfg``: the probe's settings, validated by the runtime at start.
+    """
     data = {k: v for k, v in record.payload.items() if v is not None}
     if "hosts" in data:
         if "host" in data:

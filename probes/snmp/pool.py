@@ -19,10 +19,9 @@ from probes.snmp.client import Policy, SnmpClient
 from probes.snmp.credentials import fingerprint, v3_user
 from probes.snmp.errors import sound
 from probes.snmp.reader import Reader, RequestDeadlines
-from probes.snmp.settings import SnmpSettings, snmp_settings
+from probes.snmp.settings import SnmpSettings
 from probes.snmp.versions import GUFO_VERSION, SESSION_TIMEOUT, Version
 
-RESOURCE = "snmp"  # Transitional: the pool's key in ctx.resources (see pool_of)
 _V3_REFRESH_AFTER = 100.0  # s idle before a pooled v3 session re-syncs engine time (window 150 s)
 _SWEEP_EVERY = 30.0  # s between sweeps of idle sessions
 
@@ -392,15 +391,11 @@ def open_pool(settings: SnmpSettings, _state_dir: Path | None) -> contextlib.acl
 
 
 def pool_of(ctx: ProbeContext) -> SnmpPool:
-    """The pool the runtime opened with :func:`open_pool` (``ctx.resource``).
-
-    Transitional: until the runtime enters ``ProbeSpec.resource``, a pool made on first
-    use and kept in the shared ``ctx.resources`` (which the bridge closes at stop).
-    """
+    """The pool the runtime opened with :func:`open_pool` (``ctx.resource``)."""
     pool = ctx.resource
-    if isinstance(pool, SnmpPool):
-        return pool
-    pool = ctx.resources.get(RESOURCE)
     if not isinstance(pool, SnmpPool):
-        pool = ctx.resources[RESOURCE] = new_pool(snmp_settings(ctx.settings))
+        raise TypeError(
+            f"the SNMP probe's ctx.resource is {type(pool).__name__}, not the SnmpPool "
+            "its ProbeSpec.resource (open_pool) opens: was the resource entered?"
+        )
     return pool

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
 
-from probes.contract import ProbeSettings, parse_settings
+from probes.contract import ProbeSettings
 
 TOPIC = "SNMP"
 
@@ -26,31 +23,3 @@ class SnmpSettings(ProbeSettings):
     concurrency: int = Field(100, ge=1, le=10_000)  # default agents at once in a hosts job
     max_hosts: int = Field(10_000, ge=1, le=1_000_000)  # agents one job may name
     max_in_flight: int = Field(256, ge=1, le=65_536)  # agents queried at once, all hosts jobs
-
-
-def snmp_settings(settings: SnmpSettings | Mapping[str, Any]) -> SnmpSettings:
-    """The probe's settings as the model.
-
-    Transitional: the runtime still hands probes the raw ``[probes.settings.SNMP]`` table;
-    once it validates ``ProbeSpec.settings`` at start and passes the instance, the table
-    branch (and its cache) goes and callers use the instance as it is.
-    """
-    if isinstance(settings, SnmpSettings):
-        return settings
-    try:
-        key = tuple(sorted(settings.items()))
-        cached = _VALIDATED.get(key)
-    except TypeError:  # an unhashable value: validation will name it
-        key, cached = None, None
-    if cached is not None:
-        return cached
-    model = parse_settings(SnmpSettings, settings, TOPIC)
-    if key is not None:
-        if len(_VALIDATED) > 64:
-            _VALIDATED.clear()
-        _VALIDATED[key] = model
-    return model
-
-
-# Transitional (see snmp_settings): validated tables, so jobs do not validate each time.
-_VALIDATED: dict[tuple[tuple[str, Any], ...], SnmpSettings] = {}
