@@ -224,8 +224,8 @@ def test_run_refuses_a_bad_probe_setting_before_the_broker(
 
 def test_run_refuses_settings_for_an_unknown_probe(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text("[broker]\nport = 1\n\n[probes.settings.RESTprobe]\ntimeout = 3\n")
+    config.write_text("[broker]\nport = 1\n\n[probes.settings.RESTProbes]\ntimeout = 3\n")
     env = {"MIDBRIDGE_BRIDGE__STATE_DIR": str(tmp_path / "state")}
     done = midbridge("run", "--config", str(config), env=env, timeout=30)
     assert done.returncode == 2
-    assert "probes.settings.RESTprobe: no probe has this topic" in done.stderr
+    assert "probes.settings.RESTProbes: no probe has this topic" in done.stderr

@@ -119,3 +119,20 @@ def test_signatures_need_a_dedupe_window_longer_than_twice_the_clock_skew(
     assert "limits.dedupe_window" in str(info.value)
     config = load_config(write(tmp_path, text.replace("= 120", "= 121")), environ={})
     assert config.signature_max_age == 1.0
+
+
+def test_probe_settings_from_the_environment_reach_the_probe(tmp_path: Path) -> None:
+    """Environment variables arrive lower cased (``snmp``); they still set the SNMP probe's
+    settings, over the file's table spelt as the topic."""
+    from bridge.agent.probe_contexts import validate_all_settings
+    from probes import REGISTRY
+
+    path = tmp_path / "midbridge.toml"
+    path.write_text("[probes.settings.SNMP]\nmax_in_flight = 50\nretries = 3\n")
+    environ = {"MIDBRIDGE_PROBES__SETTINGS__SNMP__MAX_IN_FLIGHT": "100"}
+    settings = validate_all_settings(load_config(path, environ=environ), REGISTRY)
+    assert settings["SNMP"].max_in_flight == 100  # type: ignore[attr-defined]
+    assert settings["SNMP"].retries == 3  # type: ignore[attr-defined]
+    environ = {"MIDBRIDGE_PROBES__SETTINGS__RESTPROBE__MAX_IN_FLIGHT": "7"}
+    settings = validate_all_settings(load_config(None, environ=environ), REGISTRY)
+    assert settings["RESTProbe"].max_in_flight == 7  # type: ignore[attr-defined]

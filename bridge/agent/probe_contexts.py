@@ -29,11 +29,24 @@ from probes.kit.ratelimit import RateLimiter
 SHAZZAM = "Shazzam"  # its settings are the typed [probes.shazzam] section
 
 
-def settings_table(config: Config, topic: str) -> dict[str, Any]:
-    """The raw settings of ``topic`` from the configuration."""
-    if topic == SHAZZAM:
-        return config.probes.shazzam.model_dump()
-    return dict(config.probes.settings.get(topic, {}))
+def settings_tables(config: Config, registry: Mapping[str, ProbeSpec]) -> dict[str, dict[str, Any]]:
+    """The raw settings of every probe, by its registered topic.
+
+    Topics match ``[probes.settings.<topic>]`` without regard to case: environment
+    variables (``MIDBRIDGE_PROBES__SETTINGS__SNMP__MAX_IN_FLIGHT``) reach the config lower
+    cased. A table spelt as the topic is read first and another spelling (the environment's)
+    overrides its keys. A table no probe answers to is a ``ConfigError`` naming it.
+    """
+    by_lower = {topic.lower(): topic for topic in registry}
+    tables: dict[str, dict[str, Any]] = {SHAZZAM: config.probes.shazzam.model_dump()}
+    spelt_as_topic_first = sorted(config.probes.settings, key=lambda name: name not in registry)
+    for name in spelt_as_topic_first:
+        topic = by_lower.get(name.lower())
+        if topic is None or topic == SHAZZAM:
+            where = " (its settings are [probes.shazzam])" if topic == SHAZZAM else ""
+            raise ConfigError(f"no probe has this topic{where}", field=f"probes.settings.{name}")
+        tables.setdefault(topic, {}).update(config.probes.settings[name])
+    return tables
 
 
 def validate_settings(
@@ -57,14 +70,11 @@ def validate_all_settings(
     config: Config, registry: Mapping[str, ProbeSpec]
 ) -> dict[str, ProbeSettings]:
     """Every registered probe's settings, keyed by topic (an unknown topic is refused)."""
-    for topic in config.probes.settings:
-        if topic not in registry or topic == SHAZZAM:
-            where = " (its settings are [probes.shazzam])" if topic == SHAZZAM else ""
-            raise ConfigError(f"no probe has this topic{where}", field=f"probes.settings.{topic}")
+    tables = settings_tables(config, registry)
     per_host = config.limits.per_host
     return {
         topic: validate_settings(
-            spec.settings, settings_table(config, topic), topic, per_host_limit=per_host
+            spec.settings, tables.get(topic, {}), topic, per_host_limit=per_host
         )
         for topic, spec in registry.items()
     }
