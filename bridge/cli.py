@@ -18,7 +18,7 @@ from bridge.cli_errors import CommandError, fail
 from bridge.signals import StopSignals
 from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
-from bridge.wire.errors import BridgeError
+from bridge.wire.errors import BridgeError, ConfigError
 
 log = logging.getLogger("midbridge")
 
@@ -212,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(args.name, as_json=args.json, broker=args.broker, rounds=args.rounds)
     except CommandError as exc:
         return fail(args.command, exc)
+    except ConfigError as exc:  # found while starting (probe settings): as a config file's
+        return fail(args.command, f"configuration error: {exc}")
     except BridgeError as exc:
         return fail(args.command, f"{exc.kind}: {exc}")
     except KeyboardInterrupt:

@@ -217,3 +217,42 @@ async def test_an_authenticated_signed_bridge_starts_without_those_warnings(
         pass
     assert _warnings_naming(caplog, "broker.username") == []
     assert _warnings_naming(caplog, "security.require_signatures") == []
+
+
+# --- found by the independent review: records nested too deep to sign ----------------------
+
+
+async def test_records_nested_too_deep_to_check_are_answered_not_left_unacknowledged(
+    broker: BrokerAddress, unique_agent: str, tmp_path: Path
+) -> None:
+    """Whoever may publish on the agent's interactive topic sends records nested 300 deep
+    with a signature field: readable JSON (orjson reads 1,024 levels) that cannot be put in
+    canonical form (it writes about 254). The check raised, the message stayed
+    unacknowledged and held a slot of the receive window for good: with the window full,
+    no signed job on that lane ran any more. Each is now refused with an error record."""
+    private, public_b64 = platform_keys()
+    agent = f"mid.server.{unique_agent}"
+    config = make_config(
+        broker.host, broker.port, unique_agent, tmp_path,
+        limits={"express_in_flight": 4},
+        security={"require_signatures": True, "platform_key": public_b64},
+    )  # fmt: skip
+    deep = b"[" * 300 + b"0" + b"]" * 300
+    async with bridge_and_client(config) as (_bridge, client):
+        poison = []
+        for _ in range(8):
+            record = output_record("Echo", agent=agent, priority=0)
+            head = orjson.dumps({**record, "signature": "AAAA"})[:-1]
+            poison.append((record["sys_id"], head + b',"payload":{"deep":' + deep + b"}}"))
+        client.expect(sys_id for sys_id, _ in poison)
+        for _, body in poison:
+            await client.send_raw(body, express=True)
+        real = sign_record(private, output_record("Echo", agent=agent, priority=0,
+                                                  payload={"message": "still served"}))  # fmt: skip
+        await client.send([real], express=True)
+        (result,) = await client.wait([real["sys_id"]], timeout=TIMEOUT)
+        assert result.final["payload"]["message"] == "still served"
+        for sys_id, _ in poison:
+            answer = client.results[sys_id]
+            await until(lambda answer=answer: answer.done, "the poison record's refusal")  # type: ignore[misc]
+            assert answer.final["error_string"].startswith("bad_record: signature:")

@@ -229,9 +229,9 @@ def nested(depth: int) -> bytes:
     return b"[" * depth + b'"deep"' + b"]" * depth
 
 
-def deep_input(depth: int) -> bytes:
+def deep_input(depth: int, response_to: str) -> bytes:
     head = orjson.dumps({"sys_id": uuid.uuid4().hex, "topic": "Echo", "queue": "input",
-                         "sequence": 0, "complete": True})  # fmt: skip
+                         "sequence": 0, "complete": True, "response_to": response_to})  # fmt: skip
     return head[:-1] + b',"payload":' + nested(depth) + b"}"
 
 
@@ -387,8 +387,6 @@ async def test_a_flood_of_unstorable_inputs_does_not_stall_another_agent(
     connector's receive window fills with messages it never acknowledges and every other
     agent's answers wait behind them, again after a restart."""
     evil = "evil-" + uuid.uuid4().hex[:8]
-    deep = [deep_input(300) for _ in range(1000)]
-    assert orjson.loads(deep[0])["sequence"] == 0  # readable
     garbage = [b"not json", b"[1, 2]", orjson.dumps({"status": ["Up"]}), b"{" * 2000,
                orjson.dumps({"status": "Up", "pad": "x" * 300_000}),
                nested(500)]  # fmt: skip
@@ -397,6 +395,13 @@ async def test_a_flood_of_unstorable_inputs_does_not_stall_another_agent(
         raider = await stack.enter_async_context(hostile(private_broker))
         config = bridge_config(private_broker, plat, unique_agent, tmp_path / "bridge")
         config.security.require_validation = False
+        # Answers to an output the evil agent really was sent: they pass every check and
+        # fail only when stored (the payload is deeper than JSON text may be written).
+        sent = await plat.inst.store.insert("ecc_queue", {
+            "agent": f"mid.server.{evil}", "queue": "output", "topic": "Echo",
+            "state": "processing"})  # fmt: skip
+        deep = [deep_input(300, sent["sys_id"]) for _ in range(1000)]
+        assert orjson.loads(deep[0])["sequence"] == 0  # readable
 
         async def flood_then_answer(round_: int) -> None:
             await raider.send(f"{plat.prefix}/{evil}/input", deep)
@@ -525,3 +530,29 @@ async def test_a_signature_refusal_does_not_close_the_signed_output_it_names(
         letters = await kept()
         assert len(letters) == len(refusals)
         assert all("does not answer output" in letter["reason"] for letter in letters)
+
+
+async def test_an_input_answering_no_output_is_refused_not_stored(
+    private_broker: MosquittoServer, unique_agent: str, tmp_path: Path
+) -> None:
+    """An agent publishes, on its own input topic, records with no response_to: they
+    answer nothing (no discovery reads them), yet were stored without any check, so an
+    agent could fill the database with them. They are refused and kept as dead letters."""
+    async with AsyncExitStack() as stack:
+        plat = await stack.enter_async_context(platform(private_broker, tmp_path))
+        agent_side = await stack.enter_async_context(hostile(private_broker))
+        await stack.enter_async_context(plat.connected())
+        bodies = [
+            orjson.dumps({"sys_id": uuid.uuid4().hex, "agent": f"mid.server.{unique_agent}",
+                          "topic": "Echo", "queue": "input", "payload": {"filler": i}})
+            for i in range(3)
+        ]  # fmt: skip
+        await agent_side.send(f"{plat.prefix}/{unique_agent}/input", bodies)
+
+        async def kept() -> list[dict[str, Any]]:
+            rows = await plat.rows("ecc_dead_letter", f"agent={unique_agent}")
+            return rows if len(rows) == len(bodies) else []
+
+        letters = await plat.until("the inputs refused", kept)
+        assert all("response_to is required" in letter["reason"] for letter in letters)
+        assert await plat.inst.store.query("ecc_queue", "queue=input") == []

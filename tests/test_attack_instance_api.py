@@ -742,3 +742,83 @@ async def dashboard_sign_in(
     data = {"csrf_token": token.group(1), "user_name": user, "password": password, "next": "/"}
     cookie = {"Cookie": f"midbridge_login={nonce}"}
     return await client.call("POST", "/login", user=None, data=data, headers={**html, **cookie})
+
+
+# --- found by the independent review ----------------------------------------------------------
+
+
+async def test_review_an_input_naming_another_records_sys_id_reveals_nothing(
+    inst: Instance, client: Client
+) -> None:
+    """mid.user (agent a) posts an input answering its own pending output, but with the
+    sys_id of agent b's output: the store ignores the insert, and the answer must not hand
+    back b's record (its payload) nor say that it exists beyond a 409."""
+    await mid_user(inst, "mid.user", "a")
+    mine = await output(inst, "a", state="processing")
+    secret = await output(inst, "b", state="ready", payload={"command": "cat /etc/secret-of-b"})
+    reply = await client.call(
+        "POST", f"{TABLE}/ecc_queue", user="mid.user",
+        json={"queue": "input", "topic": "Echo", "response_to": mine["sys_id"],
+              "sys_id": secret["sys_id"], "payload": {}},
+    )  # fmt: skip
+    assert reply.status == 409, reply.text
+    assert "secret-of-b" not in reply.text
+    assert "mid.server.b" not in reply.text
+    stored = await inst.store.get("ecc_queue", secret["sys_id"])
+    assert stored is not None
+    assert stored["queue"] == "output"
+
+
+async def test_review_mid_server_cannot_reopen_a_finished_output(
+    inst: Instance, client: Client
+) -> None:
+    """mid.user moves its own processed output back to processing (to slip an input past
+    the closed-output rule) or to ready (so the connector signs and pushes it again: a
+    replay the dedupe window no longer covers). A MID claims and closes; it never reopens."""
+    await mid_user(inst, "mid.user", "a")
+    done = await output(inst, "a", state="processed")
+    for state in ("processing", "ready", "anything"):
+        reply = await client.call(
+            "PATCH", f"{TABLE}/ecc_queue/{done['sys_id']}", user="mid.user", json={"state": state}
+        )
+        assert "may move an output" in reply.detail(403), state
+    pending = await output(inst, "a", state="ready")
+    path = f"{TABLE}/ecc_queue/{pending['sys_id']}"
+    for state in ("ready", "bogus"):
+        reply = await client.call("PATCH", path, user="mid.user", json={"state": state})
+        assert reply.status == 403, state
+    for state in ("processing", "processed"):  # the legitimate claim, then the close
+        reply = await client.call("PATCH", path, user="mid.user", json={"state": state})
+        assert reply.status == 200, reply.text
+    assert (await inst.store.get("ecc_queue", done["sys_id"]) or {})["state"] == "processed"
+
+
+async def test_review_a_burst_of_concurrent_guesses_costs_only_the_free_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 wrong passwords for admin sent at once from one address: every request passes
+    the throttle's check before any failure is counted, so each used to get its own scrypt
+    (129 of 200 measured). Attempts for one (user, address) now take turns and ask the
+    throttle again: the scrypt runs stay near the free attempts."""
+    throttle = auth.ThrottleSettings(free_per_user=3, first_delay=60.0)
+    runs = [0]
+    verify = auth.verify_password
+
+    def counted(password: str, stored: str) -> bool:
+        runs[0] += 1
+        return verify(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", counted)
+    async with (
+        Instance(config(tmp_path, throttle=throttle)) as inst,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http,
+    ):
+        client = Client(http, inst.url)
+        path = f"{TABLE}/sys_user"
+        replies = await asyncio.gather(
+            *(client.call("GET", path, password="guess-1234") for _ in range(200))
+        )
+        assert {reply.status for reply in replies} <= {401, 429}
+        assert runs[0] <= throttle.free_per_user + 1, f"{runs[0]} password checks"
+        right = await client.call("GET", path)  # still throttled: refused before any work
+        assert right.status == 429

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,6 +18,16 @@ from tests.harness import REPO
 
 
 def test_wheel_contents(tmp_path: Path) -> None:
+    # Built from a copy of the sources: setuptools reuses a checkout's build/ directory,
+    # where modules that no longer exist could linger and hide in (or leak into) the wheel.
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -28,7 +39,7 @@ def test_wheel_contents(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,

@@ -55,7 +55,8 @@ async def test_restart_with_new_prefix_and_group_on_a_resumed_session(
         assert bridge.bulk._session_present, "the broker did not resume the session"
         await echo_through(second, "after the restart")
         recorded = orjson.loads((tmp_path / "subscriptions-bulk.json").read_bytes())
-        assert recorded == [f"$share/g2/ecc2/{unique_agent}/output"]
+        assert recorded["topics"] == [f"$share/g2/ecc2/{unique_agent}/output"]
+        assert recorded["client_id"] == bridge.bulk.client_id
 
         # The old shared subscription was dropped: a job on the old topics reaches nobody.
         async with EccClient(first.broker, agent=unique_agent, prefix="ecc") as old:
@@ -109,4 +110,26 @@ async def test_subscription_record_is_rewritten_and_a_bad_one_ignored(
                 break
             await asyncio.sleep(0.05)
     assert got == [topic]
-    assert orjson.loads(record.read_bytes()) == [topic]
+    assert orjson.loads(record.read_bytes()) == {
+        "client_id": f"resub-{unique_agent}",
+        "topics": [topic],
+    }
+
+
+async def test_a_new_client_id_drops_the_session_of_the_old_one(
+    broker: BrokerAddress, unique_agent: str, tmp_path: Path
+) -> None:
+    """Leaving a shared group changes the client id (the member's name goes): the broker
+    would keep the old session, and with it the old group's share of the jobs. It is
+    dropped at the next start."""
+    base = make_config(broker.host, broker.port, unique_agent, tmp_path)
+    grouped = with_topics(base, prefix="ecc", group="g1")
+    async with Bridge(grouped, REGISTRY) as bridge:
+        old_id = bridge.bulk.client_id
+    alone = with_topics(base, prefix="ecc", group=None)
+    async with Bridge(alone, REGISTRY) as bridge:
+        assert bridge.bulk.client_id != old_id
+        await echo_through(alone, "alone")
+    # Had the old session survived, this connect would resume it.
+    async with MqttSession(base.broker, client_id=old_id) as probe:
+        assert not probe._session_present, "the old client id's session is still there"

@@ -43,6 +43,8 @@ from probes.kit.ratelimit import RateLimiter
 
 log = logging.getLogger("midbridge.bridge")
 
+_CANCEL_GRACE = 2.0  # seconds cancelled jobs get to end before the probes' resources close
+
 
 class Bridge:
     """The MID runtime, assembled: intake, probes, status and control over three sessions."""
@@ -148,6 +150,7 @@ class Bridge:
                 )
             )
             await self.store.prune()
+            self.reporter.store = self.store  # the last will (made next) counts the outbox
             self._make_sessions()
             self.egress = Egress(
                 self.store,
@@ -306,14 +309,23 @@ class Bridge:
                     await self.intake.wait_job_ended()
         except TimeoutError:
             pass
+        cancelled = 0
         for job in list(self.scheduler.running.values()):
             if job.task is not None:
                 job.task.cancel()
-        if self.scheduler.running:
+                cancelled += 1
+        if cancelled:
             log.warning(
-                "drain deadline passed: %d job(s) cancelled, left for redelivery",
-                len(self.scheduler.running),
+                "drain deadline passed: %d job(s) cancelled, left for redelivery", cancelled
             )
+        # A cancelled job may still be cleaning up (a one-record job runs in its MQTT
+        # handler, which no task group waits for): the probes' resources close after it.
+        try:
+            async with asyncio.timeout(_CANCEL_GRACE):
+                while self.scheduler.running:
+                    await self.intake.wait_job_ended()
+        except TimeoutError:
+            log.warning("%d cancelled job(s) still running", len(self.scheduler.running))
         # Give the publisher a moment to send what is durable; the rest waits on disk.
         flush_deadline = time.monotonic() + 2.0
         while self.store.outbox_records and time.monotonic() < flush_deadline:

@@ -45,6 +45,10 @@ def settings_tables(config: Config, registry: Mapping[str, ProbeSpec]) -> dict[s
         if topic is None or topic == SHAZZAM:
             where = " (its settings are [probes.shazzam])" if topic == SHAZZAM else ""
             raise ConfigError(f"no probe has this topic{where}", field=f"probes.settings.{name}")
+        if topic in tables and topic != name and topic not in config.probes.settings:
+            raise ConfigError(
+                f"set twice, spelt two ways; spell it {topic}", field=f"probes.settings.{name}"
+            )
         tables.setdefault(topic, {}).update(config.probes.settings[name])
     return tables
 
@@ -67,16 +71,23 @@ def validate_settings(
 
 
 def validate_all_settings(
-    config: Config, registry: Mapping[str, ProbeSpec]
+    config: Config,
+    registry: Mapping[str, ProbeSpec],
+    enabled: Mapping[str, ProbeSpec] | None = None,
 ) -> dict[str, ProbeSettings]:
-    """Every registered probe's settings, keyed by topic (an unknown topic is refused)."""
+    """The settings of every ``enabled`` probe (default: every registered one), by topic.
+
+    A table no registered probe answers to is refused; the tables of registered probes
+    this bridge does not run are not read (as before typed settings: a disabled probe's
+    table stops no start).
+    """
     tables = settings_tables(config, registry)
     per_host = config.limits.per_host
     return {
         topic: validate_settings(
             spec.settings, tables.get(topic, {}), topic, per_host_limit=per_host
         )
-        for topic, spec in registry.items()
+        for topic, spec in (registry if enabled is None else enabled).items()
     }
 
 
@@ -107,7 +118,7 @@ class ProbeContexts:
 
     def load_settings(self) -> None:
         """Validate every registered probe's settings (the bridge's start, before the broker)."""
-        self._settings = validate_all_settings(self.config, self.registry)
+        self._settings = validate_all_settings(self.config, self.registry, self.enabled)
 
     def settings(self, topic: str) -> ProbeSettings:
         return self._settings[topic]
@@ -119,7 +130,13 @@ class ProbeContexts:
             settings = self._settings[topic]
             resource = None
             if spec.resource is not None:
-                resource = await stack.enter_async_context(spec.resource(settings, state_dir))
+                try:
+                    resource = await stack.enter_async_context(spec.resource(settings, state_dir))
+                except (OSError, ValueError, RuntimeError, ImportError) as exc:
+                    raise ConfigError(
+                        f"cannot open the probe's resource: {type(exc).__name__}: {exc}",
+                        field=f"probes.{topic}",
+                    ) from None
             self._contexts[topic] = ProbeContext(
                 agent=self.config.bridge.agent_id,
                 rate=self.rate,

@@ -43,6 +43,7 @@ from bridge.instance.store import (
     Store,
     Table,
     UnknownTable,
+    same_answer,
 )
 
 log = logging.getLogger("midbridge.instance.api")
@@ -666,7 +667,7 @@ class TableApi:
         sys_id = body.get("sys_id")
         if isinstance(sys_id, str) and sys_id:
             found = await self.store.get("ecc_queue", sys_id)
-            if found is not None and found.get("response_to") == body.get("response_to"):
+            if found is not None and same_answer(found, body):
                 return found
         sequence = body.get("sequence")
         if sequence is None or sequence == "":

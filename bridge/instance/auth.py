@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import math
@@ -30,7 +31,7 @@ import secrets
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -412,6 +413,8 @@ class Authenticator:
         self.throttle = throttle if throttle is not None else SignInThrottle()
         self._key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, float] = OrderedDict()
+        # (user name, address) → (its lock, attempts holding or waiting for it)
+        self._checking: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     def _cache_key(self, user: Record, password: str) -> bytes:
         message = "\0".join((user["sys_id"], user["user_password"], password)).encode()
@@ -421,11 +424,10 @@ class Authenticator:
         if user is None or not user["user_password"]:
             await asyncio.to_thread(verify_password, password, _dummy_hash())
             return False
+        if self._recently_verified(user, password):
+            return True
         key = self._cache_key(user, password)
         now = time.monotonic()
-        until = self._verified.get(key)
-        if until is not None and until > now:
-            return True
         if len(password) > MAX_PASSWORD:
             return False
         if not await asyncio.to_thread(verify_password, password, user["user_password"]):
@@ -455,13 +457,45 @@ class Authenticator:
 
     async def check(self, user_name: str, password: str, address: str) -> Record | None:
         """The active user whose password this is, or None (counted as a failed sign-in).
-        The caller checks ``throttle.retry_after`` first."""
+
+        The caller checks ``throttle.retry_after`` first. Password work for one (user name,
+        address) runs one attempt at a time, and the throttle is asked again when an
+        attempt's turn comes: a burst of concurrent guesses costs at most the free
+        attempts' scrypt, not one each (they would all pass the caller's check at once).
+        """
         user = await find_user(self.store, user_name)
-        if not await self._password_ok(user, password) or user is None or not user["active"]:
-            self.throttle.failed(user_name, address)
-            return None
+        if user is not None and user["active"] and self._recently_verified(user, password):
+            self.throttle.succeeded(user_name, address)
+            return user  # no password work, nothing to serialise
+        async with self._one_at_a_time((user_name[:255], address)):
+            if self.throttle.retry_after(user_name, address) > 0:
+                self.throttle.refused += 1
+                return None
+            if not await self._password_ok(user, password) or user is None or not user["active"]:
+                self.throttle.failed(user_name, address)
+                return None
         self.throttle.succeeded(user_name, address)
         return user
+
+    def _recently_verified(self, user: Record, password: str) -> bool:
+        if not user["user_password"]:
+            return False
+        until = self._verified.get(self._cache_key(user, password))
+        return until is not None and until > time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._checking.get(key, (asyncio.Lock(), 0))
+        self._checking[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._checking[key]
+            if users == 1:
+                del self._checking[key]
+            else:
+                self._checking[key] = (lock, users - 1)
 
 
 # --- access rules ---------------------------------------------------------------------------
@@ -620,6 +654,25 @@ def _authorize_ecc(
             + (f"; refused field: {extra[0]}" if extra and queue == "output" else ""),
         )
     _own_agent(who, agent_of((record or {}).get("agent")), "the output record's agent")
+    _mid_state_change(str((record or {}).get("state") or ""), fields)
+
+
+# A MID claims an output (ready → processing) and closes it (→ processed or error); it
+# never reopens one: a reopened output would be pushed again, freshly signed (a replay).
+_MID_FROM_STATES = frozenset({"ready", "processing"})
+_MID_TO_STATES = frozenset({"processing", "processed", "error"})
+
+
+def _mid_state_change(current: str, fields: Mapping[str, Any]) -> None:
+    if "state" not in fields:
+        return
+    new = fields["state"]
+    if current not in _MID_FROM_STATES or new not in _MID_TO_STATES:
+        raise AuthError(
+            403,
+            f"role mid_server may move an output from ready or processing to processing, "
+            f"processed or error, not from {current or 'no state'!r} to {str(new)[:32]!r}",
+        )
 
 
 def _authorize_agent(

@@ -730,19 +730,20 @@ class Connector:
             raise _Refused(f"an input record is a JSON object, not {type(record).__name__}",
                            excerpt=_record_excerpt(record))  # fmt: skip
         response_to = record.get("response_to")
-        if response_to in (None, ""):
-            response_to = ""
-        elif not isinstance(response_to, str) or not _SYS_ID.match(response_to):
+        if response_to in (None, ""):  # the Table API refuses these too
+            raise _Refused("an input record answers an output: response_to is required",
+                           excerpt=_record_excerpt(record))  # fmt: skip
+        if not isinstance(response_to, str) or not _SYS_ID.match(response_to):
             raise _Refused("response_to is not a sys_id", excerpt=_record_excerpt(record))
-        progress = await self._answerable(agent, response_to, record) if response_to else None
-        if progress is not None and self.keys is not None:
+        progress = await self._answerable(agent, response_to, record)
+        if self.keys is not None:
             self._refuse_signature_refusal(record, response_to)
         row = input_row(record, agent, response_to)
         seq = row["sequence"]
-        if progress is not None and seq is not None and progress.has(row["run"], seq):
+        if seq is not None and progress.has(row["run"], seq):
             self.stats.duplicates += 1
             return
-        if progress is not None and not _awaiting(progress):
+        if not _awaiting(progress):
             raise _Refused(
                 f"output {response_to} is not awaiting an answer "
                 f"(state {progress.output.get('state') or 'unknown'})",
@@ -753,7 +754,7 @@ class Connector:
             self.stats.inputs += 1
         else:
             self.stats.duplicates += 1
-        if progress is not None and seq is not None:
+        if seq is not None:
             progress.add(row["run"], seq, row["complete"], record)
             touched[response_to] = progress
 

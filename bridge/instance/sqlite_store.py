@@ -44,6 +44,7 @@ from bridge.instance.store import (
     StoreError,
     Table,
     UnknownTable,
+    same_answer,
 )
 from bridge.wire.sqlite_thread import SQLiteThread
 
@@ -367,6 +368,10 @@ class SQLiteStore:
             raise
         if record is None:  # ignored, yet no record holds its keys: cannot happen
             raise Conflict("ecc_queue input record was refused")
+        if not inserted and not same_answer(record, values):
+            # The sys_id is another record's (an output, another agent's input): say
+            # nothing of it, or a caller could read any record by naming its sys_id.
+            raise Conflict("an ecc_queue record with this sys_id exists")
         return record, inserted
 
     def _query(self, table: Table, sql: SQL, limit: int | None, offset: int) -> list[Record]:

@@ -376,3 +376,13 @@ class Store(Protocol):
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Be told of every committed write; returns a function that removes the listener."""
         ...
+
+
+def same_answer(stored: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """``stored`` is the ecc_queue input ``values`` repeats: an input, answering the same
+    output, from the same agent (never another record that happens to have its sys_id)."""
+    return (
+        stored.get("queue") == "input"
+        and stored.get("response_to") == values.get("response_to", "")
+        and stored.get("agent") == values.get("agent", "")
+    )

@@ -165,6 +165,11 @@ def record_from_dict(raw: Any, verify: Verifier | None = None) -> OutputRecord |
         exc.__traceback__ = None
         exc.__context__ = None
         return Rejected(exc, **_partial_info(raw))
+    except (TypeError, ValueError, RecursionError) as exc:
+        # Whatever else a hostile record makes a check raise: answered, never a message
+        # left unacknowledged (which would hold a slot of the receive window for good).
+        error = BadRecord(f"unreadable record ({type(exc).__name__})")
+        return Rejected(error, **_partial_info(raw))
 
 
 def _record_from_dict(raw: dict[str, Any]) -> OutputRecord:

@@ -173,7 +173,14 @@ class SignatureCheck:
         if not isinstance(signature, str):
             raise BadRecord("must be base64 text", field="signature")
         try:
-            self.key.verify(base64.b64decode(signature, validate=True), canonical(record))
+            signed = canonical(record)
+        except (TypeError, ValueError):  # orjson writes about 254 levels, reads 1,024
+            raise BadRecord(
+                "the record cannot be put in its canonical form (nested too deep?)",
+                field="signature",
+            ) from None
+        try:
+            self.key.verify(base64.b64decode(signature, validate=True), signed)
         except (InvalidSignature, ValueError):
             raise BadRecord(
                 "does not verify with the platform's key (tampered or signed by another key)",

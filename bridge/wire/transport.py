@@ -85,27 +85,30 @@ def ssl_context(cfg: BrokerConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _read_record(path: Path | None) -> list[str]:
-    """The topics a subscription record lists; [] when there is none or it is unreadable."""
+def _read_record(path: Path | None) -> tuple[str | None, list[str]]:
+    """(client id, topics) of a subscription record; (None, []) when there is none or it
+    is unreadable. A record of an older version is a bare list of topics."""
     if path is None:
-        return []
+        return None, []
     try:
-        topics = orjson.loads(path.read_bytes())
+        data = orjson.loads(path.read_bytes())
     except FileNotFoundError:
-        return []
+        return None, []
     except (OSError, orjson.JSONDecodeError) as exc:
         log.warning("ignoring unreadable subscription record %s: %s", path, exc)
-        return []
+        return None, []
+    client_id = data.get("client_id") if isinstance(data, dict) else None
+    topics = data.get("topics") if isinstance(data, dict) else data
     if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
         log.warning("ignoring subscription record %s: not a list of topics", path)
-        return []
-    return topics
+        return None, []
+    return (client_id if isinstance(client_id, str) and client_id else None), topics
 
 
-def _write_record(path: Path, topics: Sequence[str]) -> None:
+def _write_record(path: Path, client_id: str, topics: Sequence[str]) -> None:
     """Replace the record atomically (a crash leaves the old one or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(sorted(topics)))
+    tmp.write_bytes(orjson.dumps({"client_id": client_id, "topics": sorted(set(topics))}))
     os.replace(tmp, path)
 
 
@@ -144,7 +147,12 @@ class MqttSession:
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self._record = subscription_record
-        self._stale = sorted(set(_read_record(subscription_record)) - set(self.subscriptions))
+        recorded_id, recorded = _read_record(subscription_record)
+        # A session made under another client id (the shared group, the instance name or
+        # the broker user changed): it is dropped at connect, or it would keep its share.
+        self._old_client_id = recorded_id if recorded_id not in (None, client_id) else None
+        self._stale = [] if self._old_client_id else sorted(set(recorded) - set(subscriptions))
+        self._unsubscribe_refused = False
         self._on_message = on_message
         self._log = logger or log
         self._acks = AckTrackingStorage()
@@ -254,6 +262,9 @@ class MqttSession:
 
     def _handle_unsubscribe(self, client: Any, mid: int, *args: Any) -> None:
         self._unsubacks_seen += 1
+        codes = args[0] if args and isinstance(args[0], list | tuple) else ()
+        if any(isinstance(code, int) and code >= 0x80 for code in codes):
+            self._unsubscribe_refused = True
         self._suback_event.set()
 
     async def _handle_message(
@@ -338,6 +349,8 @@ class MqttSession:
     # --- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> MqttSession:
+        if self._old_client_id is not None:
+            await self._drop_session(self._old_client_id)
         version = MQTTv50 if self.cfg.protocol == "5" else MQTTv311
         try:
             await self._client.connect(
@@ -361,6 +374,22 @@ class MqttSession:
         if self.subscriptions or self._stale:
             await self.check_subscriptions()
         return self
+
+    async def _drop_session(self, old_id: str) -> None:
+        """Connect once as ``old_id`` with a clean start and no session expiry: the broker
+        discards that session (its subscriptions and queue) and keeps none after it."""
+        self._log.info("dropping the broker session of %s (now %s)", old_id, self.client_id)
+        once = self.cfg.model_copy(update={"session_expiry": 0})
+        try:
+            async with MqttSession(once, client_id=old_id, clean_start=True, logger=self._log):
+                pass
+        except BrokerRefused as exc:
+            self._log.warning(
+                "could not drop the earlier session %s: %s; it keeps its subscriptions until "
+                "the broker expires it (broker.session_expiry)",
+                old_id,
+                exc,
+            )
 
     async def check_subscriptions(self, wait: float = 5.0) -> None:
         """Wait for every SUBACK and UNSUBACK; a refused subscription is fatal and named.
@@ -386,7 +415,11 @@ class MqttSession:
         if self._failure is not None:
             raise self._failure
         if self._record is not None:
-            _write_record(self._record, self.subscriptions)
+            kept = self._stale if self._unsubscribe_refused else []
+            if kept:
+                self._log.warning("the broker refused to unsubscribe %s; tried again at the "
+                                  "next start", ", ".join(kept))  # fmt: skip
+            _write_record(self._record, self.client_id, [*self.subscriptions, *kept])
         self._stale = []
 
     @property
