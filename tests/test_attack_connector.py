@@ -556,3 +556,25 @@ async def test_an_input_answering_no_output_is_refused_not_stored(
         letters = await plat.until("the inputs refused", kept)
         assert all("response_to is required" in letter["reason"] for letter in letters)
         assert await plat.inst.store.query("ecc_queue", "queue=input") == []
+
+
+async def test_an_agents_dead_letters_are_bounded(
+    private_broker: MosquittoServer, unique_agent: str, tmp_path: Path
+) -> None:
+    """An agent keeps publishing what the connector refuses: each refusal used to become a
+    dead-letter row, so one agent could fill the instance's disk. Its rows stop at its
+    budget; further refusals are counted (and their messages still acknowledged)."""
+    async with AsyncExitStack() as stack:
+        plat = await stack.enter_async_context(platform(private_broker, tmp_path))
+        agent_side = await stack.enter_async_context(hostile(private_broker))
+        connector = await stack.enter_async_context(plat.connected(dead_letters_per_agent=5))
+        garbage = [orjson.dumps({"status": ["Up", i]}) for i in range(12)]
+        await agent_side.send(f"{plat.prefix}/{unique_agent}/status", garbage)
+
+        async def counted() -> bool:
+            return connector.stats.refused_status == len(garbage)
+
+        await plat.until("every refusal counted", counted)
+        letters = await plat.rows("ecc_dead_letter", f"agent={unique_agent}")
+        assert len(letters) == 5
+        assert connector.stats.dead_letters_dropped == len(garbage) - 5

@@ -106,6 +106,7 @@ class ConnectorSettings:
     max_status_bytes: int = 256 * 1024  # a status record larger than this is refused
     max_records_per_message: int = 10_000  # input records taken from one message; the rest refused
     dead_letter_excerpt: int = 2048  # characters of a refused message kept in ecc_dead_letter
+    dead_letters_per_agent: int = 10_000  # rows kept per agent; past it refusals are counted
     heartbeat_interval: float = 300.0
     heartbeat_timeout: float = 60.0
     client_id: str | None = None  # default: midbridge-instance-<prefix>
@@ -122,6 +123,7 @@ class ConnectorStats:
     refused_inputs: int = 0  # input records refused (another agent's output, not awaited, bad)
     refused_status: int = 0  # status records refused (not an object, too large, unusable)
     dead_letters: int = 0  # ecc_dead_letter rows written
+    dead_letters_dropped: int = 0  # refusals not kept: the agent's dead letters were full
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -133,6 +135,7 @@ class ConnectorStats:
             "refused_inputs": self.refused_inputs,
             "refused_status": self.refused_status,
             "dead_letters": self.dead_letters,
+            "dead_letters_dropped": self.dead_letters_dropped,
         }
 
 
@@ -279,6 +282,7 @@ class Connector:
         self._progress: OrderedDict[str, _Progress] = OrderedDict()
         self._turns: dict[str, _Turn] = {}  # agent name → its line (only while in use)
         self._stack = AsyncExitStack()
+        self._dead_letter_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers = InFlight()  # message handlers running
         self.running = False
@@ -667,7 +671,9 @@ class Connector:
             for r in refused
         ]  # fmt: skip
         try:
-            await self.store.insert_many(DEAD_LETTERS, rows)
+            async with self._dead_letter_lock:  # the budget's count and the insert as one
+                rows = await self._within_budget(name[:64], rows)
+                await self.store.insert_many(DEAD_LETTERS, rows)
         except Exception as exc:
             self._log.error("could not keep %d refused record(s) from %s (%s: %s): left "
                             "unacknowledged, the broker delivers them again", len(rows),
@@ -675,10 +681,23 @@ class Connector:
             return False
         self.stats.dead_letters += len(rows)
         self._log.warning(
-            "refused %d record(s) from agent %s on %s: %s (kept in %s)",
-            len(rows), name[:64], delivery.topic[:255], refused[0].reason[:300], DEAD_LETTERS,
+            "refused %d record(s) from agent %s on %s: %s (%d kept in %s)",
+            len(refused), name[:64], delivery.topic[:255], refused[0].reason[:300], len(rows),
+            DEAD_LETTERS,
         )  # fmt: skip
         return True
+
+    async def _within_budget(self, agent: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows the agent's dead-letter budget still has room for: a MID that keeps
+        sending what is refused fills its own share, never the instance's disk; the rest
+        is counted and logged (its messages are still acknowledged)."""
+        kept = await self.store.count(DEAD_LETTERS, "agent=" + escape(agent))
+        room = max(0, self.settings.dead_letters_per_agent - kept)
+        if len(rows) > room:
+            self.stats.dead_letters_dropped += len(rows) - room
+            self._log.warning("dead letters of agent %s full (%d kept): %d refused record(s) "
+                              "counted, not kept", agent, kept, len(rows) - room)  # fmt: skip
+        return rows[:room]
 
     async def _progress_for(self, response_to: str) -> _Progress | None:
         """What is stored of the answers to output ``response_to`` (None: no such output)."""
