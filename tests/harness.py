@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from bridge.agent.bridge import Bridge
-from bridge.agent.config import BridgeSection, Config, LimitsConfig, ProbesConfig, SecurityConfig
+from bridge.agent.config import (
+    BridgeSection,
+    Config,
+    LimitsConfig,
+    ProbesConfig,
+    SecurityConfig,
+    config_env,
+)
 from bridge.agent.probe_contexts import validate_settings
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient
@@ -90,26 +96,6 @@ async def bridge_and_client(config: Config) -> AsyncIterator[tuple[Bridge, EccCl
         ) as client,
     ):
         yield bridge, client
-
-
-def config_env(config: Config) -> dict[str, str]:
-    """The config as MIDBRIDGE_* variables, for a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIDBRIDGE_")}
-
-    def put(prefix: str, data: dict[str, Any]) -> None:
-        import orjson
-
-        for key, value in data.items():
-            name = f"{prefix}__{key.upper()}" if prefix else key.upper()
-            if isinstance(value, dict):
-                put(name, value)
-            elif value is not None:
-                env["MIDBRIDGE_" + name] = (
-                    value if isinstance(value, str) else orjson.dumps(value).decode()
-                )
-
-    put("", config.model_dump(mode="json"))
-    return env
 
 
 class BridgeProcess:

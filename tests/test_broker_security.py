@@ -35,7 +35,7 @@ import pytest
 from gmqtt.mqtt.constants import MQTTv50
 
 from bridge.agent.bridge import Bridge
-from bridge.agent.config import Config
+from bridge.agent.config import Config, config_env
 from bridge.demo.broker import LOOPBACK, find_mosquitto, free_port
 from bridge.wire.acks import PublishRefused
 from bridge.wire.broker import BrokerConfig
@@ -44,7 +44,7 @@ from bridge.wire.errors import BrokerRefused
 from bridge.wire.transport import Delivery, MqttSession
 from probes import REGISTRY
 from tests.brokers import MosquittoServer, port_accepts
-from tests.harness import REPO, BridgeProcess, config_env, make_config
+from tests.harness import REPO, BridgeProcess, make_config
 
 COMPOSE = REPO / "compose"
 SCRIPT = COMPOSE / "make-mid-user.sh"

@@ -145,6 +145,26 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
+def config_env(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: this process's) without its MIDBRIDGE_* variables, plus
+    ``config`` as MIDBRIDGE_* variables: what ``load_config`` reads back in a child process
+    (the benchmarks' bridge, the tests' ``midbridge run``)."""
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if not k.startswith(ENV_PREFIX)}
+
+    def put(prefix: str, data: Mapping[str, Any]) -> None:
+        for key, value in data.items():
+            name = f"{prefix}__{key.upper()}" if prefix else key.upper()
+            if isinstance(value, dict):
+                put(name, value)
+            elif value is not None:
+                text = value if isinstance(value, str) else orjson.dumps(value).decode()
+                env[ENV_PREFIX + name] = text
+
+    put("", config.model_dump(mode="json"))
+    return env
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():

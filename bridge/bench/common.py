@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from bridge.agent.config import BridgeSection, Config, LimitsConfig
+from bridge.agent.config import BridgeSection, Config, LimitsConfig, config_env
 from bridge.bench import BenchError
 from bridge.demo.broker import BrokerEndpoint, embedded_broker, find_mosquitto, stop_process
 from bridge.wire.broker import BrokerConfig
@@ -481,23 +481,6 @@ def plain_config(endpoint: BrokerEndpoint, agent: str, workdir: Path) -> Config:
 
 
 # --- child processes ------------------------------------------------------------------------------
-
-
-def config_env(config: Config) -> dict[str, str]:
-    """This process's environment without MIDBRIDGE_*, plus ``config`` as MIDBRIDGE_* vars."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIDBRIDGE_")}
-
-    def put(prefix: str, data: dict[str, Any]) -> None:
-        for key, value in data.items():
-            name = f"{prefix}__{key.upper()}" if prefix else key.upper()
-            if isinstance(value, dict):
-                put(name, value)
-            elif value is not None:
-                text = value if isinstance(value, str) else orjson.dumps(value).decode()
-                env["MIDBRIDGE_" + name] = text
-
-    put("", config.model_dump(mode="json"))
-    return env
 
 
 BRIDGE_COMMAND = [sys.executable, "-m", "bridge", "--log-level", "info", "run"]

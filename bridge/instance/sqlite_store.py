@@ -13,7 +13,9 @@ nullable), plus the unique constraints and these indexes:
 - ``ecc_queue(queue, state, lease_until)``: expired leases to hand out again;
 - ``ecc_queue(response_to, sequence)``: the inputs answering an output;
 - unique ``ecc_queue(response_to, run, sequence) WHERE queue = 'input' AND sequence IS NOT
-  NULL``: a repeated input chunk is stored once (``insert_input_once``).
+  NULL``: a repeated input chunk is stored once (``insert_input_once``);
+- ``ecc_dead_letter(agent)``: an agent's dead letters, counted against its budget for every
+  refused message.
 
 Columns missing from an older file are added when it is opened.
 """
@@ -61,6 +63,7 @@ _INDEXES = (
     'CREATE UNIQUE INDEX IF NOT EXISTS ecc_queue_input_chunk ON ecc_queue("response_to", "run", '
     '"sequence") WHERE "queue" = \'input\' AND "sequence" IS NOT NULL',
     'CREATE INDEX IF NOT EXISTS sys_user_has_role_role ON sys_user_has_role("role")',
+    'CREATE INDEX IF NOT EXISTS ecc_dead_letter_agent ON ecc_dead_letter("agent")',
 )
 
 

@@ -20,8 +20,9 @@ gmqtt 0.8 and Mosquitto 2.0 as they behave (tests/test_mqtt_client.py shows each
   resumed the session or not: a session resumed by a process started with another topic
   prefix or shared group would otherwise keep only the old subscriptions. MQTT cannot
   list a session's subscriptions, so with ``subscription_record`` (a file in the state
-  directory) the topics subscribed last time are remembered, and those no longer wanted
-  are unsubscribed (they would deliver jobs meant for others, or duplicates).
+  directory) the client id and the topics subscribed last time are remembered: those no
+  longer wanted are unsubscribed (they would deliver jobs meant for others, or
+  duplicates), and the session of a client id no longer used is dropped.
 
 ``publish`` returns once the broker's PUBACK arrives (``AckTrackingStorage``); messages in
 flight when the connection drops are resent by gmqtt. Persistent session (clean start
