@@ -34,7 +34,7 @@ from bridge.agent.status import StatusReporter
 from bridge.agent.store import StateStore
 from bridge.wire.acks import PublishRefused
 from bridge.wire.broker import BrokerConfig
-from bridge.wire.errors import INSECURE_DEFAULT, BrokerRefused
+from bridge.wire.errors import INSECURE_DEFAULT, INSECURE_DEFAULT_NOTE, BrokerRefused
 from bridge.wire.sealing import SignatureCheck
 from bridge.wire.topics import Topics
 from bridge.wire.transport import MessageHandler, MqttSession
@@ -288,13 +288,15 @@ class Bridge:
         """Say it once at start when the broker or the jobs are not authenticated."""
         if not self.config.broker.username:
             log.warning(
-                "broker.username is not set: the bridge connects anonymously, so the broker "
+                INSECURE_DEFAULT_NOTE
+                + " broker.username is not set: the bridge connects anonymously, so the broker "
                 "cannot tell it from any other client (see docs/security.md)",
                 extra={INSECURE_DEFAULT: True},
             )
         if not self.config.security.require_signatures:
             log.warning(
-                "security.require_signatures is off: whoever may publish to %s can command "
+                INSECURE_DEFAULT_NOTE
+                + " security.require_signatures is off: whoever may publish to %s can command "
                 "this bridge (see docs/security.md, signed jobs)",
                 self.topics.output,
                 extra={INSECURE_DEFAULT: True},

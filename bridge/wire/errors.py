@@ -108,3 +108,5 @@ class Unreachable(BridgeError):
 # broker, unsigned jobs): a program that made that choice on purpose, such as the demo on
 # its own private broker, may filter exactly those records.
 INSECURE_DEFAULT = "insecure_default"
+# The words those warnings start with, for readers of a text log (the benchmarks).
+INSECURE_DEFAULT_NOTE = "insecure default:"
