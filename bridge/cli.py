@@ -72,12 +72,20 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="which broker to start when none is given",
     )
+    demo.add_argument(
+        "--https",
+        action="store_true",
+        help="serve the instance over HTTPS with a self-signed certificate (trusted by the demo)",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks beside their peers (see docs/benchmarks.md)")
     bench.add_argument("name", help="benchmark name, or 'list'")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--broker", type=_broker_arg, default=None)
     bench.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
+    bench.add_argument(
+        "--transport", choices=["mqtt", "nats"], default=None, help="roundtrip: mqtt or nats"
+    )
 
     # The built-in instance: `midbridge instance ...` (bridge/instance/cli.py).
     from bridge.instance.cli import add_instance_parser
@@ -190,7 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(args.log_level or "warning")
             return _run_loop(
                 run_demo(
-                    broker=args.broker, hosts=args.hosts, embedded=args.embedded, keep=args.keep
+                    broker=args.broker,
+                    hosts=args.hosts,
+                    embedded=args.embedded,
+                    keep=args.keep,
+                    https=args.https,
                 )
             )
         if args.command == "instance":  # the built-in instance (bridge/instance/cli.py)
@@ -209,7 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.bench import run_bench
 
             _setup_logging(args.log_level or "warning")
-            return run_bench(args.name, as_json=args.json, broker=args.broker, rounds=args.rounds)
+            return run_bench(
+                args.name,
+                as_json=args.json,
+                broker=args.broker,
+                rounds=args.rounds,
+                transport=args.transport,
+            )
     except CommandError as exc:
         return fail(args.command, exc)
     except ConfigError as exc:  # found while starting (probe settings): as a config file's

@@ -1,12 +1,16 @@
 """The bridge: intake → scheduler → probes → egress, as one async context manager.
 
-Two MQTT sessions carry the ECC queue in:
+Two intake sessions carry the ECC queue in:
 - *bulk*: ``<prefix>/<agent>/output`` (optionally through ``$share/<group>/``), with a
   receive window of ``limits.max_in_flight`` messages;
 - *express*: ``<prefix>/<agent>/output/interactive``, its own small window, for
   interactive work, heartbeats and SystemCommands, which therefore never queue at the
   broker behind a deep backlog of sweeps.
 Input records go out on ``<prefix>/<agent>/input`` through the durable outbox.
+
+``broker.kind`` picks the transport: three MQTT 5 sessions (the default), or, on NATS
+JetStream, one connection with two pull consumers of the MID's jobs stream (durable and
+shared by every bridge of the MID) and the results publisher (``bridge.wire.nats_transport``).
 
 Shutdown: stop intake, let running jobs finish within ``drain_timeout``, cancel the rest
 (they get no answer and are redelivered by the broker), then disconnect.
@@ -36,8 +40,9 @@ from bridge.wire.acks import PublishRefused
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import INSECURE_DEFAULT, INSECURE_DEFAULT_NOTE, BrokerRefused
 from bridge.wire.sealing import SignatureCheck
+from bridge.wire.session import MessageHandler, Publisher, Session
 from bridge.wire.topics import Topics
-from bridge.wire.transport import MessageHandler, MqttSession
+from bridge.wire.transport import MqttSession
 from probes.contract import CredentialResolver, ProbeSpec
 from probes.kit.ratelimit import RateLimiter
 
@@ -63,9 +68,9 @@ class Bridge:
         self._closed = asyncio.Event()
         self.store: StateStore
         self.egress: Egress
-        self.bulk: MqttSession
-        self.express: MqttSession
-        self.out: MqttSession
+        self._bulk: Session
+        self.express: Session
+        self.out: Publisher
         local: CredentialResolver = NoCredentials()
         if config.bridge.credentials_file is not None:
             local = LocalCredentials.from_file(config.bridge.credentials_file)
@@ -99,7 +104,7 @@ class Bridge:
         self.admission = self.intake.admission
         self.control = BridgeControl(self.intake, self.reporter, self.identity, self._service)
         self.probes.connect(credentials=self.gate, control=self.control)
-        self._connected_sessions: list[MqttSession] = []
+        self._connected_sessions: list[Session] = []
         self._service_tasks: list[asyncio.Task[None]] = []
 
     # --- what tests, metrics and the CLI read -------------------------------------------
@@ -117,11 +122,18 @@ class Bridge:
     def cancel(self, sys_id: str) -> bool:
         return self.control.cancel(sys_id)
 
-    def sessions(self) -> dict[str, MqttSession]:
+    @property
+    def bulk(self) -> MqttSession:
+        """The bulk intake's MQTT session (tests look into it); a TypeError on NATS."""
+        if not isinstance(self._bulk, MqttSession):
+            raise TypeError("the bulk intake is not an MQTT session (broker.kind is nats)")
+        return self._bulk
+
+    def sessions(self) -> dict[str, Session]:
         return {
             name: s
             for name, s in (
-                ("bulk", getattr(self, "bulk", None)),
+                ("bulk", getattr(self, "_bulk", None)),
                 ("express", getattr(self, "express", None)),
                 ("out", getattr(self, "out", None)),
             )
@@ -172,7 +184,7 @@ class Bridge:
             self.intake.start(self.store, self._submit, jobs)
             self._stack.push_async_callback(self._drain)
             # Redelivered jobs may arrive the moment a session connects: all is ready now.
-            for session in (self.out, self.bulk, self.express):
+            for session in (self.out, self._bulk, self.express):
                 await session.__aenter__()
                 self._connected_sessions.append(session)
             await self._first_status()
@@ -195,6 +207,9 @@ class Bridge:
     def _make_sessions(self) -> None:
         """The bulk and express intake sessions and the ``out`` session results leave on."""
         cfg = self.config
+        if cfg.broker.kind == "nats":
+            self._make_nats_sessions()
+            return
         limits = cfg.limits
         client_base = f"midbridge-{cfg.bridge.agent}"
         output_topic = self.topics.output
@@ -202,7 +217,7 @@ class Bridge:
             # A stable id per member, so a restarted member resumes its own session.
             output_topic = f"$share/{cfg.bridge.shared_group}/{output_topic}"
             client_base = f"{client_base}-{cfg.bridge.instance or self.reporter.host}"
-        self.bulk = self._intake_session(
+        self._bulk = self._intake_session(
             client_base, "bulk", output_topic, self.intake.on_bulk, limits.max_in_flight
         )
         self.express = self._intake_session(
@@ -221,6 +236,28 @@ class Bridge:
             receive_maximum=limits.express_in_flight,
             will=self.reporter.last_will(),
         )
+        self.reporter.out = self.out
+
+    def _make_nats_sessions(self) -> None:
+        """On NATS: one connection; every bridge of the MID shares its two consumers."""
+        # Imported here: an MQTT bridge does not pay for loading nats-py.
+        from bridge.wire.nats_link import NatsLink
+        from bridge.wire.nats_transport import NatsIntake, NatsPublisher
+
+        cfg = self.config
+        limits = cfg.limits
+        member = cfg.bridge.instance or self.reporter.host
+        link = NatsLink(cfg.broker, name=f"midbridge-{cfg.bridge.agent}-{member}")
+        prefix, agent = cfg.bridge.topic_prefix, cfg.bridge.agent
+        self._bulk, self.express = (
+            NatsIntake(link, prefix=prefix, agent=agent, express=express, on_message=handler,
+                       window=window)
+            for express, handler, window in (
+                (False, self.intake.on_bulk, limits.max_in_flight),
+                (True, self.intake.on_express, limits.express_in_flight),
+            )
+        )  # fmt: skip
+        self.out = NatsPublisher(link, prefix=prefix)
         self.reporter.out = self.out
 
     def _intake_session(

@@ -2,7 +2,10 @@
 
 A delivery is acknowledged (its handler returns True) once every record in it is answered
 durably. A record for another agent, of an unknown topic, with bad parameters, or needing
-credentials on a MID not yet validated is answered with an error and never runs.
+credentials on a MID not yet validated is answered with an error and never runs. Nor does
+a job on the last delivery the broker will make (NATS ``max_deliver``) that is not already
+answered: it is answered ``refused`` (its earlier deliveries never ended with an answer,
+so it may be what kills its bridges).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from bridge.agent.scheduler import CONTROL_LANE, Admission, RunningJob, Schedule
 from bridge.agent.store import StateStore
 from bridge.wire.errors import BridgeError, Refused, UnknownTopic
 from bridge.wire.records import OutputRecord, Rejected, Verifier, decode_outputs
-from bridge.wire.transport import Delivery
+from bridge.wire.session import Delivery
 from probes.contract import ProbeSpec
 
 log = logging.getLogger("midbridge.bridge")
@@ -98,15 +101,16 @@ class Intake:
         )
         waits: list[asyncio.Future[None]] = []
         try:
+            last = delivery.attempt if delivery.final else None
             if len(items) == 1:
                 self.counters.received += 1
-                done = await self._accept(items[0], admission, inline=True)
+                done = await self._accept(items[0], admission, inline=True, last=last)
                 return done is None or (
                     done.done() and not done.cancelled() and done.exception() is None
                 )
             for item in items:
                 self.counters.received += 1
-                fut = await self._accept(item, admission)
+                fut = await self._accept(item, admission, last=last)
                 if fut is not None:
                     waits.append(fut)
             if waits:
@@ -119,12 +123,18 @@ class Intake:
         await answer_rejected(item, error, self.agent_id, self.submit, self.counters)
 
     async def _accept(
-        self, item: OutputRecord | Rejected, admission: Admission, *, inline: bool = False
+        self,
+        item: OutputRecord | Rejected,
+        admission: Admission,
+        *,
+        inline: bool = False,
+        last: int | None = None,
     ) -> asyncio.Future[None] | None:
         """Start one record; return what to wait for (None: it is answered already).
 
         ``inline``: run the job in the calling task (a message of one record: no second
-        task, no gather) and return its finished future.
+        task, no gather) and return its finished future. ``last``: this is the broker's
+        last delivery (its number): a job not answered yet is refused, not run.
         """
         if not self.accepting:
             raise Stopping
@@ -137,6 +147,13 @@ class Intake:
             return running.done
         if await self.store.is_done(item.sys_id):
             self.counters.duplicates += 1
+            return None
+        if last is not None:
+            log.warning("job %s: delivery %d is the last; answered, not run", item.sys_id, last)
+            await self._reject(item, Refused(
+                f"delivered {last} times without an answer; not run again",
+                field="max_deliver",
+            ))  # fmt: skip
             return None
         try:
             spec = self._check(item)

@@ -24,8 +24,8 @@ from bridge.agent.intake import Intake
 from bridge.agent.scheduler import LANE_NAMES
 from bridge.agent.store import StateStore
 from bridge.wire.acks import PublishFailed
+from bridge.wire.session import Publisher
 from bridge.wire.topics import Topics
-from bridge.wire.transport import MqttSession
 
 log = logging.getLogger("midbridge.bridge")
 
@@ -48,7 +48,7 @@ class StatusReporter:
         self.refused = False  # the broker refused our status: publish no Down either
         self.store: StateStore | None = None
         self.egress: Egress | None = None
-        self.out: MqttSession | None = None
+        self.out: Publisher | None = None
 
     def stats(self) -> dict[str, Any]:
         c = self.intake.counters

@@ -2,8 +2,9 @@
 
 ``midbridge bench list`` names them; ``--json`` prints one JSON object (name, unit, peer,
 peer_rate, ours_rate, ratio, every round, the machine); ``--broker HOST:PORT`` uses that
-broker instead of a private mosquitto; ``--rounds N`` alternating rounds, median kept.
-See docs/benchmarks.md.
+broker instead of a private mosquitto (or nats-server); ``--rounds N`` alternating rounds,
+median kept; ``--transport nats`` runs a benchmark that offers it on NATS JetStream.
+See docs/benchmarks.md and docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Benchmark:
     summary: str
     module: str  # holds ``async def run(broker, rounds, **options) -> Result``
     options: dict[str, Any] = field(default_factory=dict)
+    transports: tuple[str, ...] = ("mqtt",)  # the first is the default
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -39,8 +41,17 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "roundtrip",
-            "trivial Echo jobs through the bridge vs a gmqtt echo responder (jobs/s, latency)",
+            "trivial Echo jobs through the bridge vs a gmqtt echo responder (jobs/s, latency); "
+            "--transport nats: vs a nats-py JetStream echo responder",
             "bridge.bench.roundtrip",
+            transports=("mqtt", "nats"),
+        ),
+        Benchmark(
+            "cluster",
+            "Echo jobs with a fixed delay through 3 bridges of one MID vs 1 bridge, on a "
+            "private 3-node NATS JetStream cluster (jobs/s; goal: 3 bridges >= 2.5 x 1)",
+            "bridge.bench.cluster",
+            transports=("nats",),
         ),
         Benchmark(
             "snmp-walk",
@@ -82,7 +93,14 @@ BENCHMARKS: dict[str, Benchmark] = {
 Runner = Callable[..., Awaitable["Result"]]  # run(broker, rounds, **options)
 
 
-def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, rounds: int) -> int:
+def run_bench(
+    name: str,
+    *,
+    as_json: bool,
+    broker: tuple[str, int] | None,
+    rounds: int,
+    transport: str | None = None,
+) -> int:
     if name == "list":
         if as_json:
             listing = [{"name": b.name, "summary": b.summary} for b in BENCHMARKS.values()]
@@ -98,6 +116,12 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
         return fail("bench", f"no benchmark named {name!r} (known: {known})")
     if rounds < 1:
         return fail("bench", "--rounds must be at least 1")
+    if transport is not None and transport not in chosen.transports:
+        offered = ", ".join(chosen.transports)
+        return fail("bench", f"{name} runs on {offered}, not --transport {transport}")
+    options = dict(chosen.options)
+    if len(chosen.transports) > 1 and transport is not None:
+        options["transport"] = transport
 
     from bridge.bench.common import (
         loadavg,
@@ -118,7 +142,7 @@ def run_bench(name: str, *, as_json: bool, broker: tuple[str, int] | None, round
     module = importlib.import_module(chosen.module)
     run: Runner = module.run
     try:
-        result = run_uvloop(lambda: run(broker, rounds, **chosen.options))
+        result = run_uvloop(lambda: run(broker, rounds, **options))
     except BenchError as exc:
         return fail(f"bench {name}", exc)
     machine["loadavg_after"] = loadavg()

@@ -419,6 +419,49 @@ class CpuMeter:
         return None if end is None else end - self._start
 
 
+class CpuMeters:
+    """Several :class:`CpuMeter` read as one (the nodes of a NATS cluster)."""
+
+    def __init__(self, pids: Sequence[int | None]) -> None:
+        self.meters = [CpuMeter(pid) for pid in pids]
+
+    def start(self) -> None:
+        for meter in self.meters:
+            meter.start()
+
+    def stop(self) -> float | None:
+        """CPU seconds they used together (None if any is unknown)."""
+        used = [meter.stop() for meter in self.meters]
+        if not used or any(u is None for u in used):
+            return None
+        return sum(u for u in used if u is not None)
+
+
+def echo_answer(job: dict[str, Any], agent_id: str, new_id: str, created: str) -> dict[str, Any]:
+    """The one input record the benchmarks' bare echo responders answer a job with (the
+    same fields as the bridge's Echo answer)."""
+    params = job.get("payload") or {}
+    return {
+        "sys_id": new_id,
+        "agent": job.get("agent") or agent_id,
+        "topic": job.get("topic", ""),
+        "name": job.get("name", ""),
+        "source": job.get("source", ""),
+        "queue": "input",
+        "state": "ready",
+        "response_to": job["sys_id"],
+        "agent_correlator": job.get("agent_correlator", ""),
+        "priority": job.get("priority", 2),
+        "error_string": "",
+        "payload": {"message": params.get("message", ""), "chunk": 0},
+        "sys_created_on": created,
+        "sequence": 0,
+        "complete": True,
+        "result_code": 0,
+        "probe_time": 0.0,
+    }
+
+
 # --- the event loop ---------------------------------------------------------------------------
 
 
@@ -477,6 +520,17 @@ def plain_config(endpoint: BrokerEndpoint, agent: str, workdir: Path) -> Config:
         broker=broker_section(endpoint),
         bridge=BridgeSection(agent=agent, state_dir=workdir / "state"),
         limits=LimitsConfig(drain_timeout=2.0),
+        log_level="info",
+    )
+
+
+def plain_config_for(broker: BrokerConfig, agent: str, workdir: Path, **limits: Any) -> Config:
+    """:func:`plain_config` for a broker given as a ``BrokerConfig`` (NATS), ``limits``
+    changed where given."""
+    return Config(
+        broker=broker,
+        bridge=BridgeSection(agent=agent, state_dir=workdir / "state"),
+        limits=LimitsConfig(**{"drain_timeout": 2.0, **limits}),
         log_level="info",
     )
 

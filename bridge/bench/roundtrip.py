@@ -36,10 +36,11 @@ from typing import Any, TypeVar
 import orjson
 
 from bridge.agent.config import LimitsConfig
-from bridge.bench import BenchError
+from bridge.bench import BenchError, nats_peer
 from bridge.bench.common import (
     BRIDGE_COMMAND,
     CpuMeter,
+    CpuMeters,
     Result,
     Round,
     Side,
@@ -48,12 +49,15 @@ from bridge.bench.common import (
     bridge_process,
     broker_facts,
     child_pid,
+    echo_answer,
     log_problems,
     median,
     percentile,
     plain_config,
+    plain_config_for,
     progress,
 )
+from bridge.bench.nats_peer import nats_servers
 from bridge.demo.broker import BrokerEndpoint, stop_process
 from bridge.signals import StopSignals
 from bridge.wire.broker import BrokerConfig
@@ -99,26 +103,7 @@ async def _responder(host: str, port: int, agent: str, prefix: str) -> int:
         cl: Any, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
     ) -> int:
         job = loads(payload)
-        params = job.get("payload") or {}
-        answer = {
-            "sys_id": new_id().hex,
-            "agent": job.get("agent") or agent_id,
-            "topic": job.get("topic", ""),
-            "name": job.get("name", ""),
-            "source": job.get("source", ""),
-            "queue": "input",
-            "state": "ready",
-            "response_to": job["sys_id"],
-            "agent_correlator": job.get("agent_correlator", ""),
-            "priority": job.get("priority", 2),
-            "error_string": "",
-            "payload": {"message": params.get("message", ""), "chunk": 0},
-            "sys_created_on": _now_text(),
-            "sequence": 0,
-            "complete": True,
-            "result_code": 0,
-            "probe_time": 0.0,
-        }
+        answer = echo_answer(job, agent_id, new_id().hex, _now_text())
         cl.publish(input_topic, dumps(answer), qos=1)
         return 0  # the answer is on its way: acknowledge the job
 
@@ -186,11 +171,12 @@ class Driver:
     arrive later are ignored.
     """
 
-    def __init__(self, endpoint: BrokerEndpoint, agent: str) -> None:
+    def __init__(
+        self, broker: BrokerConfig, agent: str, *, payload: dict[str, Any] | None = None
+    ) -> None:
         self.agent_id = f"mid.server.{agent}"
-        self.broker = BrokerConfig(
-            host=endpoint.host, port=endpoint.port, protocol=endpoint.protocol
-        )
+        self.broker = broker
+        self.payload = payload or {"message": "ping"}
         self.client = EccClient(self.broker, agent=agent, prefix=PREFIX, on_record=self._answer)
         self._room: asyncio.Semaphore | None = None
         self._current: set[str] = set()  # sys_ids of the batch, not yet answered
@@ -221,7 +207,7 @@ class Driver:
     def _jobs(self, count: int) -> list[tuple[str, bytes]]:
         jobs = []
         for _ in range(count):
-            record = output_record("Echo", agent=self.agent_id, payload={"message": "ping"})
+            record = output_record("Echo", agent=self.agent_id, payload=self.payload)
             jobs.append((record["sys_id"], orjson.dumps(record)))
         self.client.expect(sys_id for sys_id, _ in jobs)
         self._current = {sys_id for sys_id, _ in jobs}
@@ -338,7 +324,11 @@ async def warm_up(who: str, driver: Driver, stalls: list[str]) -> None:
 
 
 async def measure(
-    who: str, driver: Driver, meter: CpuMeter, broker_meter: CpuMeter, stalls: list[str]
+    who: str,
+    driver: Driver,
+    meter: CpuMeter,
+    broker_meter: CpuMeter | CpuMeters,
+    stalls: list[str],
 ) -> Side:
     async def flood() -> Side:
         meter.start()
@@ -371,36 +361,55 @@ def _latency(side: Side, key: str) -> float:
 # --- the benchmark ---------------------------------------------------------------------------
 
 
-async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
+async def run(broker: tuple[str, int] | None, rounds: int, transport: str = "mqtt") -> Result:
     tag = uuid.uuid4().hex[:8]
     peer_agent, ours_agent = f"bench-echo-{tag}", f"bench-bridge-{tag}"
+    nats = transport == "nats"
     with tempfile.TemporaryDirectory(prefix="midbridge-bench-") as tmp:
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
-            endpoint = await stack.enter_async_context(bench_broker(broker))
-            peer_command = responder_command(endpoint, peer_agent)
+            broker_meter: CpuMeter | CpuMeters
+            if nats:
+                servers = await stack.enter_async_context(nats_servers(broker))
+                driver_broker = servers.broker
+                peer_command = nats_peer.responder_command(
+                    driver_broker, peer_agent, PREFIX, RECEIVE_WINDOW
+                )
+                peer = "bare nats-py + uvloop echo responder (bridge/bench/nats_peer.py), "
+                peer += "a push consumer on the same jobs stream"
+                facts, broker_meter = servers.facts(), servers.meter
+                config = plain_config_for(driver_broker, ours_agent, workdir)
+            else:
+                endpoint = await stack.enter_async_context(bench_broker(broker))
+                driver_broker = BrokerConfig(
+                    host=endpoint.host, port=endpoint.port, protocol=endpoint.protocol
+                )
+                peer_command = responder_command(endpoint, peer_agent)
+                peer = "minimal gmqtt + uvloop echo responder (bridge/bench/roundtrip.py), QoS 1"
+                facts = broker_facts(endpoint)
+                broker_pid = child_pid("mosquitto") if endpoint.kind == "mosquitto" else None
+                broker_meter = CpuMeter(broker_pid)
+                config = plain_config(endpoint, ours_agent, workdir)
+            message = "JetStream message" if nats else "MQTT message"
             result = Result(
-                name="roundtrip",
+                name="roundtrip-nats" if nats else "roundtrip",
                 unit="jobs/s",
                 goal=0.5,
-                peer="minimal gmqtt + uvloop echo responder (bridge/bench/roundtrip.py), QoS 1",
+                peer=peer,
                 ours="the bridge (child process) running the Echo probe, default limits",
                 peer_command=peer_command,
                 ours_command=BRIDGE_COMMAND,
-                workload=f"{FLOOD_JOBS:,} Echo jobs, one record per MQTT message, at most "
+                workload=f"{FLOOD_JOBS:,} Echo jobs, one record per {message}, at most "
                 f"{WINDOW:,} unanswered; then {LATENCY_JOBS} one at a time for latency",
             )
-            result.broker = broker_facts(endpoint)
-            broker_pid = child_pid("mosquitto") if endpoint.kind == "mosquitto" else None
-            config = plain_config(endpoint, ours_agent, workdir)
+            result.broker = facts
             log_path = workdir / "bridge.log"
             peer_proc = await stack.enter_async_context(responder_process(peer_command))
             bridge = await stack.enter_async_context(bridge_process(config, log_path))
-            peer_driver = await stack.enter_async_context(Driver(endpoint, peer_agent))
-            ours_driver = await stack.enter_async_context(Driver(endpoint, ours_agent))
+            peer_driver = await stack.enter_async_context(Driver(driver_broker, peer_agent))
+            ours_driver = await stack.enter_async_context(Driver(driver_broker, ours_agent))
             meters = {"peer": CpuMeter(peer_proc.pid), "ours": CpuMeter(bridge.pid)}
             drivers = {"peer": peer_driver, "ours": ours_driver}
-            broker_meter = CpuMeter(broker_pid)
             result.details["bridge_config"] = {
                 "limits": config.limits.model_dump(mode="json"),
                 "env": "MIDBRIDGE_* variables (every setting at its default but agent, "
@@ -458,7 +467,8 @@ async def run(broker: tuple[str, int] | None, rounds: int) -> Result:
         "and publishes answers in batches (egress_linger_ms, egress_batch); the responder "
         "acknowledges after handing its answer to the socket and sends one answer per message",
         "cpu_s: the measured process's CPU over the flood (all threads, /proc/PID/stat); "
-        "broker_cpu_us_per_job: mosquitto's CPU over the flood divided by the jobs; "
+        "broker_cpu_us_per_job: the broker's CPU over the flood (mosquitto, or the "
+        "nats-server) divided by the jobs; "
         "driver_cpu_us_per_job: the bench process's (the EccClient driver's)",
     ]
     result.tables.append(

@@ -17,9 +17,14 @@
    ports; a run, followed with a progress bar; the CIs it found, as a table.
 6. The dashboard's address and the admin credentials; ``--keep`` stays up until Ctrl-C.
 
+``--https``: the instance serves HTTPS with a self-signed certificate made for this run
+(``bridge.instance.tls``); the demo's own client trusts it, and its SHA-256 fingerprint is
+printed for the browser.
+
 Step 5 is :func:`discover`, which only needs the instance's URL: ``python -m bridge.demo
 discover --url http://instance:8080 ...`` runs it against an instance elsewhere (the
-compose setup, ``compose/docker-compose.yml``).
+compose setup, ``compose/docker-compose.yml``); ``--ca-file`` trusts an https instance's
+certificate.
 
 The connector and the bridge work on the amqtt broker (MQTT 3.1.1) as on Mosquitto.
 """
@@ -30,10 +35,12 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
 import secrets
+import ssl
 import sys
 import tempfile
 import time
@@ -64,6 +71,7 @@ from bridge.demo.targets import (
     demo_targets,
     describe,
 )
+from bridge.instance import tls
 from bridge.signals import StopSignals
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import INSECURE_DEFAULT
@@ -531,6 +539,7 @@ async def run_demo(
     embedded: str = "auto",
     keep: bool = False,
     console: Console | None = None,
+    https: bool = False,
 ) -> int:
     console = console or Console()
     hosts = max(1, min(hosts, 254))
@@ -546,7 +555,7 @@ async def run_demo(
             )
             if broker is None:  # our own broker: its anonymous login is no news to anyone
                 stack.enter_context(_without_insecure_default_warnings())
-            code = await _demo(stack, console, address, hosts, keep, started)
+            code = await _demo(stack, console, address, hosts, keep, started, https)
     except DemoError as exc:
         return fail("demo", exc)
     except EmbeddedBrokerError as exc:
@@ -561,6 +570,7 @@ async def _demo(
     hosts: int,
     keep: bool,
     started: float,
+    https: bool = False,
 ) -> int:
     from bridge.agent.bridge import Bridge
     from bridge.instance import discovery
@@ -579,9 +589,20 @@ async def _demo(
     admin_password = os.environ.get(ADMIN_PASSWORD_ENV) or secrets.token_urlsafe(12)
     db = state / "instance" / "instance.db"
     db.parent.mkdir(mode=0o700)
-    instance = Instance(
-        InstanceConfig(host="127.0.0.1", port=0, db=db, admin_password=admin_password)
-    )
+    instance_config = InstanceConfig(host="127.0.0.1", port=0, db=db, admin_password=admin_password)
+    client_tls: ssl.SSLContext | bool = True
+    tls_note = ""
+    if https:  # a self-signed certificate for this run; the demo's client trusts it
+        cert = tls.self_signed(db, tls.DEFAULT_NAMES)
+        tls_note = (
+            f"instance: HTTPS with a self-signed certificate made for this run ({cert.cert})\n"
+            f"instance: its SHA-256 fingerprint {cert.fingerprint}"
+        )
+        instance_config = dataclasses.replace(
+            instance_config, ssl_context=tls.server_context(cert.cert, cert.key)
+        )
+        client_tls = tls.client_context(cert.cert)
+    instance = Instance(instance_config)
     keys = keys_for(db)
     install(instance, keys)
     discovery.install(instance)
@@ -597,6 +618,8 @@ async def _demo(
         )
     )
     console.print(f"instance: {inst.url} (database in {state}; connector on the broker)")
+    if tls_note:
+        console.print(tls_note, soft_wrap=True)  # the path and fingerprint unbroken, to copy
 
     targets = await stack.enter_async_context(demo_targets(TargetSettings()))
     console.print(_targets_table(targets))
@@ -630,7 +653,7 @@ async def _demo(
         ssh_password=settings.ssh_password,
         snmp_community=settings.snmp_community,
     )
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls)) as http:
         admin = Admin(http, inst.url, "admin", admin_password)
         code = await discover(admin, console, agent=DEMO_AGENT, plan=plan)
     console.print(f"demo: {time.perf_counter() - started:.1f} s")
@@ -661,6 +684,12 @@ def _parser() -> argparse.ArgumentParser:
         help="validate an agent, store the demo credentials, run a discovery, print the CIs",
     )
     run.add_argument("--url", required=True, help="the instance, e.g. http://instance:8080")
+    run.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="trust this PEM certificate (an https instance's self-signed one)",
+    )
     run.add_argument("--agent", required=True, help="the bridge's agent name")
     run.add_argument("--ranges", required=True, help="what to discover, e.g. 172.30.57.0/24")
     run.add_argument(
@@ -696,7 +725,12 @@ async def _discover_remote(args: argparse.Namespace) -> int:
         batch_size=256,
         timeout=args.timeout,
     )
-    async with aiohttp.ClientSession() as http:
+    try:
+        client_tls = tls.client_context(args.ca_file)
+    except tls.TlsError as exc:
+        return fail("demo discover", exc)
+    connector = aiohttp.TCPConnector(ssl=client_tls)
+    async with aiohttp.ClientSession(connector=connector) as http:
         admin = Admin(http, args.url, args.user, os.environ[ADMIN_PASSWORD_ENV])
 
         async def reachable() -> bool:

@@ -1,20 +1,22 @@
-"""The instance's HTTP face: ServiceNow's REST Table API (a subset) and one web page.
+"""The instance's HTTP face: ServiceNow's REST Table API, Aggregate API, Batch API, and
+one web page (``docs/instance.md`` is the reference).
 
-Routes (``docs/instance.md`` is the reference):
-
-- ``GET /api/now/table/<table>``: list (``sysparm_query``, ``sysparm_limit``,
-  ``sysparm_offset``, ``sysparm_fields``, ``sysparm_no_count``, or ``field=value`` pairs);
-  ``X-Total-Count`` and ``Link`` headers.
-- ``POST /api/now/table/<table>``: insert (201).
+- ``GET /api/now/table/<table>``: list (``sysparm_query`` or ``field=value`` pairs,
+  ``sysparm_limit``, ``sysparm_offset``, ``sysparm_fields``, ``sysparm_display_value``,
+  ``sysparm_exclude_reference_link``, ``sysparm_no_count``,
+  ``sysparm_suppress_pagination_header``); ``X-Total-Count`` and ``Link`` headers.
+- ``POST /api/now/table/<table>``: insert (201, ``Location``).
 - ``GET|PATCH|PUT|DELETE /api/now/table/<table>/<sys_id>``.
-- ``GET /api/now/table/<CI class>[/<sys_id>]`` (``cmdb_ci_linux_server``, ...): the
-  ``cmdb_ci`` records of that class and its subclasses (``bridge.instance.cmdb.CI_CLASSES``),
-  read-only.
+- The same under ``/api/now/v1/table`` and ``/api/now/v2/table`` (v1: an empty list is
+  a 404, as ServiceNow documents).
+- ``GET /api/now/stats/<table>`` (``bridge.instance.api_stats``), ``POST
+  /api/now/v1/batch`` (``bridge.instance.api_batch``).
 - ``GET /`` (and ``/nav``): a small HTML page for users who may use web pages.
 
-Every value is returned as a string, as ServiceNow does; input takes strings or JSON
-types. Errors are ServiceNow-shaped: ``{"error": {"message", "detail"}, "status":
-"failure"}``.
+Tables come from the store's schema (``Store.schema``), CI class tables included
+(``/api/now/table/cmdb_ci_linux_server`` reads and writes that class). Answers are JSON,
+or XML with ``Accept: application/xml``; bodies JSON or XML. Unknown ``sysparm_*``
+parameters, unknown fields and system fields in a body are ignored, as ServiceNow does.
 """
 
 from __future__ import annotations
@@ -27,79 +29,51 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-import orjson
 from aiohttp import web
-from yarl import URL
 
-from bridge.instance import auth
-from bridge.instance.auth import Authenticator, AuthError, Principal
-from bridge.instance.cmdb import CI_TABLE, class_view
-from bridge.instance.query import MAX_TERMS, QueryError, escape, parse
-from bridge.instance.store import (
-    TABLES,
-    Conflict,
-    FieldError,
-    Record,
-    Store,
-    Table,
-    UnknownTable,
-    same_answer,
+from bridge.instance import api_xml, auth
+from bridge.instance.api_access import (
+    context,
+    hidden,
+    lineage,
+    may_read,
+    read_query,
+    sees,
+    table_for,
+    visible,
 )
+from bridge.instance.api_batch import BatchApi
+from bridge.instance.api_format import Shaper, to_wire, wire_value
+from bridge.instance.api_http import (
+    API_SETTINGS,
+    ApiError,
+    ApiSettings,
+    authenticate,
+    client_address,
+    error_middleware,
+    error_response,
+    json_object_body,
+    origin_middleware,
+    parse_json_body,
+    public_base,
+    read_body,
+    request_scheme,
+    respond,
+)
+from bridge.instance.api_params import Params, lookup_fields, restrict
+from bridge.instance.api_stats import StatsApi
+from bridge.instance.auth import Authenticator, AuthError, Principal
+from bridge.instance.query import QueryError, escape
+from bridge.instance.store import TABLES, Record, Store, Table, UnknownTable, same_answer
 
 log = logging.getLogger("midbridge.instance.api")
 
 API_PREFIX = "/api/now/table"
+VERSIONED_PREFIX = "/api/now/{version:v[12]}/table"
+# Fields holding JSON text: a JSON object or array given for one is stored as its text.
 JSON_TEXT_FIELDS = frozenset(
     {("ecc_queue", "payload"), ("ecc_agent", "stats"), ("discovery_credentials", "secret")}
 )
-IGNORED_PARAMS = frozenset(
-    {
-        "sysparm_exclude_reference_link",  # references are always plain sys_ids here
-        "sysparm_suppress_pagination_header",
-        "sysparm_view",
-        "sysparm_query_no_domain",
-        "sysparm_query_category",
-    }
-)
-LIST_PARAMS = frozenset(
-    {
-        "sysparm_query",
-        "sysparm_limit",
-        "sysparm_offset",
-        "sysparm_fields",
-        "sysparm_no_count",
-        "sysparm_display_value",
-        "sysparm_input_display_value",
-    }
-)
-
-
-MAX_JSON_DEPTH = 64  # nesting of arrays/objects in a request body (orjson writes ~254 at most)
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_WRITE_PARAMS = frozenset(
-    {"sysparm_fields", "sysparm_input_display_value", "sysparm_display_value"}
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ApiSettings:
-    max_body_bytes: int = 1_048_576
-    default_limit: int = 1_000
-    max_limit: int = 10_000
-    # Behind a TLS proxy: take the client's address from the last X-Forwarded-For entry and
-    # HTTPS from X-Forwarded-Proto. Off by default: anyone could send those headers.
-    trust_forwarded: bool = False
-    throttle: auth.ThrottleSettings = field(default_factory=auth.ThrottleSettings)
-
-
-class ApiError(Exception):
-    """An error answered in ServiceNow's shape with ``status``."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(f"{message}: {detail}" if detail else message)
-        self.status = status
-        self.message = message
-        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -115,7 +89,8 @@ class Write:
 
 BeforeWrite = Callable[[Write], Awaitable[None] | None]
 """Runs after access checks, before the store; may change ``write.fields``; raise
-``ApiError`` (or ``ValueError``, answered 400 with its text) to refuse the write."""
+``ApiError`` (or ``ValueError``, answered 400 with its text) to refuse the write. A hook of
+a table runs for the tables that extend it too."""
 
 
 @dataclass
@@ -135,205 +110,6 @@ class Hooks:
         return remove
 
 
-# --- shaping ------------------------------------------------------------------------------
-
-
-def wire_value(value: Any) -> str:
-    """A stored value as ServiceNow returns it: always a string."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def to_wire(table: Table, record: Record, fields: list[str] | None = None) -> dict[str, str]:
-    names = fields if fields is not None else list(table.fields)
-    return {
-        name: wire_value(record.get(name))
-        for name in names
-        if name in record and not table.fields[name].write_only
-    }
-
-
-def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data),
-        status=status,
-        content_type="application/json",
-        charset="utf-8",
-        headers=headers,
-    )
-
-
-def error_response(status: int, message: str, detail: str = "") -> web.Response:
-    headers = {"WWW-Authenticate": 'Basic realm="midbridge"'} if status == 401 else None
-    body = {"error": {"message": message, "detail": detail}, "status": "failure"}
-    return _json(body, status, headers)
-
-
-_HTTP_MESSAGES = {
-    404: "Requested URI does not represent any resource",
-    405: "Method not Supported",
-    413: "Request body too large",
-    415: "Unsupported Media Type",
-}
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.message, exc.detail)
-    except auth.SignInThrottled as exc:
-        response = error_response(exc.status, exc.message, exc.detail)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
-    except AuthError as exc:
-        return error_response(exc.status, exc.message, exc.detail)
-    except QueryError as exc:
-        return error_response(400, exc.message, "invalid encoded query")
-    except (FieldError, UnknownTable) as exc:
-        return error_response(400, exc.message, "invalid field or value")
-    except Conflict as exc:
-        return error_response(409, "Operation Failed", exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400 or not request.path.startswith("/api/"):
-            raise
-        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
-        detail = exc.reason
-        if exc.status == 405:
-            detail = f"{request.method} is not allowed on {request.path}"
-        elif exc.status == 404:
-            detail = f"no resource at {request.path}"
-        response = error_response(exc.status, message, detail)
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return error_response(500, "Internal server error", "see the instance's log")
-
-
-@web.middleware
-async def origin_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """CSRF: a state-changing request whose ``Origin`` is present and not this instance's
-    own is refused with 403 before anything else (credentials included) is looked at."""
-    if request.method in UNSAFE_METHODS:
-        origin = request.headers.get("Origin")
-        if origin is not None and not same_origin(request, origin):
-            raise ApiError(
-                403,
-                "Cross-origin request refused",
-                f"Origin {origin[:100]!r} is not this instance ({request.host[:100]})",
-            )
-    return await handler(request)
-
-
-def same_origin(request: web.Request, origin: str) -> bool:
-    """Is ``origin`` (an ``Origin`` header) the host and port this request was sent to?
-    The scheme is not compared: behind a TLS proxy the browser's is https, ours http."""
-    try:
-        theirs = URL(origin)
-        ours = URL(f"{theirs.scheme}://{request.host}")
-    except ValueError:
-        return False
-    if theirs.scheme not in ("http", "https") or not theirs.host or theirs.path not in ("", "/"):
-        return False
-    return (theirs.host.lower(), theirs.port) == ((ours.host or "").lower(), ours.port)
-
-
-def settings_of(request: web.Request) -> ApiSettings:
-    table_api = request.app.get(TABLE_API)
-    return table_api.settings if table_api is not None else ApiSettings()
-
-
-def _last_entry(header: str | None) -> str:
-    return (header or "").rpartition(",")[2].strip()
-
-
-def request_scheme(request: web.Request) -> str:
-    """``https`` or ``http``: as the client sent it (X-Forwarded-Proto when trusted)."""
-    if settings_of(request).trust_forwarded:
-        forwarded = _last_entry(request.headers.get("X-Forwarded-Proto")).lower()
-        if forwarded in ("http", "https"):
-            return forwarded
-    return "https" if request.secure else "http"
-
-
-def client_address(request: web.Request) -> str:
-    """The client's address (the last X-Forwarded-For entry when trusted)."""
-    if settings_of(request).trust_forwarded:
-        forwarded = _last_entry(request.headers.get("X-Forwarded-For"))
-        if forwarded:
-            return forwarded[:64]
-    return request.remote or ""
-
-
-async def authenticate(request: web.Request, authenticator: Authenticator) -> Principal:
-    """Basic authentication of ``request``, throttled per user and client address."""
-    return await authenticator.authenticate(
-        request.headers.get("Authorization"), client_address(request)
-    )
-
-
-def json_depth_exceeded(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Does ``value`` (parsed JSON) nest arrays/objects deeper than ``limit``?"""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """A request body's JSON, or ApiError 400 (not JSON, or nested too deep)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "Invalid JSON in the request body", str(exc)) from None
-    if json_depth_exceeded(body):
-        raise ApiError(
-            400,
-            "The request body is nested too deeply",
-            f"at most {MAX_JSON_DEPTH} levels of arrays and objects",
-        )
-    return body
-
-
-async def json_object_body(request: web.Request, limit: int = 65_536) -> dict[str, Any]:
-    """The body of a POST to an action endpoint: JSON only (``{}`` when there is nothing to
-    say), so that a browser cannot send it from another site without a CORS preflight."""
-    if request.content_type != "application/json":
-        raise ApiError(
-            415,
-            "Unsupported Media Type",
-            f"send application/json (at least {{}}), not {request.content_type or 'nothing'}",
-        )
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
-    body = parse_json_body(raw or b"{}")
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object", "")
-    return body
-
-
 # --- the Table API ------------------------------------------------------------------------
 
 
@@ -345,17 +121,23 @@ class TableApi:
         self.authenticator = Authenticator(store, auth.SignInThrottle(settings.throttle))
         self.hooks.add_before_write("sys_user", _hash_password_hook)
         self.hooks.add_before_write("sys_user", _mid_agents_hook)
+        self.stats_api = StatsApi(store, self.authenticator)
+        self.batch_api = BatchApi(self.authenticator)
 
     def add_routes(self, app: web.Application, *, root_page: bool = True) -> None:
-        """The Table API and the Basic page at ``/nav`` (and ``/`` unless ``root_page`` is
-        False: the dashboard then serves ``/``, and hands API clients to ``home_page``)."""
-        app.router.add_get(API_PREFIX + "/{table}", self.list_records)
-        app.router.add_post(API_PREFIX + "/{table}", self.create_record)
-        one = API_PREFIX + "/{table}/{sys_id}"
-        app.router.add_get(one, self.get_record)
-        app.router.add_patch(one, self.update_record)
-        app.router.add_put(one, self.update_record)
-        app.router.add_delete(one, self.delete_record)
+        """The Table, Aggregate and Batch APIs and the Basic page at ``/nav`` (and ``/``
+        unless ``root_page`` is False: the dashboard then serves ``/``, and hands API
+        clients to ``home_page``)."""
+        for prefix in (API_PREFIX, VERSIONED_PREFIX):
+            app.router.add_get(prefix + "/{table}", self.list_records)
+            app.router.add_post(prefix + "/{table}", self.create_record)
+            one = prefix + "/{table}/{sys_id}"
+            app.router.add_get(one, self.get_record)
+            app.router.add_patch(one, self.update_record)
+            app.router.add_put(one, self.update_record)
+            app.router.add_delete(one, self.delete_record)
+        self.stats_api.add_routes(app)
+        self.batch_api.add_routes(app)
         if root_page:
             app.router.add_get("/", self.home_page)
         app.router.add_get("/nav", self.home_page)
@@ -365,140 +147,77 @@ class TableApi:
     async def _who(self, request: web.Request) -> Principal:
         return await authenticate(request, self.authenticator)
 
-    @staticmethod
-    def _table(request: web.Request, who: Principal) -> Table:
-        """The table named in the path, once ``who`` may use it (400 / 403 otherwise)."""
-        name = request.match_info["table"]
-        table = TABLES.get(name)
-        if table is None:
-            if class_view(name) is not None:
-                auth.authorize_table(who, CI_TABLE)
-                raise ApiError(
-                    405,
-                    "Method not Supported",
-                    f"{name} is a read-only view of {CI_TABLE}: write {CI_TABLE} "
-                    "(sys_class_name holds the class)",
-                )
-            raise ApiError(400, f"Invalid table {name}", "")
-        auth.authorize_table(who, table.name)
-        return table
+    def _table(self, request: web.Request, who: Principal) -> Table:
+        return table_for(self.store, request.match_info["table"], who)
 
-    @classmethod
-    def _readable(cls, request: web.Request, who: Principal) -> tuple[Table, tuple[str, ...]]:
-        """The table to read, and the CI classes it is limited to (a class view) or ()."""
-        classes = class_view(request.match_info["table"])
-        if classes is None:
-            return cls._table(request, who), ()
-        auth.authorize_table(who, CI_TABLE)
-        return TABLES[CI_TABLE], classes
+    def _shaper(self, request: web.Request, who: Principal, table: Table, params: Params) -> Shaper:
+        return Shaper(
+            self.store,
+            who,
+            table,
+            display=params.display_value(),
+            links=not params.flag("sysparm_exclude_reference_link"),
+            base=public_base(request),
+            fields=params.names("sysparm_fields"),
+        )
 
     @staticmethod
-    def _hidden(table: Table) -> list[str]:
-        return [name for name, spec in table.fields.items() if spec.write_only]
-
-    def _params(
-        self, request: web.Request, allowed: frozenset[str], *, filters: bool = False
-    ) -> dict[str, str]:
-        """The query parameters; ``filters``: other names are ``field=value`` filters."""
-        params: dict[str, str] = {}
-        for key, value in request.query.items():
-            if key in IGNORED_PARAMS:
-                continue
-            if key not in allowed and (key.startswith("sysparm_") or not filters):
-                raise ApiError(400, f"Unsupported parameter {key}", "see docs/instance.md")
-            if key in params:
-                raise ApiError(400, f"Parameter {key} given more than once", "")
-            params[key] = value
-        display = params.pop("sysparm_display_value", "false").lower()
-        if display != "false":
-            raise ApiError(
-                400,
-                f"sysparm_display_value={display} is not supported",
-                "values are returned as stored (references as sys_ids)",
-            )
-        return params
-
-    @staticmethod
-    def _flag(params: Mapping[str, str], name: str) -> bool:
-        value = params.get(name, "false").lower()
-        if value not in ("true", "false"):
-            raise ApiError(400, f"{name} must be true or false, not {value!r}", "")
-        return value == "true"
-
-    @staticmethod
-    def _fields_param(table: Table, params: Mapping[str, str]) -> list[str] | None:
-        text = params.get("sysparm_fields")
-        if text is None or not text.strip():
-            return None
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        for name in names:
-            if name not in table.fields:
-                raise ApiError(
-                    400, f"Unknown field {name!r} in sysparm_fields", f"table {table.name}"
-                )
-        return names
-
-    def _int_param(self, params: Mapping[str, str], name: str, default: int, high: int) -> int:
-        text = params.get(name)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise ApiError(400, f"{name} must be an integer, not {text!r}", "") from None
-        if not 0 <= value <= high:
-            raise ApiError(400, f"{name} must be between 0 and {high}, not {value}", "")
-        return value
+    def _prefix(request: web.Request) -> str:
+        version = request.match_info.get("version")
+        return f"/api/now/{version}/table" if version else API_PREFIX
 
     async def _body(self, request: web.Request, table: Table) -> dict[str, Any]:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
-        if request.content_type != "application/json":
+        """The fields a write sets: JSON or XML; fields the table does not have and system
+        fields are ignored, as ServiceNow ignores them."""
+        content_type = request.content_type
+        if content_type != "application/json" and content_type not in api_xml.XML_TYPES:
             raise ApiError(
                 415,
                 "Unsupported Media Type",
-                f"send application/json, not {request.content_type or 'nothing'}",
+                f"send application/json or application/xml, not {content_type or 'nothing'}",
             )
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ApiError(413, "Request body too large", f"the limit is {limit} bytes") from None
-        if len(raw) > limit:
-            raise ApiError(413, "Request body too large", f"the limit is {limit} bytes")
-        body = parse_json_body(raw)
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object", "")
+        raw = await read_body(request, self.settings.max_body_bytes)
+        body: Any
+        if content_type == "application/json":
+            body = parse_json_body(raw)
+            if isinstance(body, list) and body and isinstance(body[0], dict):
+                body = body[0]  # ServiceNow processes the first record of a list
+            if not isinstance(body, dict):
+                raise ApiError(400, "The request body must be a JSON object", "")
+        else:
+            try:
+                body = api_xml.parse_body(raw)
+            except api_xml.XmlBodyError as exc:
+                raise ApiError(400, "Invalid XML in the request body", str(exc)) from None
+        fields: dict[str, Any] = {}
         for name, value in body.items():
             spec = table.fields.get(name)
-            if spec is None:
-                raise ApiError(
-                    400, f"Unknown field {name!r} for table {table.name}", "see docs/instance.md"
-                )
-            if spec.read_only:
-                raise ApiError(400, f"Field {name!r} is read-only", f"table {table.name}")
-            if isinstance(value, dict | list) and (table.name, name) not in JSON_TEXT_FIELDS:
+            if spec is None or spec.read_only:
+                continue
+            if isinstance(value, dict | list) and (table.physical, name) not in JSON_TEXT_FIELDS:
                 raise ApiError(400, f"Field {name!r}: expected a string, number or boolean", "")
-        return body
+            fields[name] = value
+        return fields
 
     async def _resolve_references(
-        self, table: Table, body: dict[str, Any], by_display: bool
+        self, who: Principal, table: Table, body: dict[str, Any], by_display: bool
     ) -> None:
-        """Reference fields: a sys_id, or (``sysparm_input_display_value=true``) a name."""
+        """Reference fields: a sys_id, or (``sysparm_input_display_value=true``) the
+        referenced record's display value. A reference whose record is deleted with it
+        (``cascade_delete``) must name an existing record."""
+        schema = self.store.schema
         for name, value in list(body.items()):
             spec = table.fields[name]
-            if spec.reference is None or not spec.cascade_delete or value in (None, ""):
+            target = schema.get(spec.reference or "")
+            if target is None or value in (None, ""):
                 continue
-            target = TABLES[spec.reference]
             text = str(value)
-            if by_display and target.display_field != "sys_id":
-                rows = await self.store.query(
-                    target.name, f"{target.display_field}={escape(text)}", limit=1
-                )
-                if rows:
-                    body[name] = rows[0]["sys_id"]
+            if by_display and may_read(who, target):
+                found = await self._by_display(who, target, text)
+                if found is not None:
+                    body[name] = found
                     continue
-            if await self.store.get(target.name, text) is not None:
+            if not spec.cascade_delete or await self.store.get(target.name, text) is not None:
                 continue
             if by_display:
                 detail = f"no {target.name} record with {target.display_field} or sys_id {text!r}"
@@ -509,129 +228,140 @@ class TableApi:
                 )
             raise ApiError(400, f"Invalid reference in field {name!r}", detail)
 
-    async def _run_hooks(self, write: Write) -> None:
-        for hook in list(self.hooks.before_write.get(write.table, [])):
-            try:
-                result = hook(write)
-                if inspect.isawaitable(result):
-                    await result
-            except ValueError as exc:
-                raise ApiError(400, str(exc), f"table {write.table}") from None
+    async def _by_display(self, who: Principal, target: Table, text: str) -> str | None:
+        """The sys_id of the ``target`` record ``who`` may see whose display value (or an
+        extra lookup field's, ``lookup_fields``) is ``text``; None if there is none."""
+        for lookup in lookup_fields(target):
+            rows = await self.store.query(target.name, f"{lookup}={escape(text)}", limit=1)
+            if rows and sees(who, target, rows[0]):
+                return str(rows[0]["sys_id"])
+        return None
+
+    async def _run_hooks(self, write: Write, table: Table) -> None:
+        for name in lineage(self.store.schema, table):
+            for hook in list(self.hooks.before_write.get(name, [])):
+                try:
+                    result = hook(write)
+                    if inspect.isawaitable(result):
+                        await result
+                except ValueError as exc:
+                    raise ApiError(400, str(exc), f"table {write.table}") from None
+
+    @staticmethod
+    def _answer(
+        request: web.Request,
+        result: dict[str, Any],
+        status: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """A write's answer; none with ``X-no-response-body: true`` (ServiceNow's header)."""
+        if request.headers.get("X-no-response-body", "").strip().lower() == "true":
+            return web.Response(status=status, headers=headers)
+        return respond(request, {"result": result}, status, headers)
 
     # --- handlers ---------------------------------------------------------------------------
 
     async def list_records(self, request: web.Request) -> web.Response:
         who = await self._who(request)
-        table, classes = self._readable(request, who)
-        auth.authorize(who, table.name, "read")
-        params = self._params(request, LIST_PARAMS, filters=True)
-        query = params.pop("sysparm_query", "")
-        filters = {k: v for k, v in params.items() if not k.startswith("sysparm_")}
-        if filters:
-            if query:
-                raise ApiError(
-                    400, "Give either sysparm_query or field=value parameters, not both", ""
-                )
-            for key in filters:
-                if key not in table.fields:
-                    raise ApiError(
-                        400, f"Unknown field {key!r} in the query parameters", f"table {table.name}"
-                    )
-            query = "^".join(f"{k}={escape(v)}" for k, v in filters.items())
-        _check_client_query(query, "field=value parameters" if filters else "sysparm_query")
-        if classes:
-            query = restrict(query, "sys_class_nameIN" + ",".join(classes))
-        scope = auth.agent_scope(who, table.name)
-        if scope is not None:
-            query = restrict(query, scope)
-        fields = self._fields_param(table, params)
-        limit = self._int_param(
-            params, "sysparm_limit", self.settings.default_limit, self.settings.max_limit
+        table = self._table(request, who)
+        auth.authorize(who, table.physical, "read")
+        params = Params.of(request)
+        query = read_query(self.store, who, table, params)
+        shaper = self._shaper(request, who, table, params)
+        settings = self.settings
+        limit = params.integer(
+            "sysparm_limit", settings.default_limit, settings.max_limit, clamp=True
         )
-        offset = self._int_param(params, "sysparm_offset", 0, 2**62)
-        hidden = self._hidden(table)
-        records = await self.store.query(
-            table.name, query, limit=limit, offset=offset, hidden=hidden
-        )
+        offset = params.integer("sysparm_offset", 0, 2**62)
+        options: dict[str, Any] = {
+            "hidden": hidden(table),
+            "invalid": "ignore",
+            "context": context(who),
+        }
+        records = await self.store.query(table.name, query, limit=limit, offset=offset, **options)
+        if not records and request.match_info.get("version") == "v1":
+            raise ApiError(
+                404,
+                "No Record found",
+                "Records matching query not found. Check query parameter or offset parameter",
+            )
         headers: dict[str, str] = {}
-        if not self._flag(params, "sysparm_no_count"):
-            total = await self.store.count(table.name, query, hidden=hidden)
+        total: int | None = None
+        if not params.flag("sysparm_no_count"):
+            total = await self.store.count(table.name, query, **options)
             headers["X-Total-Count"] = str(total)
-            links = _links(request, limit, offset, total)
-            if links:
-                headers["Link"] = links
-        result = [to_wire(table, r, fields) for r in records]
-        return _json({"result": result}, headers=headers)
+        links = _links(request, limit, offset, total, len(records))
+        if links and not params.flag("sysparm_suppress_pagination_header"):
+            headers["Link"] = links
+        result = await shaper.records(records)
+        return respond(request, {"result": result}, headers=headers)
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self._who(request)
-        table, classes = self._readable(request, who)
-        auth.authorize(who, table.name, "read")
-        params = self._params(request, frozenset({"sysparm_fields", "sysparm_display_value"}))
-        fields = self._fields_param(table, params)
-        record = await self.store.get(table.name, request.match_info["sys_id"])
-        if record is None or (classes and record.get("sys_class_name") not in classes):
+        table = self._table(request, who)
+        auth.authorize(who, table.physical, "read")
+        shaper = self._shaper(request, who, table, Params.of(request))
+        record = visible(who, table, await self.store.get(table.name, request.match_info["sys_id"]))
+        if record is None:
             raise _not_found()
-        if not auth.in_agent_scope(who, table.name, record):
-            raise _not_found()
-        return _json({"result": to_wire(table, record, fields)})
+        return respond(request, {"result": await shaper.record(record)})
 
     async def _write_request(
         self, request: web.Request
-    ) -> tuple[Principal, Table, dict[str, str], list[str] | None, dict[str, Any]]:
-        """A create's or update's writer, table, parameters, fields to answer, and body."""
+    ) -> tuple[Principal, Table, Params, Shaper, dict[str, Any]]:
+        """A create's or update's writer, table, parameters, answer's shape, and body."""
         who = await self._who(request)
         table = self._table(request, who)
-        params = self._params(request, _WRITE_PARAMS)
-        fields = self._fields_param(table, params)
+        params = Params.of(request)
+        shaper = self._shaper(request, who, table, params)
         body = await self._body(request, table)
-        return who, table, params, fields, body
+        return who, table, params, shaper, body
 
     async def create_record(self, request: web.Request) -> web.Response:
-        who, table, params, fields, body = await self._write_request(request)
-        auth.authorize(who, table.name, "create", fields=body)
+        who, table, params, shaper, body = await self._write_request(request)
+        auth.authorize(who, table.physical, "create", fields=body)
         _check_agent_name(table, body)
-        is_input = table.name == "ecc_queue" and str(body.get("queue") or "input") == "input"
+        is_input = table.physical == "ecc_queue" and str(body.get("queue") or "input") == "input"
         if is_input and not who.is_admin:
             stored = await self._check_mid_input(who, body)
             if stored is not None:  # a repeat of an answer already stored: as idempotent
-                return _json({"result": to_wire(table, stored, fields)}, 200)
-        await self._resolve_references(
-            table, body, self._flag(params, "sysparm_input_display_value")
-        )
+                return self._answer(request, await shaper.record(stored), 200)
+        await self._resolve_references(who, table, body, params.flag("sysparm_input_display_value"))
         write = Write(table.name, "insert", body, None, who)
-        await self._run_hooks(write)
+        await self._run_hooks(write, table)
         status = 201
-        if is_input and str(write.fields.get("queue") or "input") == "input":
-            record, inserted = await self.store.insert_input_once(write.fields)
+        if (
+            is_input
+            and table.name == "ecc_queue"
+            and str(write.fields.get("queue") or "input") == "input"
+        ):
+            record, inserted = await self.store.insert_input_once(write.fields, actor=who.user_name)
             status = 201 if inserted else 200
         else:
-            record = await self.store.insert(table.name, write.fields)
-        location = f"{request.url.origin()}{API_PREFIX}/{table.name}/{record['sys_id']}"
-        return _json(
-            {"result": to_wire(table, record, fields)}, status, headers={"Location": location}
+            record = await self.store.insert(table.name, write.fields, actor=who.user_name)
+        location = f"{public_base(request)}{self._prefix(request)}/{table.name}/{record['sys_id']}"
+        return self._answer(
+            request, await shaper.record(record), status, headers={"Location": location}
         )
 
     async def update_record(self, request: web.Request) -> web.Response:
-        who, table, params, fields, body = await self._write_request(request)
-        if "sys_id" in body:
-            raise ApiError(400, "Field 'sys_id' is read-only", f"table {table.name}")
+        who, table, params, shaper, body = await self._write_request(request)
+        body.pop("sys_id", None)  # a record keeps its sys_id
         sys_id = request.match_info["sys_id"]
         previous = await self.store.get(table.name, sys_id)
-        if previous is None or not auth.in_agent_scope(who, table.name, previous):
-            auth.authorize(who, table.name, "read")
+        if visible(who, table, previous) is None:
+            auth.authorize(who, table.physical, "read")
             raise _not_found()
-        auth.authorize(who, table.name, "write", fields=body, record=previous)
+        assert previous is not None
+        auth.authorize(who, table.physical, "write", fields=body, record=previous)
         _check_agent_name(table, body)
-        await self._resolve_references(
-            table, body, self._flag(params, "sysparm_input_display_value")
-        )
+        await self._resolve_references(who, table, body, params.flag("sysparm_input_display_value"))
         write = Write(table.name, "update", body, previous, who)
-        await self._run_hooks(write)
-        record = await self.store.update(table.name, sys_id, write.fields)
+        await self._run_hooks(write, table)
+        record = await self.store.update(table.name, sys_id, write.fields, actor=who.user_name)
         if record is None:  # deleted meanwhile
             raise _not_found()
-        return _json({"result": to_wire(table, record, fields)})
+        return self._answer(request, await shaper.record(record), 200)
 
     async def _check_mid_input(self, who: Principal, body: dict[str, Any]) -> Record | None:
         """A mid_server account's input record must answer an output sent to its own agent
@@ -696,9 +426,11 @@ class TableApi:
     async def delete_record(self, request: web.Request) -> web.Response:
         who = await self._who(request)
         table = self._table(request, who)
-        self._params(request, frozenset())
-        auth.authorize(who, table.name, "delete")
-        if not await self.store.delete(table.name, request.match_info["sys_id"]):
+        auth.authorize(who, table.physical, "delete")
+        sys_id = request.match_info["sys_id"]
+        if visible(who, table, await self.store.get(table.name, sys_id)) is None:
+            raise _not_found()
+        if not await self.store.delete(table.name, sys_id):
             raise _not_found()
         return web.Response(status=204)
 
@@ -715,13 +447,11 @@ class TableApi:
             )
         roles = ", ".join(sorted(who.roles)) or "none"
         readable = [
-            name
-            for name in TABLES
-            if who.is_admin
-            or (name in ("ecc_queue", "ecc_agent") and who.has_any("mid_server", "discovery_admin"))
+            name for name, table in sorted(self.store.schema.items()) if may_read(who, table)
         ]
         items = "".join(
-            f'<li><a href="{API_PREFIX}/{name}?sysparm_limit=20">{name}</a></li>'
+            f'<li><a href="{API_PREFIX}/{html.escape(name)}?sysparm_limit=20">'
+            f"{html.escape(name)}</a></li>"
             for name in readable
         )
         body = (
@@ -732,51 +462,14 @@ class TableApi:
         return _page(200, "midbridge instance", body)
 
 
-def _check_client_query(query: str, parameter: str) -> None:
-    """A client's query within ``MAX_TERMS`` terms: 400 naming the parameter otherwise."""
-    try:
-        parse(query, max_terms=MAX_TERMS)
-    except QueryError as exc:
-        message = f"Invalid {parameter}: {exc.message}"
-        raise ApiError(400, message, "invalid encoded query") from None
-
-
 def _check_agent_name(table: Table, body: Mapping[str, Any]) -> None:
     """An agent's name (``ecc_agent.name``) in the safe alphabet, whoever writes it."""
-    if table.name != "ecc_agent" or "name" not in body:
+    if table.physical != "ecc_agent" or "name" not in body:
         return
     try:
         auth.check_agent_name(body["name"], "ecc_agent.name")
     except ValueError as exc:
         raise ApiError(400, f"Invalid value for field 'name': {exc}", "table ecc_agent") from None
-
-
-def restrict(query: str, condition: str) -> str:
-    """``query`` (an encoded query) with ``condition`` AND-ed into each of its ``^NQ``
-    branches; a syntax error in ``query`` raises ``QueryError`` as it would alone."""
-    parse(query)
-    terms: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(query):
-        if query.startswith("^^", i):
-            current.append("^^")  # a caret inside a value: kept as it is
-            i += 2
-        elif query[i] == "^":
-            terms.append("".join(current))
-            current = []
-            i += 1
-        else:
-            current.append(query[i])
-            i += 1
-    terms.append("".join(current))
-    out = [condition]
-    for term in terms:
-        if term.startswith("NQ"):
-            out += ["NQ" + condition, term[2:]]
-        else:
-            out.append(term)
-    return "^".join(out)
 
 
 def _not_found() -> ApiError:
@@ -785,13 +478,21 @@ def _not_found() -> ApiError:
     )
 
 
-def _links(request: web.Request, limit: int, offset: int, total: int) -> str:
+def _links(request: web.Request, limit: int, offset: int, total: int | None, returned: int) -> str:
+    """ServiceNow's Link header: first, prev, next and last pages, absolute URLs. Without
+    a count (``sysparm_no_count``): no last page, and a next one when this page is full."""
+    if total is None:
+        total = offset + returned + (1 if returned >= limit else 0)
+        last_known = False
+    else:
+        last_known = True
     if limit <= 0 or (offset == 0 and total <= limit):
         return ""
+    base = public_base(request)
 
     def at(start: int, rel: str) -> str:
-        url = request.url.update_query(sysparm_limit=str(limit), sysparm_offset=str(start))
-        return f'<{url}>;rel="{rel}"'
+        url = request.rel_url.update_query(sysparm_limit=str(limit), sysparm_offset=str(start))
+        return f'<{base}{url}>;rel="{rel}"'
 
     last = max(0, (total - 1) // limit * limit)
     parts = [at(0, "first")]
@@ -799,7 +500,8 @@ def _links(request: web.Request, limit: int, offset: int, total: int) -> str:
         parts.append(at(max(0, offset - limit), "prev"))
     if offset + limit < total:
         parts.append(at(offset + limit, "next"))
-    parts.append(at(last, "last"))
+    if last_known:
+        parts.append(at(last, "last"))
     return ",".join(parts)
 
 
@@ -867,6 +569,7 @@ def make_app(
     table_api = TableApi(store, settings, hooks or Hooks())
     table_api.add_routes(app, root_page=root_page)
     app[TABLE_API] = table_api
+    app[API_SETTINGS] = settings
     return app
 
 
@@ -892,6 +595,7 @@ __all__ = [
     "json_object_body",
     "make_app",
     "parse_json_body",
+    "public_base",
     "request_scheme",
     "restrict",
     "to_wire",

@@ -540,20 +540,26 @@ def _roles_text(roles: Iterable[str]) -> str:
 
 
 _ECC_READERS = ("mid_server", "discovery_admin")
-# discovery_admin reads runs and CIs, and writes schedules; the CI class views count too.
+_ECC_TABLES = frozenset({"ecc_queue", "ecc_agent"})
+# discovery_admin reads runs and CIs, and writes schedules; the CI class tables count too
+# (the Table API authorizes a table of a hierarchy as its root: cmdb_ci_linux_server as
+# cmdb_ci).
 _DISCOVERY_TABLES = frozenset({"discovery_schedule", "discovery_status", "cmdb_ci"})
 
 
 def authorize_table(who: Principal, table: str) -> None:
     """Raise AuthError 403 unless ``who`` may use ``table`` at all (checked first, so a
-    refused user learns nothing about records or bodies)."""
+    refused user learns nothing about records or bodies). ``table`` is a root table (the
+    caller passes ``Table.physical`` for a table that extends another). Any table not
+    named in these rules (the schema tables sys_db_object and sys_dictionary, groups, logs,
+    tables added as sys_db_object records) is admin-only."""
     if who.is_admin:
         return
-    if table in ("ecc_queue", "ecc_agent") and who.has_any(*_ECC_READERS):
+    if table in _ECC_TABLES and who.has_any(*_ECC_READERS):
         return
     if table in _DISCOVERY_TABLES and who.has_any("discovery_admin"):
         return
-    if table in ("ecc_queue", "ecc_agent"):
+    if table in _ECC_TABLES:
         needed = _roles_text(_ECC_READERS)
     elif table in _DISCOVERY_TABLES:
         needed = _roles_text(["discovery_admin"])
@@ -589,8 +595,8 @@ def authorize(
     - ``discovery_schedule``: read, create and write with discovery_admin; the run tables
       and the CMDB (``discovery_status``, ``cmdb_ci``) are read with discovery_admin and
       written by the instance itself.
-    - ``sys_user``, ``sys_user_role``, ``sys_user_has_role``, ``discovery_credentials``:
-      admin only.
+    - ``sys_user``, ``sys_user_role``, ``sys_user_has_role``, ``discovery_credentials``,
+      and every table not named here (schema tables, tables added as records): admin only.
     """
     if who.is_admin:
         return
@@ -600,9 +606,12 @@ def authorize(
     if action == "read":
         if table in _DISCOVERY_TABLES and who.has_any("discovery_admin"):
             return
-        if table not in _DISCOVERY_TABLES and who.has_any(*_ECC_READERS):
+        if table in _ECC_TABLES and who.has_any(*_ECC_READERS):
             return
-        raise AuthError(403, f"read on {table} requires role {_roles_text(_ECC_READERS)}")
+        if table in _ECC_TABLES:
+            raise AuthError(403, f"read on {table} requires role {_roles_text(_ECC_READERS)}")
+        needed = _roles_text(["discovery_admin"]) if table in _DISCOVERY_TABLES else "admin"
+        raise AuthError(403, f"read on {table} requires role {needed}")
     if table == "ecc_queue":
         _authorize_ecc(who, action, fields, record)
         return

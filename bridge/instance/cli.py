@@ -2,7 +2,12 @@
 
 - ``midbridge instance [--host H] [--port P] [--db PATH]``: serve until SIGINT/SIGTERM.
   On first start the ``admin`` user is created with ``$MIDBRIDGE_ADMIN_PASSWORD``, or a
-  generated password that is printed once.
+  generated password that is printed once. HTTPS: ``--tls-cert FILE --tls-key FILE``, or
+  ``--tls-self-signed`` (a certificate made beside the database, reused; its path and
+  SHA-256 fingerprint are printed). ``--public-url URL``: the base of the API's links
+  (Link, Location) behind a proxy; ``--trust-forwarded``: believe X-Forwarded-* headers.
+- ``midbridge instance agent ...`` / ``instance discovery run ...``: talk to a running
+  instance at ``--url``; ``--ca-file FILE`` trusts its certificate (or ``$SSL_CERT_FILE``).
 - ``midbridge instance user create NAME [--first-name F] [--last-name L] [--email E]
   [--role R ...] [--web-service-only] [--inactive] [--password-stdin]``: the password is
   asked for twice (no echo), or read as one line from stdin.
@@ -20,19 +25,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import getpass
 import ipaddress
 import logging
 import os
 import sqlite3
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from bridge.cli_errors import CommandError, fail
+from bridge.instance import tls
 from bridge.instance.agents import valid_agent_name
 from bridge.instance.api import ApiSettings
 from bridge.instance.auth import (
@@ -45,6 +54,7 @@ from bridge.instance.auth import (
 )
 from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import Conflict, StoreError
+from bridge.instance.tls import TlsError, client_context
 from bridge.signals import StopSignals
 from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
@@ -80,8 +90,28 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     inst.add_argument(
         "--trust-forwarded",
         action="store_true",
-        help="behind a TLS proxy: trust X-Forwarded-Proto (Secure cookies) and "
-        "X-Forwarded-For (the client address for sign-in throttling)",
+        help="behind a TLS proxy: trust X-Forwarded-Proto (Secure cookies, https links), "
+        "X-Forwarded-Host (links) and X-Forwarded-For (the client address for sign-in "
+        "throttling)",
+    )
+    inst.add_argument(
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="the address clients use (e.g. https://snow.example.com behind a proxy): "
+        "the base of the API's Link and Location headers and reference links",
+    )
+    inst.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="FILE", help="serve HTTPS: PEM certificate"
+    )
+    inst.add_argument(
+        "--tls-key", type=Path, default=None, metavar="FILE", help="its PEM private key"
+    )
+    inst.add_argument(
+        "--tls-self-signed",
+        action="store_true",
+        help="serve HTTPS with a self-signed certificate made beside the database (reused); "
+        "prints its path and SHA-256 fingerprint for clients to trust",
     )
     inst_sub = inst.add_subparsers(dest="instance_command")
     user = inst_sub.add_parser("user", help="users of the instance")
@@ -132,12 +162,25 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     agent.add_argument("name", nargs="?", help="the agent's name (without mid.server.)")
     agent.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
     agent.add_argument("--user", default="admin", help=f"admin user (password: ${ADMIN_PASS_ENV})")
+    ca_file_option(agent)
 
     disco = inst_sub.add_parser("discovery", help="start a discovery run on a running instance")
     disco.add_argument("action", choices=["run"])
     disco.add_argument("schedule", help="the discovery_schedule's name or sys_id")
     disco.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
     disco.add_argument("--user", default="admin", help=f"user (password: ${ADMIN_PASS_ENV})")
+    ca_file_option(disco)
+
+
+def ca_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="trust this PEM certificate (e.g. the instance's self-signed one) besides the "
+        "system's CAs ($SSL_CERT_FILE replaces those)",
+    )
 
 
 def run_instance_command(
@@ -153,6 +196,8 @@ def run_instance_command(
                     args.db,
                     broker=_broker(args),
                     trust_forwarded=args.trust_forwarded,
+                    https=_https(args),
+                    public_url=_public_url(args),
                 )
             )
         if args.instance_command in ("agent", "discovery"):
@@ -164,6 +209,8 @@ def run_instance_command(
             return run_loop(_user_set_agents(args))
         return run_loop(_user_list(args.db))
     except CommandError as exc:
+        return fail("instance", exc)
+    except TlsError as exc:
         return fail("instance", exc)
     except StoreError as exc:
         return fail("instance", exc.message)
@@ -178,12 +225,15 @@ async def _agent_command(args: argparse.Namespace) -> int:
     """Agent actions go through the running instance's API, so its connector sends them."""
     import aiohttp
 
+    trust = client_context(args.ca_file)  # a bad --ca-file before the password prompt
     password = os.environ.get(ADMIN_PASS_ENV)
     if password is None:
         password = getpass.getpass(f"Password for {args.user}: ")
     token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
     base = str(args.url).rstrip("/")
-    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {token}"}) as http:
+    connector = aiohttp.TCPConnector(ssl=trust)
+    headers = {"Authorization": f"Basic {token}"}
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as http:
         try:
             if args.action == "list":
                 url = f"{base}/api/now/table/ecc_agent"
@@ -220,6 +270,13 @@ async def _agent_command(args: argparse.Namespace) -> int:
                 body = await resp.json(content_type=None)
                 if resp.status >= 300:
                     raise CommandError(_api_error(resp.status, body))
+        except aiohttp.ClientConnectorCertificateError as exc:
+            cause = exc.certificate_error
+            raise CommandError(
+                f"the instance at {base} has a certificate this machine does not trust "
+                f"({getattr(cause, 'verify_message', None) or cause}): give --ca-file "
+                "with its certificate (or set SSL_CERT_FILE)"
+            ) from None
         except aiohttp.ClientError as exc:
             raise CommandError(f"cannot reach the instance at {base}: {exc}") from None
     print(f"{args.action} sent to {args.name}")
@@ -247,10 +304,10 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
     return cfg, str(args.topic_prefix)
 
 
-def insecure_settings(host: str, broker: BrokerConfig | None) -> list[str]:
+def insecure_settings(host: str, broker: BrokerConfig | None, *, https: bool = False) -> list[str]:
     """What in this start-up is open to others: each is allowed, and said loudly."""
     warnings = []
-    if not _loopback(host):
+    if not _loopback(host) and not https:
         warnings.append(
             f"listening on {host} over plain HTTP: passwords (Basic) and sessions cross the "
             "network in clear; put a TLS proxy in front (and --trust-forwarded)"
@@ -275,6 +332,52 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+@dataclass(frozen=True, slots=True)
+class Https:
+    """How the instance serves HTTPS: the server context and what to tell the user."""
+
+    context: ssl.SSLContext
+    lines: tuple[str, ...]
+
+
+def _https(args: argparse.Namespace) -> Https | None:
+    """The TLS options checked (one-line errors naming the flag), or None for plain HTTP."""
+    cert, key = args.tls_cert, args.tls_key
+    if args.tls_self_signed:
+        if cert is not None or key is not None:
+            flag = "--tls-cert" if cert is not None else "--tls-key"
+            raise CommandError(f"{flag}: not with --tls-self-signed (give one or the other)")
+        if str(args.db) == ":memory:":
+            raise CommandError("--tls-self-signed: needs a database file (--db) to keep it beside")
+        public = _public_url(args)
+        extra = [urlsplit(public).hostname or ""] if public else []
+        made = tls.self_signed(Path(args.db), tls.certificate_names(str(args.host), extra))
+        state = {"new": "made now", "renewed": "renewed", "": "reused"}[made.made]
+        return Https(
+            tls.server_context(made.cert, made.key),
+            (
+                f"TLS: self-signed certificate {made.cert} ({state}) for {', '.join(made.names)}",
+                f"TLS: SHA-256 fingerprint {made.fingerprint}",
+                f"TLS: clients trust it with curl --cacert {made.cert}, "
+                f"REQUESTS_CA_BUNDLE={made.cert} or SSL_CERT_FILE={made.cert}",
+            ),
+        )
+    if cert is None and key is None:
+        return None
+    if cert is None:
+        raise CommandError("--tls-key: needs --tls-cert (the certificate it belongs to)")
+    if key is None:
+        raise CommandError("--tls-cert: needs --tls-key (the certificate's private key)")
+    context = tls.server_context(cert, key)
+    return Https(
+        context, (f"TLS: certificate {cert} (SHA-256 fingerprint {tls.file_fingerprint(cert)})",)
+    )
+
+
+def _public_url(args: argparse.Namespace) -> str:
+    return tls.check_public_url(args.public_url) if args.public_url is not None else ""
+
+
 async def _serve(
     host: str,
     port: int,
@@ -282,6 +385,8 @@ async def _serve(
     *,
     broker: tuple[BrokerConfig, str] | None = None,
     trust_forwarded: bool = False,
+    https: Https | None = None,
+    public_url: str = "",
 ) -> int:
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
@@ -289,17 +394,25 @@ async def _serve(
 
     with StopSignals() as stop:
         try:
-            for warning in insecure_settings(host, broker[0] if broker is not None else None):
+            cfg_broker = broker[0] if broker is not None else None
+            for warning in insecure_settings(host, cfg_broker, https=https is not None):
                 log.warning("insecure: %s", warning)
                 print(f"midbridge instance: warning: {warning}", file=sys.stderr, flush=True)
-            api = ApiSettings(trust_forwarded=trust_forwarded)
-            instance = Instance(InstanceConfig(host=host, port=port, db=db, api=api))
+            api = ApiSettings(trust_forwarded=trust_forwarded, public_url=public_url)
+            config = InstanceConfig(host=host, port=port, db=db, api=api)
+            if https is not None:
+                config = dataclasses.replace(config, ssl_context=https.context)
+            instance = Instance(config)
             keys = keys_for(db)
             install(instance, keys)  # sealed credentials, agent actions, the platform key
             discovery.install(instance)  # runs, their routes, the CI class views
             async with AsyncExitStack() as stack:
                 inst = await stack.enter_async_context(instance)
                 print(f"midbridge instance on {inst.url} (database {db})", flush=True)
+                for line in https.lines if https is not None else ():
+                    print(line, flush=True)
+                if public_url:
+                    print(f"public URL (links, Location): {public_url}", flush=True)
                 generated = inst.generated_admin_password
                 if generated:
                     print(f"admin password (first start, shown only now): {generated}", flush=True)

@@ -17,10 +17,11 @@ Three steps, each a plain function of its input (``docs/discovery.md``):
 - **Upsert** (:func:`upsert`): a match is updated (non-empty values win, ``first_discovered``
   stays, ``last_discovered`` moves); no match inserts a CI.
 
-CIs live in one table, ``cmdb_ci``; ``sys_class_name`` is the class. :data:`CI_CLASSES` is
-the class tree, which the Table API serves as read-only views
-(``/api/now/table/cmdb_ci_linux_server`` reads the ``cmdb_ci`` records of that class and
-its subclasses): :func:`class_view`.
+CIs live in ``cmdb_ci``'s storage; ``sys_class_name`` is the class. :data:`CI_CLASSES` is
+the built-in class tree, seeded as ``sys_db_object`` records that extend ``cmdb_ci``
+(``bridge.instance.schema``), so each class is a table: ``cmdb_ci_linux_server`` reads
+(and writes) the records of that class and the classes below it. :func:`class_view`
+tells them, from the live schema when given it (classes users added included).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.instance.query import escape
-from bridge.instance.store import Record, Store
+from bridge.instance.schema import CI_CLASSES, builtin_catalog
+from bridge.instance.store import Record, Store, Table
 from bridge.wire.records import now_text
 
 CI_TABLE = "cmdb_ci"
@@ -42,19 +44,6 @@ NETGEAR = "cmdb_ci_netgear"
 WEB_SERVER = "cmdb_ci_web_server"
 IP_ADDRESS = "cmdb_ci_ip_address"
 DISCOVERY_SOURCE = "midbridge"
-
-# class → parent class (ServiceNow's hierarchy, the part discovery fills).
-CI_CLASSES: Mapping[str, str | None] = {
-    "cmdb_ci": None,
-    "cmdb_ci_hardware": "cmdb_ci",
-    "cmdb_ci_computer": "cmdb_ci_hardware",
-    "cmdb_ci_server": "cmdb_ci_computer",
-    LINUX_SERVER: "cmdb_ci_server",
-    NETGEAR: "cmdb_ci_hardware",
-    "cmdb_ci_appl": "cmdb_ci",
-    WEB_SERVER: "cmdb_ci_appl",
-    IP_ADDRESS: "cmdb_ci",
-}
 
 # The SSH classifier's one shell line: sections behind markers, every read allowed to fail.
 SSH_MARK = "@@midbridge:"
@@ -96,27 +85,22 @@ _NO_SERIAL = frozenset(
 MAX_TEXT = 1000  # a stored attribute is cut to this many characters
 
 
-def class_and_subclasses(name: str) -> tuple[str, ...]:
-    """``name`` and every class below it in :data:`CI_CLASSES` (empty if unknown)."""
-    if name not in CI_CLASSES:
+def class_and_subclasses(name: str, schema: Mapping[str, Table] | None = None) -> tuple[str, ...]:
+    """``name`` and every class below it (empty if it is not a CI class): from ``schema``
+    (``Store.schema``) when given, else the built-in tree (:data:`CI_CLASSES`)."""
+    tables = builtin_catalog().tables if schema is None else schema
+    table = tables.get(name)
+    if table is None or table.physical != CI_TABLE:
         return ()
-    found = [name]
-    changed = True
-    while changed:
-        changed = False
-        for cls, parent in CI_CLASSES.items():
-            if parent in found and cls not in found:
-                found.append(cls)
-                changed = True
-    return tuple(found)
+    return table.classes
 
 
-def class_view(table: str) -> tuple[str, ...] | None:
+def class_view(table: str, schema: Mapping[str, Table] | None = None) -> tuple[str, ...] | None:
     """For a CI class name other than ``cmdb_ci`` itself: the classes its Table API view
     shows (the class and its subclasses). None for anything else."""
-    if table == CI_TABLE or table not in CI_CLASSES:
+    if table == CI_TABLE:
         return None
-    return class_and_subclasses(table)
+    return class_and_subclasses(table, schema) or None
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """The instance's broker connector: ECC output records out, input records in.
 
-One MQTT session (the platform's side of ``docs/wire-contract.md``):
+One broker session, MQTT 5 or NATS JetStream (the platform's side of ``docs/wire-contract.md``):
 
 - **Out.** The store tells us of every committed write (``Store.add_listener``); an output
   record that becomes ``ready`` wakes the pusher at once. It claims what is ready in one
@@ -78,7 +78,8 @@ from bridge.wire.outputs import (
 )
 from bridge.wire.records import now_text
 from bridge.wire.sealing import encrypt_credential
-from bridge.wire.transport import Delivery, MqttSession
+from bridge.wire.session import Delivery, Publisher
+from bridge.wire.sessions import platform_session
 
 if TYPE_CHECKING:
     from bridge.instance.server import Instance
@@ -267,10 +268,11 @@ class Connector:
         client_id = self.settings.client_id or "midbridge-instance-" + re.sub(
             r"[^A-Za-z0-9_.-]", "-", prefix
         )
-        self.session = MqttSession(
+        self.session: Publisher = platform_session(  # MQTT or NATS (``broker.kind``)
             broker,
             client_id=client_id,
-            subscriptions=[f"{prefix}/+/input", f"{prefix}/+/status"],
+            prefix=prefix,
+            status=True,
             on_message=self._on_message,
             receive_maximum=self.settings.receive_maximum,
             logger=self._log,

@@ -18,6 +18,7 @@ a task). They may be added before ``async with`` (then nothing is missed) or at 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from bridge.instance import auth
 from bridge.instance.api import TABLE_API, ApiSettings, BeforeWrite, Hooks, make_app
 from bridge.instance.dashboard import Dashboard, DashboardSettings
 from bridge.instance.sqlite_store import SQLiteStore
-from bridge.instance.store import TABLES, Change, UnknownTable
+from bridge.instance.store import Change, UnknownTable
 
 ADMIN_PASSWORD_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
 
@@ -45,6 +46,7 @@ class InstanceConfig:
     admin_password: str | None = None  # first start only; else $MIDBRIDGE_ADMIN_PASSWORD
     api: ApiSettings = field(default_factory=ApiSettings)
     dashboard: DashboardSettings | None = field(default_factory=DashboardSettings)  # None: no UI
+    ssl_context: ssl.SSLContext | None = None  # serve HTTPS (bridge/instance/tls.py); None: HTTP
 
 
 class Instance:
@@ -77,7 +79,9 @@ class Instance:
             runner = web.AppRunner(self.app, access_log=None)
             await runner.setup()
             self._runner = runner
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = web.TCPSite(
+                runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context
+            )
             await site.start()
         except BaseException:
             await self._stop()
@@ -88,7 +92,8 @@ class Instance:
             break
         host = self.config.host
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self.port}"
+        scheme = "http" if self.config.ssl_context is None else "https"
+        self.url = f"{scheme}://{shown}:{self.port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -107,7 +112,7 @@ class Instance:
     ) -> Callable[[], None]:
         """Call ``callback(change)`` for each committed write (of ``table``, of kind ``op``,
         when given). Returns a function that removes it."""
-        if table is not None and table not in TABLES:
+        if table is not None and table not in self.store.schema:  # built-in before open
             raise UnknownTable(table)
 
         def listener(change: Change) -> None:

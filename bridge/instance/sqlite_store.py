@@ -5,19 +5,19 @@ on a single-thread executor, so SQLite is never shared between threads and write
 naturally ordered. Each call is one transaction. Listeners (``add_listener``) are told
 of each committed write on the event loop, in commit order.
 
-The schema follows ``bridge.instance.store.TABLES``: a table per entry, a column per
-field (strings ``TEXT NOT NULL DEFAULT ''``, booleans ``INTEGER`` 0/1, integers and reals
-nullable), plus the unique constraints and these indexes:
+The schema is data (``bridge.instance.schema``): on open the built-in ``sys_db_object``
+and ``sys_dictionary`` records are seeded and the tables made or migrated
+(``bridge.instance.sqlite_schema``); a write to those two tables changes the tables in the
+same transaction, and ``schema`` is rebuilt from the records once it is committed. A table
+that extends another keeps its records in the hierarchy root's table, with
+``sys_class_name``: every statement on it reads ``Table.physical`` and adds
+``"sys_class_name" IN (<Table.classes>)`` (a root needs no restriction).
 
-- ``ecc_queue(agent, queue, state, priority)``: a MID's ready outputs, by lane;
-- ``ecc_queue(queue, state, lease_until)``: expired leases to hand out again;
-- ``ecc_queue(response_to, sequence)``: the inputs answering an output;
-- unique ``ecc_queue(response_to, run, sequence) WHERE queue = 'input' AND sequence IS NOT
-  NULL``: a repeated input chunk is stored once (``insert_input_once``);
-- ``ecc_dead_letter(agent)``: an agent's dead letters, counted against its budget for every
-  refused message.
-
-Columns missing from an older file are added when it is opened.
+The hot path (ECC inserts, claims) costs dict lookups beyond SQLite: per table a cached
+plan (column list, SELECT and INSERT text, boolean columns, defaults, class restriction),
+dropped when the schema changes; an insert writes every column of the table in one
+statement and builds the record it returns from what it wrote; an update builds it from
+the row it read. Indexes: ``bridge.instance.sqlite_schema.INDEXES``.
 """
 
 from __future__ import annotations
@@ -32,16 +32,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from bridge.instance.query import SQL, compile_query
+from bridge.instance import schema, sqlite_schema
+from bridge.instance.query import SQL, QueryError, compile_query
+from bridge.instance.schema import META_TABLES, Catalog, coerce
+from bridge.instance.sqlite_schema import Plan
 from bridge.instance.store import (
-    TABLES,
+    Aggregate,
     Change,
     Conflict,
     FieldError,
     FieldType,
+    InvalidFields,
     Listener,
+    QueryContext,
     Record,
     StoreError,
     Table,
@@ -55,94 +58,12 @@ log = logging.getLogger("midbridge.instance.store")
 T = TypeVar("T")
 
 SYS_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-_INDEXES = (
-    'CREATE INDEX IF NOT EXISTS ecc_queue_lane ON ecc_queue("agent", "queue", "state", "priority")',
-    'CREATE INDEX IF NOT EXISTS ecc_queue_lease ON ecc_queue("queue", "state", "lease_until")',
-    'CREATE INDEX IF NOT EXISTS ecc_queue_response ON ecc_queue("response_to", "sequence")',
-    'CREATE UNIQUE INDEX IF NOT EXISTS ecc_queue_input_chunk ON ecc_queue("response_to", "run", '
-    '"sequence") WHERE "queue" = \'input\' AND "sequence" IS NOT NULL',
-    'CREATE INDEX IF NOT EXISTS sys_user_has_role_role ON sys_user_has_role("role")',
-    'CREATE INDEX IF NOT EXISTS ecc_dead_letter_agent ON ecc_dead_letter("agent")',
-)
+_NUMERIC = (FieldType.INTEGER, FieldType.REAL)
 
 
 def now_text() -> str:
     """The current UTC time as ServiceNow writes it: ``YYYY-MM-DD HH:MM:SS``."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-
-
-def _column_sql(name: str, kind: FieldType, default: Any) -> str:
-    if name == "sys_id":
-        return '"sys_id" TEXT NOT NULL PRIMARY KEY'
-    if kind is FieldType.STRING:
-        text = "" if default is None else str(default)
-        return f"\"{name}\" TEXT NOT NULL DEFAULT '{text}'"  # defaults are ours, not input
-    if kind is FieldType.BOOLEAN:
-        return f'"{name}" INTEGER NOT NULL DEFAULT {1 if default else 0}'
-    sql_type = "INTEGER" if kind is FieldType.INTEGER else "REAL"
-    return f'"{name}" {sql_type}' + ("" if default is None else f" DEFAULT {default}")
-
-
-def _create_sql(table: Table) -> list[str]:
-    cols = [_column_sql(f.name, f.type, f.default) for f in table.fields.values()]
-    for fields in table.unique:
-        cols.append("UNIQUE (" + ", ".join(f'"{f}"' for f in fields) + ")")
-    return [f'CREATE TABLE IF NOT EXISTS "{table.name}" (' + ", ".join(cols) + ")"]
-
-
-def _coerce(table: Table, name: str, value: Any) -> Any:
-    """A value as the column holds it (see ``bridge.instance.store``); FieldError if not."""
-    kind = table.fields[name].type
-    if kind is FieldType.STRING:
-        if value is None:
-            return ""
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return str(value)
-        if isinstance(value, dict | list):
-            return orjson.dumps(value).decode()
-        raise FieldError(table.name, name, f"expected text, got {type(value).__name__}")
-    if kind is FieldType.BOOLEAN:
-        if isinstance(value, bool):
-            return int(value)
-        if value in (0, 1) and isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return 1 if value.lower() in ("true", "1") else 0
-        raise FieldError(table.name, name, f"expected true or false, got {value!r}")
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise FieldError(table.name, name, f"expected a number, got {value!r}")
-    if kind is FieldType.INTEGER:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        number = _parsed(int, value)
-        if number is not None:
-            return number
-        raise FieldError(table.name, name, f"expected an integer, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    real = _parsed(float, value)
-    if real is not None:
-        return real
-    raise FieldError(table.name, name, f"expected a number, got {value!r}")
-
-
-def _parsed(parse: Callable[[str], T], value: Any) -> T | None:
-    """``parse`` of a text value (stripped); None if it is not text or does not parse."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse(value.strip())
-    except ValueError:
-        return None
 
 
 DB_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
@@ -179,9 +100,10 @@ class SQLiteStore:
         self.path = path
         self._thread = SQLiteThread(thread_name="midbridge-instance", what="instance store")
         self._listeners: list[Listener] = []
-        self._columns: dict[str, list[str]] = {
-            name: list(table.fields) for name, table in TABLES.items()
-        }
+        self._catalog = schema.builtin_catalog()  # until open: the built-in tables
+        self._plans: dict[str, Plan] = {}
+        self._cascades: dict[str, list[tuple[Table, str]]] = {}
+        self._publish(self._catalog)
 
     @classmethod
     async def open(cls, path: Path | str) -> SQLiteStore:
@@ -201,6 +123,61 @@ class SQLiteStore:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._thread.call(fn, *args)
+
+    # --- the schema -------------------------------------------------------------------
+
+    @property
+    def schema(self) -> Mapping[str, Table]:
+        return self._catalog.tables
+
+    @property
+    def catalog(self) -> Catalog:
+        """The schema with the ``sys_db_object`` sys_ids behind it."""
+        return self._catalog
+
+    def table(self, name: str) -> Table:
+        table = self._catalog.tables.get(name)
+        if table is None:
+            raise UnknownTable(name)
+        return table
+
+    def _publish(self, catalog: Catalog) -> None:
+        """Make ``catalog`` the live schema (after the transaction that made it committed)."""
+        cascades: dict[str, list[tuple[Table, str]]] = {}
+        for table in catalog.tables.values():
+            for name in catalog.own.get(table.name, ()):
+                spec = table.fields[name]
+                target = catalog.tables.get(spec.reference or "")
+                if target is not None and spec.cascade_delete:
+                    cascades.setdefault(target.physical, []).append((table, name))
+        self._catalog = catalog
+        self._plans = {}
+        self._cascades = cascades
+
+    def _plan(self, table: Table) -> Plan:
+        plan = self._plans.get(table.name)
+        if plan is None or plan.table is not table:
+            plan = Plan(table)
+            if self._catalog.tables.get(table.name) is table:
+                self._plans[table.name] = plan
+        return plan
+
+    def _compile(
+        self,
+        query: str,
+        table: Table,
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> SQL:
+        return compile_query(
+            query,
+            table,
+            hidden=hidden,
+            schema=self._catalog.tables,
+            invalid=invalid,
+            context=context,
+        )
 
     # --- listeners --------------------------------------------------------------------
 
@@ -242,129 +219,123 @@ class SQLiteStore:
                 _owner_only(path)  # the -wal and -shm files SQLite just made, too
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
-        self._migrate(db)
+        self._publish(self._migrate(db))
         self._thread.db = db
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
+    def _migrate(db: sqlite3.Connection) -> Catalog:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")  # the CLI may write while a server runs
         db.execute("BEGIN IMMEDIATE")
         try:
-            for table in TABLES.values():
-                for statement in _create_sql(table):
-                    db.execute(statement)
-                have = {row[1] for row in db.execute(f'PRAGMA table_info("{table.name}")')}
-                for spec in table.fields.values():
-                    if spec.name not in have:
-                        column = _column_sql(spec.name, spec.type, spec.default)
-                        db.execute(f'ALTER TABLE "{table.name}" ADD COLUMN {column}')
-            for statement in _INDEXES:
-                db.execute(statement)
+            catalog = sqlite_schema.open_schema(db, now_text())
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             db.close()
             raise
+        return catalog
 
     def _conn(self) -> sqlite3.Connection:
         return self._thread.conn()
 
-    def _record(self, table: Table, row: Sequence[Any]) -> Record:
-        record: Record = {}
-        for name, value in zip(self._columns[table.name], row, strict=True):
-            if table.fields[name].type is FieldType.BOOLEAN:
-                value = bool(value)
-            record[name] = value
-        return record
+    def _get(self, plan: Plan, sys_id: str) -> Record | None:
+        params = (sys_id, *plan.restrict_params)
+        row = self._conn().execute(plan.by_id(), params).fetchone()
+        return None if row is None else plan.record(row)
 
-    def _select_sql(self, table: Table, *, rowid: bool = False) -> str:
-        cols = ", ".join(f'"{c}"' for c in self._columns[table.name])
-        return f'SELECT {"rowid, " if rowid else ""}{cols} FROM "{table.name}"'
-
-    def _get(self, table: Table, sys_id: str) -> Record | None:
-        row = (
-            self._conn()
-            .execute(self._select_sql(table) + ' WHERE "sys_id" = ?', (sys_id,))
-            .fetchone()
-        )
-        return None if row is None else self._record(table, row)
-
-    def _prepare_insert(self, table: Table, fields: Mapping[str, Any], now: str) -> Record:
+    def _prepare_insert(
+        self, plan: Plan, fields: Mapping[str, Any], now: str, actor: str
+    ) -> Record:
+        table = plan.table
+        specs = table.fields
         values: Record = {}
         for name, value in fields.items():
-            spec = table.fields.get(name)
+            spec = specs.get(name)
             if spec is None:
                 raise FieldError(table.name, name, "no such field")
             if spec.read_only:
                 raise FieldError(table.name, name, "read-only field")
-            values[name] = _coerce(table, name, value)
+            values[name] = coerce(table.name, spec, value)
         sys_id = values.get("sys_id") or uuid.uuid4().hex
         if not isinstance(sys_id, str) or not SYS_ID.fullmatch(sys_id):
             raise FieldError(table.name, "sys_id", "must be 1-64 of A-Za-z0-9_.:-")
         values["sys_id"] = sys_id
-        values["sys_created_on"] = now
-        values["sys_updated_on"] = now
-        return values
+        values["sys_created_on"] = values["sys_updated_on"] = now
+        values["sys_created_by"] = values["sys_updated_by"] = actor
+        values["sys_mod_count"] = 0
+        if plan.class_field:
+            cls = values.get("sys_class_name") or table.name
+            if cls not in table.classes:
+                raise FieldError(
+                    table.name, "sys_class_name", f"{cls!r} is not {table.name} or a table below it"
+                )
+            values["sys_class_name"] = cls
+        return schema.derived(table, None, values)
 
-    def _insert_row(self, table: Table, values: Record, *, or_ignore: bool = False) -> bool:
-        names = list(values)
-        cols = ", ".join(f'"{n}"' for n in names)
-        marks = ", ".join("?" * len(names))
-        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+    def _insert_row(self, plan: Plan, values: Record, *, or_ignore: bool = False) -> Record | None:
+        row = [
+            values.get(name, default)
+            for name, default in zip(plan.names, plan.defaults, strict=True)
+        ]
         try:
-            cur = self._conn().execute(
-                f'{verb} INTO "{table.name}" ({cols}) VALUES ({marks})',
-                [values[n] for n in names],
-            )
+            cur = self._conn().execute(plan.insert_ignore if or_ignore else plan.insert, row)
         except sqlite3.IntegrityError as exc:
-            raise Conflict(_conflict_message(table, values, exc)) from None
-        return cur.rowcount == 1
+            raise Conflict(_conflict_message(plan.table, values, exc)) from None
+        if or_ignore and cur.rowcount != 1:
+            return None
+        return plan.record(row)
 
-    def _check_references(self, table: Table, values: Mapping[str, Any]) -> None:
-        for name, value in values.items():
-            spec = table.fields[name]
-            if spec.reference is None or not spec.cascade_delete:
-                continue  # only the strict (cascading) references must exist
-            target = TABLES[spec.reference]
-            if self._get(target, value) is None:
-                raise FieldError(table.name, name, f"no {target.name} record with sys_id {value!r}")
+    def _check_references(self, plan: Plan, values: Mapping[str, Any]) -> None:
+        for name, target in plan.strict_refs:  # only the strict (cascading) ones must exist
+            if name in values:
+                table = self._catalog.tables.get(target or "")
+                if table is None or self._get(self._plan(table), values[name]) is None:
+                    raise FieldError(
+                        plan.table.name, name, f"no {target} record with sys_id {values[name]!r}"
+                    )
 
-    def _insert_many(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[Record]:
-        db = self._conn()
+    def _insert_many(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], actor: str
+    ) -> list[Change]:
+        plan = self._plan(table)
         now = now_text()
-        prepared = [self._prepare_insert(table, row, now) for row in rows]
+        prepared = [self._prepare_insert(plan, row, now, actor) for row in rows]
+        if table.name in META_TABLES:
+            return self._insert_meta(table, prepared, now, actor)
+        db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             out = []
             for values in prepared:
-                self._check_references(table, values)
-                self._insert_row(table, values)
-                record = self._get(table, values["sys_id"])
+                self._check_references(plan, values)
+                record = self._insert_row(plan, values)
                 assert record is not None
-                out.append(record)
+                out.append(Change(table.name, "insert", record))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return out
 
-    def _insert_input_once(self, fields: Mapping[str, Any]) -> tuple[Record, bool]:
-        table = TABLES["ecc_queue"]
-        values = self._prepare_insert(table, {**fields, "queue": "input"}, now_text())
+    def _insert_input_once(self, fields: Mapping[str, Any], actor: str) -> tuple[Record, bool]:
+        plan = self._plan(self.table("ecc_queue"))
+        values = self._prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            inserted = self._insert_row(table, values, or_ignore=True)
-            record = self._get(table, values["sys_id"])
-            if not inserted and values.get("sequence") is not None:
-                row = db.execute(
-                    self._select_sql(table) + ' WHERE "queue" = \'input\' AND "response_to" = ?'
-                    ' AND "run" = ? AND "sequence" = ?',
-                    (values.get("response_to", ""), values.get("run", ""), values["sequence"]),
-                ).fetchone()
-                if row is not None:
-                    record = self._record(table, row)
+            record = self._insert_row(plan, values, or_ignore=True)
+            inserted = record is not None
+            if record is None:
+                record = self._get(plan, values["sys_id"])
+                if values.get("sequence") is not None:
+                    row = db.execute(
+                        plan.select + ' WHERE "queue" = \'input\' AND "response_to" = ?'
+                        ' AND "run" = ? AND "sequence" = ?',
+                        (values.get("response_to", ""), values.get("run", ""), values["sequence"]),
+                    ).fetchone()
+                    if row is not None:
+                        record = plan.record(row)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -377,22 +348,59 @@ class SQLiteStore:
             raise Conflict("an ecc_queue record with this sys_id exists")
         return record, inserted
 
-    def _query(self, table: Table, sql: SQL, limit: int | None, offset: int) -> list[Record]:
-        text = self._select_sql(table)
-        if sql.where:
-            text += " WHERE " + sql.where
-        text += " " + sql.order_by + " LIMIT ? OFFSET ?"
-        params = (*sql.params, -1 if limit is None else limit, offset)
-        return [self._record(table, row) for row in self._conn().execute(text, params)]
+    def _query(self, plan: Plan, sql: SQL, limit: int | None, offset: int) -> list[Record]:
+        where, params = plan.where(sql)
+        text = f"{plan.select}{where} {sql.order_by} LIMIT ? OFFSET ?"
+        rows = self._conn().execute(text, (*params, -1 if limit is None else limit, offset))
+        return [plan.record(row) for row in rows]
 
-    def _count(self, table: Table, sql: SQL) -> int:
-        text = f'SELECT COUNT(*) FROM "{table.name}"'
-        if sql.where:
-            text += " WHERE " + sql.where
-        (count,) = self._conn().execute(text, sql.params).fetchone()
+    def _count(self, plan: Plan, sql: SQL) -> int:
+        where, params = plan.where(sql)
+        (count,) = (
+            self._conn()
+            .execute(f'SELECT COUNT(*) FROM "{plan.physical}"{where}', params)
+            .fetchone()
+        )
         return int(count)
 
-    def _prepare_update(self, table: Table, fields: Mapping[str, Any]) -> Record:
+    def _aggregate(
+        self, plan: Plan, sql: SQL, groups: list[str], count: bool, stats: list[tuple[str, str]]
+    ) -> list[Aggregate]:
+        table = plan.table
+        exprs = [f'"{g}"' for g in groups]
+        if count:
+            exprs.append("COUNT(*)")
+        for kind, name in stats:
+            col = f'"{name}"'
+            if kind in ("min", "max") and table.fields[name].type.is_text:
+                col = f"NULLIF({col}, '')"  # empty is no value (NULL in ServiceNow)
+            exprs.append(f"{kind.upper()}({col})")
+        placeholder = not exprs  # nothing asked: still one row per group
+        where, params = plan.where(sql)
+        text = f'SELECT {", ".join(exprs or ["COUNT(*)"])} FROM "{plan.physical}"{where}'
+        if groups:
+            keys = ", ".join(f'"{g}"' for g in groups)
+            text += f" GROUP BY {keys} ORDER BY {keys}"
+        out = []
+        for row in self._conn().execute(text, params):
+            group = {
+                g: bool(v) if g in plan.bools else v for g, v in zip(groups, row, strict=False)
+            }
+            rest = list(row[len(groups) :])
+            counted: Any = rest.pop(0) if count or placeholder else None
+            number = int(counted) if count else None
+            result: dict[str, dict[str, Any]] = {"avg": {}, "min": {}, "max": {}, "sum": {}}
+            for (kind, name), value in zip(stats, rest, strict=True):
+                if kind in ("avg", "sum") and value is not None:
+                    value = float(value)
+                elif name in plan.bools and value is not None:
+                    value = bool(value)
+                result[kind][name] = value
+            out.append(Aggregate(group, number, **result))
+        return out
+
+    def _prepare_update(self, plan: Plan, fields: Mapping[str, Any]) -> Record:
+        table = plan.table
         values: Record = {}
         for name, value in fields.items():
             spec = table.fields.get(name)
@@ -400,160 +408,303 @@ class SQLiteStore:
                 raise FieldError(table.name, name, "no such field")
             if spec.read_only or name == "sys_id":
                 raise FieldError(table.name, name, "read-only field")
-            values[name] = _coerce(table, name, value)
+            values[name] = coerce(table.name, spec, value)
+        cls = values.get("sys_class_name")
+        if cls is not None and cls not in self.table(plan.physical).classes:
+            raise FieldError(
+                table.name,
+                "sys_class_name",
+                f"{cls!r} is not a table of {plan.physical}'s hierarchy",
+            )
         return values
 
-    def _write(self, table: Table, rowids: Sequence[int], values: Record) -> None:
-        self._check_references(table, values)
+    def _write(
+        self, plan: Plan, rowids: Sequence[int], previous: Sequence[Record], values: Record,
+        stamp: str, actor: str,
+    ) -> list[Record]:  # fmt: skip
+        """Set ``values`` (as stored) on the rows; the records as they are now."""
+        self._check_references(plan, values)
+        values = {**values, "sys_updated_on": stamp, "sys_updated_by": actor}
         assigns = ", ".join(f'"{n}" = ?' for n in values)
         try:
             self._conn().executemany(
-                f'UPDATE "{table.name}" SET {assigns} WHERE rowid = ?',
+                f'UPDATE "{plan.physical}" SET {assigns}, '
+                '"sys_mod_count" = COALESCE("sys_mod_count", 0) + 1 WHERE rowid = ?',
                 [(*values.values(), rowid) for rowid in rowids],
             )
         except sqlite3.IntegrityError as exc:
-            raise Conflict(_conflict_message(table, values, exc)) from None
+            raise Conflict(_conflict_message(plan.table, values, exc)) from None
+        typed = {n: bool(v) if n in plan.bools else v for n, v in values.items()}
+        return [
+            {**before, **typed, "sys_mod_count": (before.get("sys_mod_count") or 0) + 1}
+            for before in previous
+        ]
 
     def _update(
-        self, table: Table, sys_id: str, fields: Mapping[str, Any]
-    ) -> tuple[Record | None, Record | None]:
-        values = self._prepare_update(table, fields)
+        self, table: Table, sys_id: str, fields: Mapping[str, Any], actor: str
+    ) -> tuple[Record | None, list[Change]]:
+        plan = self._plan(table)
+        values = self._prepare_update(plan, fields)
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute(
-                self._select_sql(table, rowid=True) + ' WHERE "sys_id" = ?',
-                (sys_id,),
+                plan.select_rowid
+                + ' WHERE "sys_id" = ?'
+                + (f" AND {plan.restrict}" if plan.restrict else ""),
+                (sys_id, *plan.restrict_params),
             ).fetchone()
             if row is None:
                 db.execute("COMMIT")
-                return None, None
-            previous = self._record(table, row[1:])
-            if values:
-                values = _new_key_clears_validation(table, previous, values)
-                self._write(table, [row[0]], {**values, "sys_updated_on": now_text()})
-            record = self._get(table, sys_id)
+                return None, []
+            previous = plan.record(row[1:])
+            if table.name in META_TABLES:
+                record, changes = sqlite_schema.update_meta(
+                    db, self._catalog, table.name, previous, values, now_text(), actor
+                )
+                catalog = sqlite_schema.load(db) if changes else None
+            else:
+                values = schema.derived(table, previous, values)
+                changed = {
+                    n: v for n, v in values.items()
+                    if (bool(v) if n in plan.bools else v) != previous[n]
+                }  # fmt: skip
+                record, changes, catalog = previous, [], None
+                if changed:  # nothing changed: nothing written (as ServiceNow does)
+                    (record,) = self._write(plan, [row[0]], [previous], changed, now_text(), actor)
+                    changes = [Change(table.name, "update", record, previous)]
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return record, previous
+        if catalog is not None:
+            self._publish(catalog)
+        return record, changes
 
     def _update_query(
-        self, table: Table, sql: SQL, fields: Mapping[str, Any], limit: int | None
-    ) -> list[tuple[Record, Record]]:
-        values = self._prepare_update(table, fields)
+        self, table: Table, sql: SQL, fields: Mapping[str, Any], limit: int | None, actor: str
+    ) -> list[Change]:
+        plan = self._plan(table)
+        values = self._prepare_update(plan, fields)
         db = self._conn()
-        text = self._select_sql(table, rowid=True)
-        if sql.where:
-            text += " WHERE " + sql.where
-        text += " " + sql.order_by + " LIMIT ?"
+        where, params = plan.where(sql)
+        text = f"{plan.select_rowid}{where} {sql.order_by} LIMIT ?"
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = db.execute(text, (*sql.params, -1 if limit is None else limit)).fetchall()
-            previous = [self._record(table, row[1:]) for row in rows]
+            rows = db.execute(text, (*params, -1 if limit is None else limit)).fetchall()
+            previous = [plan.record(row[1:]) for row in rows]
             stamp = now_text()
-            if rows and values and table.name == "ecc_agent":
-                for row, before in zip(rows, previous, strict=True):  # a new key, row by row
-                    changed = _new_key_clears_validation(table, before, values)
-                    self._write(table, [row[0]], {**changed, "sys_updated_on": stamp})
-            elif rows and values:
-                self._write(table, [row[0] for row in rows], {**values, "sys_updated_on": stamp})
-            out = []
-            for before in previous:
-                after = self._get(table, before["sys_id"])
-                assert after is not None
-                out.append((after, before))
+            catalog = None
+            if not values:
+                after = previous
+            elif table.name in META_TABLES:
+                after = []
+                for before in previous:
+                    record, _ = sqlite_schema.update_meta(
+                        db, catalog or self._catalog, table.name, before, values, stamp, actor
+                    )
+                    after.append(record)
+                    catalog = sqlite_schema.load(db)
+            elif table.name in schema.DERIVED:  # the values may differ row by row
+                after = []
+                for row, before in zip(rows, previous, strict=True):
+                    changed = schema.derived(table, before, values)
+                    after += self._write(plan, [row[0]], [before], changed, stamp, actor)
+            else:
+                after = self._write(plan, [row[0] for row in rows], previous, values, stamp, actor)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return out
+        if catalog is not None:
+            self._publish(catalog)
+        return [Change(table.name, "update", a, b) for a, b in zip(after, previous, strict=True)]
 
-    def _delete(self, table: Table, sys_id: str) -> list[tuple[str, Record]]:
-        """Delete the record and whatever references it with cascade; (table, record) each."""
+    def _delete(self, table: Table, sys_id: str) -> list[Change]:
+        """Delete the record and whatever references it with cascade, recursively."""
+        plan = self._plan(table)
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            record = self._get(table, sys_id)
+            record = self._get(plan, sys_id)
             if record is None:
                 db.execute("COMMIT")
                 return []
-            deleted: list[tuple[str, Record]] = []
-            for other in TABLES.values():
-                for spec in other.fields.values():
-                    if spec.reference == table.name and spec.cascade_delete:
-                        rows = db.execute(
-                            self._select_sql(other) + f' WHERE "{spec.name}" = ?', (sys_id,)
-                        ).fetchall()
-                        db.execute(f'DELETE FROM "{other.name}" WHERE "{spec.name}" = ?', (sys_id,))
-                        deleted.extend((other.name, self._record(other, r)) for r in rows)
-            db.execute(f'DELETE FROM "{table.name}" WHERE "sys_id" = ?', (sys_id,))
+            if table.name in META_TABLES:
+                changes = sqlite_schema.delete_meta(db, self._catalog, table.name, record)
+                catalog: Catalog | None = sqlite_schema.load(db)
+            else:
+                changes = [Change(table.name, "delete", record), *self._cascade(plan, sys_id)]
+                db.execute(f'DELETE FROM "{plan.physical}" WHERE "sys_id" = ?', (sys_id,))
+                catalog = None
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return [(table.name, record), *deleted]
+        if catalog is not None:
+            self._publish(catalog)
+        return changes
+
+    def _cascade(self, plan: Plan, sys_id: str) -> list[Change]:
+        db = self._conn()
+        out: list[Change] = []
+        seen = {sys_id}
+        todo = [(plan.physical, sys_id)]
+        while todo:
+            physical, target = todo.pop(0)
+            for other, name in self._cascades.get(physical, ()):
+                referencing = self._plan(other)
+                rows = db.execute(referencing.select + f' WHERE "{name}" = ?', (target,)).fetchall()
+                if not rows:
+                    continue
+                db.execute(f'DELETE FROM "{referencing.physical}" WHERE "{name}" = ?', (target,))
+                for row in rows:
+                    record = referencing.record(row)
+                    if record["sys_id"] not in seen:
+                        seen.add(record["sys_id"])
+                        out.append(Change(other.name, "delete", record))
+                        todo.append((referencing.physical, record["sys_id"]))
+        return out
+
+    def _insert_meta(
+        self, table: Table, prepared: Sequence[Record], now: str, actor: str
+    ) -> list[Change]:
+        db = self._conn()
+        catalog = self._catalog
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = []
+            for values in prepared:
+                _record, changes = sqlite_schema.insert_meta(
+                    db, catalog, table.name, values, now, actor
+                )
+                out += changes
+                catalog = sqlite_schema.load(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._publish(catalog)
+        return out
 
     # --- async API ----------------------------------------------------------------------
 
-    @staticmethod
-    def table(name: str) -> Table:
-        table = TABLES.get(name)
-        if table is None:
-            raise UnknownTable(name)
-        return table
-
-    async def insert(self, table: str, fields: Mapping[str, Any]) -> Record:
-        (record,) = await self.insert_many(table, [fields])
+    async def insert(
+        self, table: str, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> Record:
+        (record,) = await self.insert_many(table, [fields], actor=actor)
         return record
 
-    async def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> list[Record]:
+    async def insert_many(
+        self, table: str, rows: Sequence[Mapping[str, Any]], *, actor: str = "system"
+    ) -> list[Record]:
         spec = self.table(table)
-        records = await self._call(self._insert_many, spec, rows)
-        self._tell([Change(table, "insert", r) for r in records])
-        return records
+        changes = await self._call(self._insert_many, spec, rows, actor)
+        self._tell(changes)
+        return [c.record for c in changes if c.table == table]
 
-    async def insert_input_once(self, fields: Mapping[str, Any]) -> tuple[Record, bool]:
+    async def insert_input_once(
+        self, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> tuple[Record, bool]:
         if fields.get("queue", "input") != "input":
             raise FieldError("ecc_queue", "queue", "insert_input_once takes input records")
-        record, inserted = await self._call(self._insert_input_once, fields)
+        record, inserted = await self._call(self._insert_input_once, fields, actor)
         if inserted:
             self._tell([Change("ecc_queue", "insert", record)])
         return record, inserted
 
     async def get(self, table: str, sys_id: str) -> Record | None:
-        return await self._call(self._get, self.table(table), sys_id)
+        spec = self.table(table)
+        return await self._call(lambda: self._get(self._plan(spec), sys_id))
 
     async def query(
         self,
         table: str,
         encoded_query: str = "",
         *,
+        hidden: Sequence[str] = (),
         limit: int | None = None,
         offset: int = 0,
-        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
     ) -> list[Record]:
         """Records matching, in the query's order (then insertion order).
 
         ``hidden``: fields the query may not use (the API passes the write-only ones).
         """
         spec = self.table(table)
-        sql = compile_query(encoded_query, spec, hidden=hidden)
-        return await self._call(self._query, spec, sql, limit, max(0, offset))
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+        return await self._call(lambda: self._query(self._plan(spec), sql, limit, max(0, offset)))
 
     async def count(
-        self, table: str, encoded_query: str = "", *, hidden: Sequence[str] = ()
+        self,
+        table: str,
+        encoded_query: str = "",
+        *,
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
     ) -> int:
         spec = self.table(table)
-        sql = compile_query(encoded_query, spec, hidden=hidden)
-        return await self._call(self._count, spec, sql)
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+        return await self._call(lambda: self._count(self._plan(spec), sql))
 
-    async def update(self, table: str, sys_id: str, fields: Mapping[str, Any]) -> Record | None:
+    async def aggregate(
+        self,
+        table: str,
+        encoded_query: str = "",
+        *,
+        group_by: Sequence[str] = (),
+        count: bool = True,
+        avg_fields: Sequence[str] = (),
+        min_fields: Sequence[str] = (),
+        max_fields: Sequence[str] = (),
+        sum_fields: Sequence[str] = (),
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> list[Aggregate]:
+        """SQL GROUP BY over the records matching. A field the table does not have (or
+        ``hidden``) raises QueryError with ``invalid="error"``, else is left out; avg and
+        sum take integer and decimal fields only."""
         spec = self.table(table)
-        record, previous = await self._call(self._update, spec, sys_id, fields)
-        if record is not None and previous is not None and record != previous:
-            self._tell([Change(table, "update", record, previous)])
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+
+        def usable(names: Sequence[str], what: str) -> list[str]:
+            out: list[str] = []
+            for name in names:
+                field = spec.fields.get(name)
+                if field is None or name in hidden:
+                    if invalid == "error":
+                        problem = (
+                            "unknown field" if field is None else "field that cannot be queried"
+                        )
+                        raise QueryError(f"{what}: {problem} {name!r} in table {spec.name}")
+                    continue
+                if what in ("avg", "sum") and field.type not in _NUMERIC:
+                    raise QueryError(f"{what}: field {name!r} of table {spec.name} is not a number")
+                if name not in out:
+                    out.append(name)
+            return out
+
+        groups = usable(group_by, "group_by")
+        stats = [
+            (kind, name)
+            for kind, names in (
+                ("avg", avg_fields), ("min", min_fields), ("max", max_fields), ("sum", sum_fields)
+            )
+            for name in usable(names, kind)
+        ]  # fmt: skip
+        return await self._call(
+            lambda: self._aggregate(self._plan(spec), sql, groups, count, stats)
+        )
+
+    async def update(
+        self, table: str, sys_id: str, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> Record | None:
+        spec = self.table(table)
+        record, changes = await self._call(self._update, spec, sys_id, fields, actor)
+        self._tell(changes)
         return record
 
     async def update_query(
@@ -563,35 +714,20 @@ class SQLiteStore:
         fields: Mapping[str, Any],
         *,
         limit: int | None = None,
+        actor: str = "system",
     ) -> list[Record]:
         spec = self.table(table)
-        sql = compile_query(encoded_query, spec)
-        pairs = await self._call(self._update_query, spec, sql, fields, limit)
-        self._tell([Change(table, "update", after, before) for after, before in pairs if fields])
-        return [after for after, _before in pairs]
+        sql = self._compile(encoded_query, spec)
+        changes = await self._call(self._update_query, spec, sql, fields, limit, actor)
+        if fields:
+            self._tell(changes)
+        return [c.record for c in changes]
 
     async def delete(self, table: str, sys_id: str) -> bool:
         spec = self.table(table)
-        deleted = await self._call(self._delete, spec, sys_id)
-        self._tell([Change(name, "delete", record) for name, record in deleted])
-        return bool(deleted)
-
-
-def _new_key_clears_validation(table: Table, previous: Record, values: Record) -> Record:
-    """``values`` for an update of ``previous``: on ``ecc_agent``, a public key or
-    fingerprint other than the stored one always sets ``validated`` false, whoever writes
-    it (an approval is for one key; docs/security.md)."""
-    if table.name != "ecc_agent":
-        return values
-    changed = any(
-        name in values and values[name] != previous.get(name)
-        for name in ("public_key", "fingerprint")
-    )
-    if not changed:
-        return values
-    if previous.get("validated"):
-        log.info("ecc_agent %s: a new key; validated cleared", previous.get("name"))
-    return {**values, "validated": False}
+        changes = await self._call(self._delete, spec, sys_id)
+        self._tell(changes)
+        return bool(changes)
 
 
 def _conflict_message(table: Table, values: Mapping[str, Any], exc: sqlite3.IntegrityError) -> str:

@@ -17,8 +17,9 @@ import orjson
 
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.records import new_sys_id, now_text
+from bridge.wire.session import Delivery, Publisher
+from bridge.wire.sessions import platform_session
 from bridge.wire.topics import Topics
-from bridge.wire.transport import Delivery, MqttSession
 
 
 @dataclass
@@ -110,7 +111,7 @@ def output_record(
 
 
 class EccClient:
-    """An async context manager: one MQTT session on the platform's side."""
+    """An async context manager: one session on the platform's side (MQTT or NATS)."""
 
     def __init__(
         self,
@@ -126,15 +127,17 @@ class EccClient:
         self.stray: list[dict[str, Any]] = []  # answers to jobs this client did not send
         self.received_records = 0
         self._on_record = on_record
-        self.session = MqttSession(
+        # A persistent MQTT session: answers published while this client reconnects (or
+        # while the broker restarts) wait for it instead of being dropped. On NATS the
+        # answers wait in the inputs stream; the client's consumer is its own, ephemeral.
+        self.session: Publisher = platform_session(
             broker,
             client_id=client_id or f"midbridge-platform-{uuid.uuid4().hex[:12]}",
-            subscriptions=[self.topics.input],
+            prefix=prefix,
+            agent=agent,
             on_message=self._on_message,
+            durable=False,
             receive_maximum=65535,
-            # A persistent session: answers published while this client reconnects (or
-            # while the broker restarts) wait for it instead of being dropped.
-            clean_start=False,
         )
 
     async def __aenter__(self) -> EccClient:

@@ -1,5 +1,8 @@
 """One MQTT 5 session (gmqtt): connect, subscribe, receive with late acknowledgement, publish.
 
+The MQTT side of the transport interface (``bridge.wire.session``; NATS JetStream:
+``bridge.wire.nats_transport``).
+
 Inbound QoS 1 messages are acknowledged only when the message handler says the work they
 carry is safe (``optimistic_acknowledgement=False``). Three guards make that hold with
 gmqtt 0.8 and Mosquitto 2.0 as they behave (tests/test_mqtt_client.py shows each):
@@ -36,8 +39,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,9 @@ from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from bridge.wire.acks import AckTrackingStorage
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import BrokerRefused
+from bridge.wire.session import Delivery, MessageHandler
+
+__all__ = ["Delivery", "MessageHandler", "MqttSession", "ssl_context"]
 
 log = logging.getLogger("midbridge.transport")
 
@@ -61,18 +66,6 @@ _REFUSALS = {
 }
 # A reason code gmqtt accepts from a handler; our hook never sends a PUBACK carrying it.
 _NO_ACK = 0x80
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    topic: str
-    payload: bytes
-    dup: bool
-    received_at: float
-
-
-# Returns True when the message may be acknowledged (its work is durable).
-MessageHandler = Callable[[Delivery], Awaitable[bool]]
 
 
 def ssl_context(cfg: BrokerConfig) -> ssl.SSLContext | bool:
