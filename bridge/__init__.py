@@ -1,8 +1,12 @@
 """midbridge: a MID Server bridge that carries the ECC queue over MQTT 5."""
 
 import warnings
+from importlib import metadata
 
-__version__ = "0.1.0"
+try:  # one version source: pyproject.toml's, as installed
+    __version__ = metadata.version("midbridge")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # cryptography >= 47 deprecates DSA, and asyncssh (2.24) touches its DSA classes while it
 # is imported: five warnings before any command's own output. Silence exactly that warning

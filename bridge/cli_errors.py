@@ -1,15 +1,17 @@
 """How every midbridge command reports a failure: one line on stderr, one exit status.
 
-``midbridge <command>: <cause>``, then exit status 2 (a wrong option, a bad configuration,
-a start that was refused), or the status the :class:`CommandError` carries (1: the
-command ran and its work failed). A leaf module: the instance, the relay, the demo and the
-benchmarks import it without importing each other.
+``midbridge: error: <cause>`` (argparse's own prefix, the same for every command), then
+exit status 2 (a wrong option, a bad configuration, a start that was refused), or the
+status the :class:`CommandError` carries (1: the command ran and its work failed). A leaf
+module: the instance, the relay, the demo and the benchmarks import it without importing
+each other.
 """
 
 from __future__ import annotations
 
 import sys
 
+ERROR_PREFIX = "midbridge: error: "
 EXIT_REFUSED = 2  # usage, configuration, a start refused: nothing was done
 EXIT_FAILED = 1  # the command ran, its work failed (a demo step, a benchmark)
 
@@ -23,12 +25,15 @@ class CommandError(Exception):
 
 
 def fail(command: str, cause: object, *, status: int | None = None) -> int:
-    """Print ``midbridge <command>: <cause>`` on stderr; the exit status to return.
+    """Print ``midbridge: error: <cause>`` on stderr; the exit status to return.
+
+    ``command`` is kept for the callers' sake; the prefix is the same for every command.
 
     The status is ``status`` if given, else the one a :class:`CommandError` cause carries,
     else 2.
     """
     if status is None:
         status = cause.status if isinstance(cause, CommandError) else EXIT_REFUSED
-    print(f"midbridge {command}: {cause}", file=sys.stderr, flush=True)
+    text = " ".join(str(cause).split("\n"))  # one line, whatever the cause's text
+    print(f"{ERROR_PREFIX}{text}", file=sys.stderr, flush=True)
     return status

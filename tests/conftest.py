@@ -16,10 +16,12 @@ Async tests run on uvloop (the production loop) through pytest-asyncio's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import sqlite3
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,114 @@ def unique_agent(request: pytest.FixtureRequest) -> str:
     """``t-<test name>-<random>``, within the agent pattern ``[A-Za-z0-9_.-]{1,64}``."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-.")[:40]
     return f"t-{name}-{uuid.uuid4().hex[:12]}"
+
+
+# --- PostgreSQL (the instance's store, docs/scaling.md) ----------------------------------------
+
+PG_URL = os.environ.get("MIDBRIDGE_TEST_PG", "postgresql://{user}@127.0.0.1:5432/test")
+
+
+async def _pg_admin() -> tuple[Any, str]:
+    """A connection to the test database (user postgres, else root): fails, never skips."""
+    import asyncpg
+
+    errors = []
+    for user in ("postgres", "root"):
+        url = PG_URL.format(user=user)
+        try:
+            return await asyncpg.connect(url, timeout=5), url
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            errors.append(f"{url}: {exc}")
+    pytest.fail(
+        "PostgreSQL is not reachable (the store tests need it at 127.0.0.1:5432, trust auth, "
+        "database test; or set MIDBRIDGE_TEST_PG): " + "; ".join(errors),
+        pytrace=False,
+    )
+
+
+@contextlib.asynccontextmanager
+async def pg_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped on exit: its URL (``?search_path=``)."""
+    admin, url = await _pg_admin()
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f'CREATE SCHEMA "{name}"')
+    try:
+        yield f"{url}?search_path={name}"
+    finally:
+        await admin.execute(f'DROP SCHEMA "{name}" CASCADE')
+        await admin.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """The URL of a PostgreSQL schema of this test's own, dropped at teardown."""
+    async with pg_schema() as url:
+        yield url
+
+
+class StoreBackend:
+    """One database of a test on SQLite (a file) or PostgreSQL (a schema): ``open()`` a
+    store on it (again and again: a reopen), read its columns, run raw SQL (``?``)."""
+
+    def __init__(self, kind: str, db: str) -> None:
+        self.kind = kind
+        self.db = db
+
+    def open(self) -> Any:
+        if self.kind == "postgresql":
+            from bridge.instance.pg_store import PGStore
+
+            return PGStore(self.db)
+        from bridge.instance.sqlite_store import SQLiteStore
+
+        return SQLiteStore(self.db)
+
+    async def columns(self, table: str) -> list[str]:
+        """The table's columns in order (PostgreSQL's row-order column left out)."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.db) as db:
+                return [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]
+        import asyncpg
+
+        from bridge.instance.pg_schema import ROW, columns
+
+        conn = await asyncpg.connect(self.db)
+        try:
+            return [c for c in await columns(conn, table) if c != ROW]
+        finally:
+            await conn.close()
+
+    async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.db) as db:
+                for sql, params in statements:
+                    db.execute(sql, params)
+            db.close()
+            return
+        import asyncpg
+
+        conn = await asyncpg.connect(self.db)
+        try:
+            for sql, params in statements:
+                parts = sql.split("?")  # the statements hold no literal "?"
+                numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+                await conn.execute(numbered, *params)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreBackend]:
+    """The store tests' database, on each engine (PostgreSQL must be reachable: no skip)."""
+    if request.param == "sqlite":
+        yield StoreBackend("sqlite", str(tmp_path / "s.db"))
+        return
+    async with pg_schema() as url:
+        yield StoreBackend("postgresql", url)
+
+
+@pytest.fixture
+async def store(backend: StoreBackend) -> AsyncIterator[Any]:
+    """A store open on ``backend`` (SQLite, PostgreSQL)."""
+    async with backend.open() as opened:
+        yield opened

@@ -12,9 +12,11 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from bridge import cli
@@ -23,13 +25,14 @@ from bridge.demo import loop as demo
 from bridge.demo import targets as demo_targets
 from bridge.demo.targets import SNMP_COMMUNITY_ENV, SSH_PASSWORD_ENV
 from bridge.demo.targets import cli as targets_cli
-from bridge.instance import agents
 from bridge.instance import cli as instance_cli
+from bridge.instance import health
 from bridge.wire.targets import parse_targets
 from tests.brokers import MosquittoServer
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "compose"
+THIRD_PARTY = {"mosquitto", "prometheus"}  # services not built from compose/Dockerfile
 INSTRUCTIONS = {
     "FROM",
     "RUN",
@@ -64,7 +67,7 @@ def test_compose_services_and_mounts_exist() -> None:
     assert [name for name in services if name.startswith("target-")]
     bridge = services["bridge"]
     for name, service in services.items():
-        if name == "mosquitto":
+        if name in THIRD_PARTY:
             continue
         # One image, built from compose/Dockerfile, for every midbridge service.
         assert service["build"]["dockerfile"] == "compose/Dockerfile", name
@@ -104,6 +107,13 @@ def test_mosquitto_config_raises_the_limits_the_bridge_needs() -> None:
 def test_dockerfile_lints() -> None:
     text = (COMPOSE / "Dockerfile").read_text()
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    joined: list[str] = []  # continuation lines (ending in a backslash) joined
+    for line in lines:
+        if joined and joined[-1].endswith("\\"):
+            joined[-1] = joined[-1][:-1].rstrip() + " " + line.strip()
+        else:
+            joined.append(line.strip())
+    lines = joined
     for line in lines:
         word = line.split()[0]
         assert word in INSTRUCTIONS, f"unknown instruction {word!r}"
@@ -118,6 +128,29 @@ def test_dockerfile_lints() -> None:
     assert users
     assert users[-1].split()[1] != "root", "the image must not run as root"
     assert any(ln.startswith("CMD") and "midbridge" in ln for ln in lines)
+    # Base images: a patch release of the locked interpreter on a named Debian release, or
+    # a digest (the Dockerfile says why none is written); never a floating tag.
+    python = re.search(r"Python (\d+\.\d+\.\d+)", (REPO / "constraints.txt").read_text())
+    assert python
+    for line in froms:
+        image = line.split()[1]
+        assert re.fullmatch(
+            rf"python:{re.escape(python[1])}-slim-bookworm(@sha256:[0-9a-f]{{64}})?", image
+        ), f"{image}: pin the locked Python's patch release (constraints.txt: {python[1]})"
+    # pip itself pinned; OCI labels; the benchmarks left out.
+    assert re.search(r"pip install [^\n]*pip==\d+\.\d+", text)
+    for label in ("title", "description", "version", "revision", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{label}=" in text, label
+    assert "rm -rf bridge/bench" in text
+    # HEALTHCHECK: liveness (/livez on the bridge's metrics port), never readiness.
+    [check] = [ln for ln in text.splitlines() if ln.strip().startswith('CMD ["python"')]
+    assert "/livez" in check
+    assert "/readyz" not in check
+    # The image's defaults for the bridge's metrics port.
+    env = dict(re.findall(r"(MIDBRIDGE_METRICS_(?:HOST|PORT))=(\S+)", text))
+    assert env == {"MIDBRIDGE_METRICS_HOST": "0.0.0.0", "MIDBRIDGE_METRICS_PORT": "9108"}
+    assert "'9108'" in check
+    assert re.search(r"^EXPOSE 8080 9108$", text, re.M)
 
 
 # --- the secure variant: docker-compose.secure.yml over docker-compose.yml -----------------
@@ -269,11 +302,62 @@ def services() -> dict[str, Any]:
     return found
 
 
+IMAGE_ENV = {
+    "MIDBRIDGE_BRIDGE__STATE_DIR": "/var/lib/midbridge",
+    "MIDBRIDGE_METRICS_HOST": "0.0.0.0",
+    "MIDBRIDGE_METRICS_PORT": "9108",
+}  # compose/Dockerfile's ENV (test_dockerfile_lints checks it)
+
+
 def bridge_config() -> Config:
     """compose/midbridge.toml with the bridge service's environment (and the image's)."""
     bridge = services()["bridge"]
-    env = {"MIDBRIDGE_BRIDGE__STATE_DIR": "/var/lib/midbridge", **service_env(bridge)}
+    env = {**IMAGE_ENV, **service_env(bridge)}
     return load_config(COMPOSE / "midbridge.toml", environ=env)
+
+
+def test_prometheus_scrapes_what_the_services_serve_and_alerts_name_real_series() -> None:
+    every = services()
+    prometheus = every["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"])
+    config = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: (job["metrics_path"], job["static_configs"][0]["targets"])
+        for job in config["scrape_configs"]
+    }
+    instance_port = midbridge_args(every["instance"]["command"]).port
+    assert targets["midbridge-instance"] == ("/metrics", [f"instance:{instance_port}"])
+    assert targets["midbridge-bridge"] == ("/metrics", [f"bridge:{bridge_config().metrics_port}"])
+    [rules_file] = config["rule_files"]
+    assert mounts_of(prometheus)[rules_file] == "./prometheus/alerts.yml"
+    rules = yaml.safe_load((COMPOSE / "prometheus" / "alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert len(exprs) >= 10
+    dashboard = orjson.loads((COMPOSE / "grafana" / "midbridge-dashboard.json").read_bytes())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    known = known_series()
+    for expr in exprs:
+        for name in re.findall(r"\b((?:midbridge|process)_[a-z_]+)", expr):
+            assert name in known, f"{name} (in {expr!r}) is not a series midbridge serves"
+
+
+def known_series() -> set[str]:
+    """Every series name the instance serves (its registry) and the bridge declares."""
+    from bridge.instance.metrics import InstanceMetrics
+    from bridge.instance.sqlite_store import SQLiteStore
+
+    names: set[str] = set()
+    registry = InstanceMetrics(SQLiteStore(":memory:")).registry
+    for family in registry.collect():  # labelled series have no sample before their first
+        names.update(family.name + end for end in ("", "_total", "_bucket", "_count", "_sum"))
+        names.update(sample.name for sample in family.samples)
+    names.update({"midbridge_instance_connector_records_total",
+                  "midbridge_instance_connector_connected"})  # fmt: skip
+    source = "".join(p.read_text() for p in (REPO / "bridge" / "agent").glob("*.py"))
+    for base in re.findall(r'"(midbridge_[a-z_]+)"', source):
+        names.update({base, base + "_total", base + "_info", base + "_bucket"})
+    return names
 
 
 def test_instance_service_runs_the_instance_with_its_connector_on_the_broker() -> None:
@@ -293,9 +377,9 @@ def test_instance_service_runs_the_instance_with_its_connector_on_the_broker() -
     # The admin password comes from the environment, never from the file.
     raw = instance["environment"][instance_cli.ADMIN_PASS_ENV]
     assert re.fullmatch(r"\$\{MIDBRIDGE_ADMIN_PASSWORD:\?[^}]+\}", raw)
-    # Its health check asks a route the instance serves, without credentials.
+    # Its health check asks readiness, a route the instance serves without credentials.
     check = " ".join(instance["healthcheck"]["test"])
-    assert f"http://127.0.0.1:{args.port}{agents.PLATFORM_KEY_ROUTE}" in check
+    assert f"http://127.0.0.1:{args.port}{health.READY_ROUTE}" in check
 
 
 def test_bridge_service_runs_the_bridge_that_waits_for_validation() -> None:
@@ -309,6 +393,14 @@ def test_bridge_service_runs_the_bridge_that_waits_for_validation() -> None:
     assert SNMP_COMMUNITY_ENV not in env
     config = bridge_config()  # every MIDBRIDGE_* variable of the service is a valid key
     assert config.security.require_validation
+    # Its metrics port: reachable by Prometheus on the network, published on loopback, and
+    # the health check asks its liveness there.
+    assert config.metrics_host == "0.0.0.0"
+    assert f"127.0.0.1:{config.metrics_port}:{config.metrics_port}" in bridge["ports"]
+    check = " ".join(bridge["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{config.metrics_port}/livez" in check
+    for name in ("demo", *target_services()):
+        assert services()[name]["healthcheck"] == {"disable": True}, name
     assert config.bridge.credentials_file is None
     assert under_mount(bridge, str(config.bridge.state_dir) + "/x")
 
@@ -414,6 +506,12 @@ def _free_port() -> int:
         return port
 
 
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # the health checks' own call
+        status: int = resp.status
+        return status
+
+
 def _with_option(argv: list[str], option: str, value: str) -> list[str]:
     """``argv`` with the value after ``option`` replaced (the option must be there)."""
     at = argv.index(option)
@@ -475,11 +573,14 @@ async def test_the_compose_commands_run_the_loop_as_processes_on_loopback(
         bridge = every["bridge"]
         argv = _with_option(_local(bridge["command"]), "--config", str(COMPOSE / "midbridge.toml"))
         state.mkdir()
+        metrics_port = _free_port()
         bridge_env = env_of(
             bridge,
             MIDBRIDGE_BRIDGE__STATE_DIR=str(state),  # the image's ENV
             MIDBRIDGE_BROKER__HOST=private_broker.host,
             MIDBRIDGE_BROKER__PORT=str(private_broker.port),
+            MIDBRIDGE_METRICS_HOST="127.0.0.1",  # loopback here, 0.0.0.0 in the container
+            MIDBRIDGE_METRICS_PORT=str(metrics_port),
         )
         await start("bridge", argv, bridge_env)
 
@@ -514,6 +615,10 @@ async def test_the_compose_commands_run_the_loop_as_processes_on_loopback(
             and line.split()[0] in ("linux_server", "netgear", "web_server", "ip_address")
         }
         assert classes == {"linux_server", "netgear", "web_server", "ip_address"}, out
+        # What the services' health checks ask answers 200 (the routes, ports swapped in).
+        for check_url in (url + health.READY_ROUTE, f"http://127.0.0.1:{metrics_port}/livez"):
+            status = await asyncio.to_thread(_http_status, check_url)
+            assert status == 200, check_url
     finally:
         for proc in procs:
             if proc.returncode is None:

@@ -56,7 +56,46 @@ def test_invalid_config_names_the_key(
 ) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), environ=env)
-    assert info.value.field == field
+    assert info.value.field is not None
+    assert info.value.field.split(" (")[0] == field
+    for variable in env:  # a value from the environment names its variable
+        assert f"(environment variable {variable})" in info.value.field
+
+
+def test_every_problem_at_once_with_the_variables_named(tmp_path: Path) -> None:
+    text = "[broker]\nport = 70000\nhots = 'x'\n[limits]\nmax_in_flight = 0\n"
+    env = {"MIDBRIDGE_LIMITS__PER_HOST": "-1", "MIDBRIDGE_LOG_LEVEL": "loud"}
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ=env)
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    assert any(p.startswith("broker.port: ") for p in problems)
+    assert "broker.hots: unknown key" in problems
+    assert any(p.startswith("limits.max_in_flight: ") for p in problems)
+    assert any(
+        p.startswith("limits.per_host (environment variable MIDBRIDGE_LIMITS__PER_HOST): ")
+        for p in problems
+    )
+    assert any(
+        p.startswith("log_level (environment variable MIDBRIDGE_LOG_LEVEL): ") for p in problems
+    )
+    assert "\n" not in str(info.value)  # one line, every problem in it
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, environ={})
+    assert str(info.value) == f"{tmp_path}: is a directory, not a TOML file"
+
+
+def test_the_defaults_as_toml_load_back_as_the_defaults(tmp_path: Path) -> None:
+    import tomllib
+
+    from bridge.agent.config import defaults_toml
+
+    text = defaults_toml()
+    assert tomllib.loads(text)["limits"]["lane_workers"] == [20, 50, 100]
+    assert load_config(write(tmp_path, text), environ={}) == Config()
 
 
 def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
@@ -96,7 +135,7 @@ def test_other_commands_variables_are_left_alone() -> None:
     assert config.log_level == "debug"
     with pytest.raises(ConfigError) as info:
         load_config(None, environ={"MIDBRIDGE_NOSUCH__KEY": "1"})
-    assert info.value.field == "nosuch"
+    assert info.value.field == "nosuch (environment variable MIDBRIDGE_NOSUCH__KEY)"
 
 
 def test_session_users_without_a_broker_user_are_refused(tmp_path: Path) -> None:

@@ -406,6 +406,6 @@ def test_discover_command_needs_its_secrets_from_the_environment() -> None:
         "127.0.0.1", env=env, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.startswith("midbridge demo discover: set "), done.stderr
+    assert done.stderr.startswith("midbridge: error: set "), done.stderr
     assert f"${demo.ADMIN_PASSWORD_ENV}" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr

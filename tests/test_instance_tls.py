@@ -302,7 +302,7 @@ def test_self_signed_https_from_the_command_line(tmp_path: Path) -> None:
         refused = cli("instance", "agent", "list", "--url", first.url, env=env)
         assert refused.returncode == 2, refused
         [error] = refused.stderr.splitlines()
-        assert error.startswith("midbridge instance: the instance at https://"), error
+        assert error.startswith("midbridge: error: the instance at https://"), error
         assert "--ca-file" in error, error
         trusted = cli(
             "instance", "agent", "list", "--url", first.url, "--ca-file", str(cert), env=env
@@ -425,7 +425,7 @@ def test_bad_flags_are_one_line_errors(
     argv += [flag.format(**names) for flag in flags]
     assert midbridge_main(argv) == 2
     err = capsys.readouterr().err
-    assert err == f"midbridge instance: {error.format(**names)}\n"
+    assert err == f"midbridge: error: {error.format(**names)}\n"
     assert not (tmp_path / "i.db").exists(), "nothing started"
 
 
@@ -434,10 +434,10 @@ def test_bad_flags_from_a_real_process(tmp_path: Path) -> None:
         "instance", "--port", "0", "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", "k"
     )
     assert done.returncode == 2
-    assert done.stderr == f"midbridge instance: --tls-cert: no file {tmp_path / 'nope.pem'}\n"
+    assert done.stderr == f"midbridge: error: --tls-cert: no file {tmp_path / 'nope.pem'}\n"
     done = cli("instance", "agent", "list", "--ca-file", str(tmp_path / "ca.pem"))
     assert done.returncode == 2
-    assert done.stderr == f"midbridge instance: --ca-file: no file {tmp_path / 'ca.pem'}\n"
+    assert done.stderr == f"midbridge: error: --ca-file: no file {tmp_path / 'ca.pem'}\n"
 
 
 # --- bridge.instance.tls --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -77,7 +79,8 @@ def locked_pins() -> dict[str, str]:
 
 def declared_requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    texts = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    texts = [*project["dependencies"], *(text for extra in extras.values() for text in extra)]
     return [Requirement(text) for text in texts]
 
 
@@ -109,7 +112,8 @@ def test_installed_versions_are_the_locked_ones() -> None:
 def test_every_install_path_uses_the_lock() -> None:
     readme = (REPO / "README.md").read_text()
     first = next(line for line in readme.splitlines() if "midbridge demo" in line)
-    assert "pip install -c constraints.txt ." in first, first
+    # The demo's libraries are the `demo` extra; command 1 is still one line.
+    assert "pip install -c constraints.txt '.[demo]'" in first, first
     dockerfile = (REPO / "compose" / "Dockerfile").read_text()
     installs = [ln for ln in dockerfile.splitlines() if "pip install" in ln]
     assert installs
@@ -147,3 +151,66 @@ def test_the_dsa_filter_is_narrow() -> None:
     run = quiet_run(sys.executable, "-c", code)
     assert "DSA is deprecated" in run.stderr
     assert "RSA is deprecated" in run.stderr
+
+
+# --- extras, the one version source, metadata ------------------------------------------------
+
+
+def project_table() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project
+
+
+def test_demo_and_bench_libraries_are_extras() -> None:
+    project = project_table()
+    required = {canonicalize_name(Requirement(t).name) for t in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    for extra in ("demo", "bench"):
+        names = {canonicalize_name(Requirement(t).name) for t in extras[extra]}
+        assert names == {"amqtt", "pysnmp"}, extra
+        assert not names & required, f"{extra}'s libraries are not required by every install"
+    # The test tools run the demo's and the benchmarks' tests.
+    assert {"amqtt", "pysnmp"} <= {canonicalize_name(Requirement(t).name) for t in extras["test"]}
+
+
+def test_demo_without_its_extra_is_a_one_line_error() -> None:
+    """As after a plain ``pip install .``: amqtt and pysnmp cannot be imported."""
+    code = (
+        "import sys\n"
+        "sys.modules['amqtt'] = None; sys.modules['pysnmp'] = None\n"
+        "from bridge.cli import main\n"
+        "sys.exit(main(['demo']))\n"
+    )
+    run = quiet_run(sys.executable, "-c", code)
+    assert run.returncode == 2, run
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("midbridge: error: the demo and the benchmarks need the 'demo'")
+    assert "amqtt, pysnmp" in lines[0]
+    assert "pip install -c constraints.txt '.[demo]'" in lines[0]
+
+
+def test_one_version_source() -> None:
+    import bridge
+
+    version = project_table()["version"]
+    assert metadata.version("midbridge") == version
+    assert bridge.__version__ == version
+    written = [
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "bridge").rglob("*.py")
+        if re.search(r"""__version__ = ["']\d+\.""", p.read_text())
+    ]
+    assert not written, f"a version written outside pyproject.toml: {written}"
+    run = quiet_run(str(Path(sys.executable).with_name("midbridge")), "--version")
+    assert run.stdout.strip() == f"midbridge {version}"
+
+
+def test_project_metadata() -> None:
+    project = project_table()
+    classifiers = project["classifiers"]
+    assert "Programming Language :: Python :: 3.11" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert project["requires-python"] == ">=3.11"
+    assert project["license"] == "Apache-2.0"

@@ -17,14 +17,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from bridge.agent.bridge import Bridge
 from bridge.instance import auth
@@ -47,15 +46,10 @@ ECHO_XML = (
 
 @dataclass
 class Snow:
-    """The built-in instance as the relay's ServiceNow, with an admin's HTTP client.
-
-    ``attachments``: what the stand-in Attachment API received (when ``snow`` was asked
-    for it), by the sys_id of the record attached to.
-    """
+    """The built-in instance as the relay's ServiceNow, with an admin's HTTP client."""
 
     inst: Instance
     http: aiohttp.ClientSession
-    attachments: dict[str, list[tuple[str, str, bytes]]] = field(default_factory=dict)
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Authorization": basic("admin", ADMIN_PASSWORD)}
@@ -88,6 +82,20 @@ class Snow:
              "payload": "<parameters/>", **fields},
         )  # fmt: skip
         return str(record["sys_id"])
+
+    async def attached(self, sys_id: str) -> list[tuple[str, str, bytes]]:
+        """(file name, content type, content) of each attachment on an ecc_queue record,
+        read through the instance's Attachment API as admin."""
+        rows = await self.call(
+            "GET", f"/api/now/attachment?sysparm_query=table_name=ecc_queue^table_sys_id={sys_id}"
+        )
+        found = []
+        headers = {"Authorization": basic("admin", ADMIN_PASSWORD)}
+        for row in rows:
+            async with self.http.get(row["download_link"], headers=headers) as response:
+                assert response.status == 200, await response.text()
+                found.append((row["file_name"], row["content_type"], await response.read()))
+        return found
 
     async def record(self, sys_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("GET", f"/api/now/table/ecc_queue/{sys_id}")
@@ -124,38 +132,16 @@ class Snow:
         return result
 
 
-def _attachment_api(snow: Snow) -> web.RouteTableDef:
-    """A stand-in for ServiceNow's ``POST /api/now/attachment/file`` (the built-in instance
-    has no Attachment API yet): raw body, ``table_name``, ``table_sys_id``, ``file_name``."""
-    routes = web.RouteTableDef()
-
-    @routes.post("/api/now/attachment/file")
-    async def upload(request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != basic("mid.user", MID_PASSWORD):
-            return web.json_response({"error": {"message": "User Not Authenticated"}}, status=401)
-        query = request.query
-        if query.get("table_name") != "ecc_queue" or not query.get("table_sys_id"):
-            return web.json_response({"error": {"message": "bad target"}}, status=400)
-        body = await request.read()
-        snow.attachments.setdefault(query["table_sys_id"], []).append(
-            (query.get("file_name", ""), request.content_type, body)
-        )
-        result = {"sys_id": uuid.uuid4().hex, "file_name": query.get("file_name", ""),
-                  "table_name": "ecc_queue", "table_sys_id": query["table_sys_id"],
-                  "size_bytes": str(len(body))}  # fmt: skip
-        return web.json_response({"result": result}, status=201)
-
-    return routes
-
-
 @asynccontextmanager
-async def snow(tmp_path: Path, *agents: str, attachments: bool = False) -> AsyncIterator[Snow]:
-    """The instance, with ``mid.user`` (role mid_server) acting for ``agents``."""
-    inst = Instance(InstanceConfig(db=tmp_path / "snow.sqlite3", admin_password=ADMIN_PASSWORD))
+async def snow(tmp_path: Path, *agents: str, compat: bool = False) -> AsyncIterator[Snow]:
+    """The instance, with ``mid.user`` (role mid_server) acting for ``agents``;
+    ``compat``: in ServiceNow-compatibility mode (``docs/compat-mode.md``)."""
+    config = InstanceConfig(
+        db=tmp_path / "snow.sqlite3", admin_password=ADMIN_PASSWORD, servicenow_compat=compat
+    )
+    inst = Instance(config)
     async with aiohttp.ClientSession() as http:
         sn = Snow(inst, http)
-        if attachments:
-            inst.app.add_routes(_attachment_api(sn))
         async with inst:
             await auth.create_user(
                 inst.store, "mid.user", MID_PASSWORD, roles=["mid_server"],

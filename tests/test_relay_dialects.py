@@ -68,7 +68,7 @@ class Rig:
 async def rig(broker: BrokerAddress, agent: str, tmp_path: Path, **over: Any) -> AsyncIterator[Rig]:
     prefix = new_prefix()
     async with AsyncExitStack() as stack:
-        sn = await stack.enter_async_context(snow(tmp_path, agent, attachments=True))
+        sn = await stack.enter_async_context(snow(tmp_path, agent))
         bridge = await stack.enter_async_context(FakeBridge(broker, prefix, agent))
         settings = relay_settings(sn.inst.url, agent, prefix, state_dir=tmp_path / "relay", **over)
         relay = await stack.enter_async_context(Relay(settings, broker_config(broker)))
@@ -289,7 +289,7 @@ async def test_large_results_go_as_an_attachment_and_oversized_ones_as_an_error(
 
         [answer] = await r.sn.inputs(big)
         assert answer["payload"] == "<see_attachment/>"
-        [(file_name, content_type, content)] = r.sn.attachments[answer["sys_id"]]
+        [(file_name, content_type, content)] = await r.sn.attached(answer["sys_id"])
         assert (file_name, content_type) == ("payload.xml", "application/xml")
         root = ElementTree.fromstring(content)
         assert root.findtext("result/stdout") == stdout
@@ -299,7 +299,7 @@ async def test_large_results_go_as_an_attachment_and_oversized_ones_as_an_error(
         root = ElementTree.fromstring(answer["payload"])
         assert root.findtext("result/error/kind") == "payload_too_large"
         assert "mid.eccq.max_payload_size (100000)" in (root.get("error") or "")
-        assert answer["sys_id"] not in r.sn.attachments
+        assert await r.sn.attached(answer["sys_id"]) == []
 
 
 async def _listener() -> tuple[asyncio.Server, int]:

@@ -55,15 +55,20 @@ async def test_registration_is_kept_and_the_mid_goes_down_at_a_clean_stop(
             record = await sn.agent(unique_agent)
             assert record["status"] == "Up"
             assert record["version"].startswith("midbridge ")
-            assert record["host"]  # host_name on ServiceNow; the built-in instance's name
-            assert record["started_at"]  # started
+            assert record["host_name"]  # ServiceNow's names (the built-in instance has them)
+            assert record["ip_address"] == "127.0.0.1"  # the route to the instance
+            assert record["url"] == sn.inst.url
+            assert record["started"]
+            assert record["stopped"] == ""
             assert record["validated"] == "false"  # the instance validates, never the relay
-            first = record["last_heartbeat"]  # last_refreshed
+            first = record["last_refreshed"]
             assert first
             await asyncio.sleep(1.2)  # the times have a resolution of one second
-            assert (await sn.agent(unique_agent))["last_heartbeat"] > first
+            assert (await sn.agent(unique_agent))["last_refreshed"] > first
             assert relay.registration.sys_id == record["sys_id"]
-        assert (await sn.agent(unique_agent))["status"] == "Down"
+        down = await sn.agent(unique_agent)
+        assert down["status"] == "Down"
+        assert down["stopped"] >= down["started"]
 
         # A second start finds the record (no second one), Up again.
         async with Relay(settings, broker_config(broker)):

@@ -1,33 +1,26 @@
-"""The schema as data: sys_db_object / sys_dictionary records make the tables (real SQLite
-files, no mocks): seeding, migration of an old file, tables and fields made and removed by
-records, extension (super_class), refusals, system fields, aggregates."""
+"""The schema as data: sys_db_object / sys_dictionary records make the tables, on each
+store (``backend``: a real SQLite file, a real PostgreSQL schema; no mocks): seeding,
+migration of an old database, tables and fields made and removed by records, extension
+(super_class), refusals, system fields, aggregates."""
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bridge.instance import cmdb, schema
 from bridge.instance.query import QueryError
-from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import TABLES, Change, Conflict, FieldError, FieldType
+from tests.conftest import StoreBackend
 
 OBJECTS, DICTIONARY = "sys_db_object", "sys_dictionary"
 SYSTEM = ["sys_id", "sys_created_on", "sys_created_by", "sys_updated_on", "sys_updated_by",
           "sys_mod_count", "sys_tags"]  # fmt: skip
 
 
-def columns(path: Path, table: str) -> list[str]:
-    with sqlite3.connect(path) as db:
-        return [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]
-
-
-async def test_seeds_are_deterministic_and_idempotent(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    async with SQLiteStore(path) as store:
+async def test_seeds_are_deterministic_and_idempotent(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         objects = await store.query(OBJECTS)
         entries = await store.query(DICTIONARY)
         assert {o["name"] for o in objects} == set(TABLES) | set(schema.CI_CLASSES)
@@ -44,7 +37,7 @@ async def test_seeds_are_deterministic_and_idempotent(tmp_path: Path) -> None:
         assert (own[0]["internal_type"], own[0]["reference"]) == ("reference", "sys_user")
         assert own[0]["reference_cascade_rule"] == "delete"
         first_schema = dict(store.schema)
-    async with SQLiteStore(path) as store:
+    async with backend.open() as store:
         assert await store.query(OBJECTS) == objects  # nothing rewritten on reopen
         assert await store.query(DICTIONARY) == entries
         assert dict(store.schema) == first_schema
@@ -94,28 +87,29 @@ OLD_DDL = [
 ]
 
 
-async def test_an_old_database_file_migrates(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+async def test_an_old_database_file_migrates(backend: StoreBackend) -> None:
     stamp = "2025-01-01 00:00:00"
-    with sqlite3.connect(path) as db:
-        for statement in OLD_DDL:
-            db.execute(statement)
-        db.execute(
-            "INSERT INTO ecc_queue (sys_id, sys_created_on, sys_updated_on, agent, queue, "
-            "response_to) VALUES ('e1', ?, ?, 'mid.server.a', 'output', 'x')",
-            (stamp, stamp),
-        )
-        db.execute(
-            "INSERT INTO sys_user (sys_id, sys_created_on, sys_updated_on, user_name, first_name,"
-            " last_name) VALUES ('u1', ?, ?, 'ann', 'Ann', 'Lee')",
-            (stamp, stamp),
-        )
-        db.execute(
-            "INSERT INTO cmdb_ci (sys_id, sys_created_on, sys_updated_on, name, sys_class_name) "
-            "VALUES ('c1', ?, ?, 'web', 'cmdb_ci_linux_server')",
-            (stamp, stamp),
-        )
-    async with SQLiteStore(path) as store:
+    await backend.execute(
+        [(statement, ()) for statement in OLD_DDL]
+        + [
+            (
+                "INSERT INTO ecc_queue (sys_id, sys_created_on, sys_updated_on, agent, queue, "
+                "response_to) VALUES ('e1', ?, ?, 'mid.server.a', 'output', 'x')",
+                (stamp, stamp),
+            ),
+            (
+                "INSERT INTO sys_user (sys_id, sys_created_on, sys_updated_on, user_name, "
+                "first_name, last_name) VALUES ('u1', ?, ?, 'ann', 'Ann', 'Lee')",
+                (stamp, stamp),
+            ),
+            (
+                "INSERT INTO cmdb_ci (sys_id, sys_created_on, sys_updated_on, name, "
+                "sys_class_name) VALUES ('c1', ?, ?, 'web', 'cmdb_ci_linux_server')",
+                (stamp, stamp),
+            ),
+        ]
+    )
+    async with backend.open() as store:
         old = await store.get("ecc_queue", "e1")
         assert old is not None
         assert (old["agent"], old["response_to"], old["sys_created_on"]) == (
@@ -137,18 +131,19 @@ async def test_an_old_database_file_migrates(tmp_path: Path) -> None:
         assert await store.count(DICTIONARY, "name=ecc_queue^elementISNOTEMPTY") == len(
             TABLES["ecc_queue"].fields
         )
-    assert {"sys_created_by", "sys_mod_count", "sys_tags"} <= set(columns(path, "ecc_queue"))
-    async with SQLiteStore(path) as store:  # and again: nothing left to do
+    assert {"sys_created_by", "sys_mod_count", "sys_tags"} <= set(
+        await backend.columns("ecc_queue")
+    )
+    async with backend.open() as store:  # and again: nothing left to do
         again = await store.get("ecc_queue", "e1")
         assert again is not None
         assert again["sys_mod_count"] == 1
         assert await store.count("sys_user_grmember") == 1
 
 
-async def test_a_table_and_its_fields_are_records(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+async def test_a_table_and_its_fields_are_records(backend: StoreBackend) -> None:
     seen: list[Change] = []
-    async with SQLiteStore(path) as store:
+    async with backend.open() as store:
         store.add_listener(seen.append)
         table = await store.insert(OBJECTS, {"name": "u_asset", "label": "Asset"}, actor="admin")
         assert (table["sys_created_by"], table["is_extendable"]) == ("admin", False)
@@ -179,22 +174,21 @@ async def test_a_table_and_its_fields_are_records(tmp_path: Path) -> None:
             await store.insert("u_asset", {"u_owner": "nobody"})
         await store.delete("sys_user", owner["sys_id"])  # reference_cascade_rule delete
         assert await store.get("u_asset", second["sys_id"]) is None
-    assert "u_cost" in columns(path, "u_asset")
-    async with SQLiteStore(path) as store:  # the records made it: they make it again
+    assert "u_cost" in await backend.columns("u_asset")
+    async with backend.open() as store:  # the records made it: they make it again
         assert list(store.schema["u_asset"].fields) == [*SYSTEM, "u_cost", "u_owner"]
         assert await store.count("u_asset") == 1
 
 
-async def test_deleting_user_made_records_drops_columns_and_tables(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    async with SQLiteStore(path) as store:
+async def test_deleting_user_made_records_drops_columns_and_tables(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         await store.insert(OBJECTS, {"name": "u_box", "is_extendable": True})
         await store.insert(OBJECTS, {"name": "u_small_box", "super_class": "u_box"})
         field = await store.insert(DICTIONARY, {"name": "u_small_box", "element": "u_size"})
         keep = await store.insert(DICTIONARY, {"name": "u_box", "element": "u_color"})
-        assert "u_size" in columns(path, "u_box")
+        assert "u_size" in await backend.columns("u_box")
         assert await store.delete(DICTIONARY, field["sys_id"])
-        assert "u_size" not in columns(path, "u_box")
+        assert "u_size" not in await backend.columns("u_box")
         assert "u_size" not in store.schema["u_small_box"].fields
         small = (await store.query(OBJECTS, "name=u_small_box"))[0]
         record = await store.insert("u_small_box", {"u_color": "red"})
@@ -207,11 +201,11 @@ async def test_deleting_user_made_records_drops_columns_and_tables(tmp_path: Pat
         box = (await store.query(OBJECTS, "name=u_box"))[0]
         assert await store.delete(OBJECTS, box["sys_id"])
         assert await store.get(DICTIONARY, keep["sys_id"]) is None
-    assert columns(path, "u_box") == []
+    assert await backend.columns("u_box") == []
 
 
-async def test_extension_reads_writes_and_restricts_by_class(tmp_path: Path) -> None:
-    async with SQLiteStore(tmp_path / "s.db") as store:
+async def test_extension_reads_writes_and_restricts_by_class(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         await store.insert(OBJECTS, {"name": "u_device", "is_extendable": True})
         parent_id = store.catalog.ids["u_device"]
         await store.insert(OBJECTS, {"name": "u_phone", "super_class": parent_id})
@@ -275,8 +269,8 @@ async def refused(call: Any, pattern: str, error: type[Exception] = FieldError) 
         await call
 
 
-async def test_refusals_name_the_field_at_fault(tmp_path: Path) -> None:
-    async with SQLiteStore(tmp_path / "s.db") as store:
+async def test_refusals_name_the_field_at_fault(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         ecc = (await store.query(OBJECTS, "name=ecc_queue"))[0]
         agent = (await store.query(DICTIONARY, "name=ecc_queue^element=agent"))[0]
         await refused(
@@ -367,9 +361,8 @@ async def test_refusals_name_the_field_at_fault(tmp_path: Path) -> None:
         assert await store.query(DICTIONARY, "element=u_ok") == []
 
 
-async def test_type_changes_keep_every_value_or_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    async with SQLiteStore(path) as store:
+async def test_type_changes_keep_every_value_or_are_refused(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         await store.insert(OBJECTS, {"name": "u_t"})
         entry = await store.insert(DICTIONARY, {"name": "u_t", "element": "u_n", "unique": True})
         await store.insert("u_t", {"u_n": "5"})
@@ -393,11 +386,11 @@ async def test_type_changes_keep_every_value_or_are_refused(tmp_path: Path) -> N
         )
         await refused(store.update(DICTIONARY, entry["sys_id"], {"element": "u_m"}), "cannot move")
         assert sorted(r["u_n"] for r in await store.query("u_t")) == ["", "", "2.5", "5.0", "abc"]
-    assert columns(path, "u_t")[-1] == "u_n"
+    assert (await backend.columns("u_t"))[-1] == "u_n"
 
 
-async def test_system_fields_and_mod_count(tmp_path: Path) -> None:
-    async with SQLiteStore(tmp_path / "s.db") as store:
+async def test_system_fields_and_mod_count(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         record = await store.insert("ecc_queue", {"agent": "a"}, actor="alice")
         assert (record["sys_created_by"], record["sys_updated_by"]) == ("alice", "alice")
         assert (record["sys_mod_count"], record["sys_tags"]) == (0, "")
@@ -427,8 +420,8 @@ async def test_system_fields_and_mod_count(tmp_path: Path) -> None:
         await store.insert("ecc_queue", {"response_to": "not-a-record"})
 
 
-async def test_users_groups_and_logs(tmp_path: Path) -> None:
-    async with SQLiteStore(tmp_path / "s.db") as store:
+async def test_users_groups_and_logs(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         ann = await store.insert(
             "sys_user", {"user_name": "ann", "first_name": "Ann", "last_name": "Lee"}
         )
@@ -464,8 +457,8 @@ async def test_users_groups_and_logs(tmp_path: Path) -> None:
         assert (log["level"], log["message"]) == (2, "boom")
 
 
-async def test_aggregate_groups_with_sql(tmp_path: Path) -> None:
-    async with SQLiteStore(tmp_path / "s.db") as store:
+async def test_aggregate_groups_with_sql(backend: StoreBackend) -> None:
+    async with backend.open() as store:
         await store.insert_many(
             "ecc_queue",
             [{"state": s, "priority": p, "complete": c, "agent": a}

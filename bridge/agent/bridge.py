@@ -100,11 +100,13 @@ class Bridge:
         )
         self.reporter = StatusReporter(config, self.topics, self.identity, self.intake)
         self.counters = self.intake.counters
+        self.counters.topics(self.registry)  # each enabled topic's series, from zero
         self.scheduler = self.intake.scheduler
         self.admission = self.intake.admission
         self.control = BridgeControl(self.intake, self.reporter, self.identity, self._service)
         self.probes.connect(credentials=self.gate, control=self.control)
         self._connected_sessions: list[Session] = []
+        self.warn_insecure = True  # off for the second and later tries of one start
         self._service_tasks: list[asyncio.Task[None]] = []
 
     # --- what tests, metrics and the CLI read -------------------------------------------
@@ -149,7 +151,8 @@ class Bridge:
         cfg = self.config
         limits = cfg.limits
         self.probes.load_settings()  # a bad [probes.settings.*] fails before the broker
-        self._warn_insecure_settings()
+        if self.warn_insecure:
+            self._warn_insecure_settings()
         try:
             state_dir = cfg.bridge.state_dir
             state_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import orjson
 from pydantic import (
+    BaseModel,
     Field,
     ValidationError,
     model_validator,
@@ -92,9 +93,11 @@ class Config(Section):
     limits: LimitsConfig = LimitsConfig()
     probes: ProbesConfig = ProbesConfig()
     security: SecurityConfig = SecurityConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["trace", "debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(None, ge=0, le=65535)  # /healthz and /metrics; None: off
+    # /metrics, /livez, /readyz, /healthz; None: off
+    metrics_port: int | None = Field(None, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _ledger_outlives_signatures(self) -> Config:
@@ -116,7 +119,13 @@ class Config(Section):
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    return _env_tree(environ)[0]
+
+
+def _env_tree(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The overrides as a tree, and which variable set each key (by its path)."""
     tree: dict[str, Any] = {}
+    names: dict[tuple[str, ...], str] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
@@ -134,7 +143,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError("conflicts with another variable", field=key)
             node = child
         node[path[-1]] = _env_value(raw)
-    return tree
+        names[tuple(path)] = key
+    return tree, names
 
 
 def _env_value(raw: str) -> Any:
@@ -175,28 +185,99 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def config_from_mapping(data: Mapping[str, Any]) -> Config:
+def config_from_mapping(
+    data: Mapping[str, Any], env_names: Mapping[tuple[str, ...], str] | None = None
+) -> Config:
+    """Validate; every problem at once in one :class:`ConfigError` (``problems`` lists them).
+
+    A key set by an environment variable is named with that variable (``env_names``).
+    """
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first.get("loc", ()))
-        if first.get("type") == "extra_forbidden":
-            raise ConfigError("unknown key", field=loc) from None
-        raise ConfigError(str(first.get("msg", "invalid")), field=loc) from None
+        problems = [_problem(error, env_names or {}) for error in exc.errors()]
+    if len(problems) == 1:
+        field, message = problems[0]
+        raise ConfigError(message, field=field)
+    error = ConfigError("; ".join(f"{f}: {m}" if f else m for f, m in problems))
+    error.problems = [f"{f}: {m}" if f else m for f, m in problems]
+    raise error
+
+
+def _problem(error: Any, env_names: Mapping[tuple[str, ...], str]) -> tuple[str, str]:
+    loc = tuple(str(part) for part in error.get("loc", ()))
+    field = ".".join(loc)
+    if error.get("type") == "extra_forbidden":
+        message = "unknown key"
+    else:
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    # The variables that set this key, the section it belongs to, or keys inside it.
+    variables = sorted(
+        name
+        for path, name in env_names.items()
+        if path[: len(loc)] == loc or loc[: len(path)] == path
+    )
+    if variables:
+        plural = "s" if len(variables) > 1 else ""
+        field = f"{field} (environment variable{plural} {', '.join(variables)})"
+    return field, message
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("file not found", field=str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a TOML file", field=str(path)) from None
+    except PermissionError:
+        raise ConfigError("permission denied", field=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", field=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(exc.strerror or str(exc), field=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML does not parse: {exc}", field=str(path)) from None
 
 
 def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply env overrides, validate."""
+    """Read the TOML file (if any), apply env overrides, validate (every problem named)."""
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is None and env.get(ENV_PREFIX + "CONFIG"):
         path = Path(env[ENV_PREFIX + "CONFIG"])
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("file not found", field=str(path)) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"TOML does not parse: {exc}", field=str(path)) from None
-    return config_from_mapping(_merge(data, _env_overrides(env)))
+        data = _read_file(path)
+    overrides, names = _env_tree(env)
+    return config_from_mapping(_merge(data, overrides), names)
+
+
+def defaults_toml() -> str:
+    """The default configuration as TOML (keys without a default commented out)."""
+    lines = ["# midbridge: the default configuration (midbridge config defaults)"]
+
+    def value(v: Any) -> str:
+        return orjson.dumps(v).decode()  # JSON scalars and lists are valid TOML here
+
+    def table(name: str, model: BaseModel) -> None:
+        scalars: list[str] = []
+        tables: list[tuple[str, BaseModel]] = []
+        data = model.model_dump(mode="json")
+        for key in type(model).model_fields:
+            current = getattr(model, key)
+            if isinstance(current, BaseModel):
+                tables.append((f"{name}.{key}" if name else key, current))
+            elif data[key] is None:
+                scalars.append(f"# {key} = (not set)")
+            elif isinstance(data[key], dict):
+                scalars.append(f"# [{name}.{key}.<name>] tables (none by default)")
+            else:
+                scalars.append(f"{key} = {value(data[key])}")
+        if name:
+            lines.extend(["", f"[{name}]"])
+        lines.extend(scalars)
+        for sub_name, sub in tables:
+            table(sub_name, sub)
+
+    table("", Config())
+    return "\n".join(lines) + "\n"

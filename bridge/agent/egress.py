@@ -67,6 +67,7 @@ class Egress:
         self._fresh: dict[int, OutboxRow] = {}  # rows written, not yet taken by the publisher
         self.published_records = 0
         self.refused_publishes = 0
+        self.write_error: str | None = None  # the last outbox write failed (readiness)
 
     # --- producers -------------------------------------------------------------------
 
@@ -114,10 +115,12 @@ class Egress:
             written = await self.store.append(rows, done_ids)
         except Exception as exc:  # disk full, I/O error: the jobs stay unacknowledged
             log.error("outbox write failed: %s", exc)
+            self.write_error = str(exc) or type(exc).__name__
             for item in batch:
                 if not item.safe.done():
                     item.safe.set_exception(exc)
             return
+        self.write_error = None
         if len(self._fresh) + len(written) <= FRESH_ROWS_MAX:
             for row in written:
                 self._fresh[row.id] = row

@@ -63,6 +63,8 @@ class StateStore:
         # Outbox ids are ours and contiguous (no gaps until published), so the publisher
         # knows the row after ``id`` is ``id + 1`` and can take it from memory.
         self.next_id = 1
+        # When each outbox row was written (rows of an earlier process: when it opened).
+        self._written: dict[int, float] = {}
 
     async def __aenter__(self) -> StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,9 @@ class StateStore:
         ).fetchone()
         self.outbox_records = int(count)
         self.next_id = int(top) + 1
+        opened = time.time()
+        ids = db.execute("SELECT id FROM outbox ORDER BY id")
+        self._written = {int(row_id): opened for (row_id,) in ids}
 
     def _close(self) -> None:
         if self._db is not None:
@@ -178,6 +183,8 @@ class StateStore:
             raise
         self.outbox_records += sum(n for _t, _p, n in rows)
         now = time.time()
+        for row_id in range(first_id, first_id + len(rows)):
+            self._written[row_id] = now
         for sys_id in done_ids:
             self._done_recent[sys_id] = now
             self._done_recent.move_to_end(sys_id)
@@ -202,6 +209,15 @@ class StateStore:
                 ranges.append((row_id, row_id))
         await self._call(self._delete, ranges)
         self.outbox_records -= sum(row.records for row in rows)
+        for row_id in ids:
+            self._written.pop(row_id, None)
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest row still in the outbox has waited (0 when it is empty)."""
+        if not self._written:
+            return 0.0
+        # Ids grow with time: the lowest id left is the oldest row (a scrape pays O(rows)).
+        return max(0.0, time.time() - self._written[min(self._written)])
 
     async def is_done(self, sys_id: str) -> bool:
         at = self._done_recent.get(sys_id)

@@ -273,6 +273,7 @@ class TableApi:
             "sysparm_limit", settings.default_limit, settings.max_limit, clamp=True
         )
         offset = params.integer("sysparm_offset", 0, 2**62)
+        suppress_links = params.flag("sysparm_suppress_pagination_header")
         options: dict[str, Any] = {
             "hidden": hidden(table),
             "invalid": "ignore",
@@ -291,7 +292,7 @@ class TableApi:
             total = await self.store.count(table.name, query, **options)
             headers["X-Total-Count"] = str(total)
         links = _links(request, limit, offset, total, len(records))
-        if links and not params.flag("sysparm_suppress_pagination_header"):
+        if links and not suppress_links:
             headers["Link"] = links
         result = await shaper.records(records)
         return respond(request, {"result": result}, headers=headers)

@@ -14,7 +14,7 @@ from bridge.instance import auth
 from bridge.instance.api_http import ApiError
 from bridge.instance.api_params import Params, check_client_query, filter_query, restrict
 from bridge.instance.auth import AuthError, Principal
-from bridge.instance.query import QueryContext, parse
+from bridge.instance.query import QueryContext, QueryError, compile_query, parse
 from bridge.instance.store import Record, Store, Table
 
 
@@ -99,6 +99,28 @@ def check_walks(
             current = target
 
 
+def _check_fits(
+    who: Principal, table: Table, schema: Mapping[str, Table], query: str, parameter: str
+) -> None:
+    """400 naming ``parameter`` when a term of ``query`` does not fit the table (a value
+    not of its field's type, an operator its field cannot take, a ``javascript:`` value
+    that is not a supported helper): the store would refuse it without saying where the
+    query came from. Unknown fields are ignored here as the store ignores them."""
+    try:
+        compile_query(
+            query,
+            table,
+            hidden=hidden(table),
+            schema=schema,
+            invalid="ignore",
+            context=context(who),
+        )
+    except QueryError as exc:
+        raise ApiError(
+            400, f"Invalid {parameter}: {exc.message}", "invalid encoded query"
+        ) from None
+
+
 def read_query(store: Store, who: Principal, table: Table, params: Params) -> str:
     """The encoded query a list or statistics request runs: ``sysparm_query`` AND the
     ``field=value`` parameters, narrowed to what ``who`` may read (its own agents)."""
@@ -106,9 +128,11 @@ def read_query(store: Store, who: Principal, table: Table, params: Params) -> st
     query = params.get("sysparm_query")
     check_client_query(query)
     check_walks(who, table, schema, query, "sysparm_query")
+    _check_fits(who, table, schema, query, "sysparm_query")
     filters = filter_query(table, schema, params.filters, lambda t: may_read(who, t))
     if filters:
         check_client_query(filters, "field=value parameters")
+        _check_fits(who, table, schema, filters, "field=value parameters")
         query = restrict(query, filters) if query.strip() else filters
     narrowed = scope(who, table)
     return restrict(query, narrowed) if narrowed is not None else query

@@ -182,12 +182,12 @@ class BatchApi:
         budget = settings.batch_max_output_bytes
         serviced: list[dict[str, Any]] = []
         unserviced: list[str] = []
-        for sub in subs:
+        for index, sub in enumerate(subs):
             if unserviced or budget <= 0 or time.monotonic() > deadline:
                 unserviced.append(sub.id)
                 continue
             started = time.perf_counter()
-            status, reason, headers, content = await self._run(request, who, sub)
+            status, reason, headers, content = await self._run(request, who, sub, index)
             if sub.method == "HEAD":
                 content = b""
             if len(content) > budget and sub.method in ("GET", "HEAD"):
@@ -213,14 +213,14 @@ class BatchApi:
         )
 
     async def _run(
-        self, request: web.Request, who: Principal, sub: SubRequest
+        self, request: web.Request, who: Principal, sub: SubRequest, index: int
     ) -> tuple[int, str, list[dict[str, str]], bytes]:
-        """(status, reason, headers, body) of one sub-request."""
+        """(status, reason, headers, body) of one sub-request (``rest_requests[index]``)."""
         relative = _relative(sub.url)
         if relative is None:
             answer = error_response(
                 400,
-                "Invalid rest_requests url",
+                f"Invalid rest_requests[{index}].url",
                 f"{sub.url[:200]!r}: a batch runs /api/ requests of this instance, "
                 "other than the Batch API itself",
             )

@@ -506,6 +506,8 @@ MID_OUTPUT_FIELDS = frozenset({"state", "processed", "error_string"})
 # them: keys come from the agent's status record over the broker, validation from admin.
 AGENT_REPORTED_FIELDS = frozenset(
     {"host", "status", "version", "capabilities", "last_heartbeat", "started_at", "stats"}
+    # ServiceNow's names, as a relay (a MID Server) writes them (docs/compat-mode.md)
+    | {"host_name", "ip_address", "url", "started", "stopped", "last_refreshed"}
 )
 AGENT_KEY_FIELDS = frozenset({"public_key", "fingerprint"})
 AGENT_PREFIX = "mid.server."
@@ -540,7 +542,8 @@ def _roles_text(roles: Iterable[str]) -> str:
 
 
 _ECC_READERS = ("mid_server", "discovery_admin")
-_ECC_TABLES = frozenset({"ecc_queue", "ecc_agent"})
+# ecc_agent_property: read only (a MID reads its properties; admin writes them).
+_ECC_TABLES = frozenset({"ecc_queue", "ecc_agent", "ecc_agent_property"})
 # discovery_admin reads runs and CIs, and writes schedules; the CI class tables count too
 # (the Table API authorizes a table of a hierarchy as its root: cmdb_ci_linux_server as
 # cmdb_ci).
@@ -725,9 +728,11 @@ def _own_agent(who: Principal, name: str | None, what: str) -> None:
 def agent_scope(who: Principal, table: str) -> str | None:
     """The encoded condition that narrows ``who``'s reads of ``table`` to its own agents,
     or None if its reads are not narrowed (admin, discovery_admin, other tables)."""
-    if table not in ("ecc_queue", "ecc_agent") or not who.reads_own_agents_only:
+    if table not in _ECC_TABLES or not who.reads_own_agents_only:
         return None
     names = sorted(who.mid_agents)
+    if table == "ecc_agent_property":  # every MID's, and its own agents'
+        return "ecc_agentISEMPTY" + ("^ORecc_agent.nameIN" + ",".join(names) if names else "")
     if not names:
         return "sys_id="  # no agent: no record (every record has a sys_id)
     if table == "ecc_agent":
@@ -741,4 +746,6 @@ def in_agent_scope(who: Principal, table: str, record: Mapping[str, Any]) -> boo
         return True
     if table == "ecc_agent":
         return record.get("name") in who.mid_agents
+    if table == "ecc_agent_property":  # by sys_id: every MID's only (lists see their own)
+        return not record.get("ecc_agent")
     return agent_of(record.get("agent")) in who.mid_agents

@@ -1,6 +1,8 @@
 """``midbridge instance ...``: run the built-in instance, manage its users.
 
-- ``midbridge instance [--host H] [--port P] [--db PATH]``: serve until SIGINT/SIGTERM.
+- ``midbridge instance [--host H] [--port P] [--db PATH|postgresql://...]``: serve until
+  SIGINT/SIGTERM (on PostgreSQL several processes serve one database: one leader runs the
+  connector and discovery, ``bridge/instance/leader.py``; ``--keys STEM`` the key files).
   On first start the ``admin`` user is created with ``$MIDBRIDGE_ADMIN_PASSWORD``, or a
   generated password that is printed once. HTTPS: ``--tls-cert FILE --tls-key FILE``, or
   ``--tls-self-signed`` (a certificate made beside the database, reused; its path and
@@ -52,8 +54,8 @@ from bridge.instance.auth import (
     roles_of,
     seed_roles,
 )
-from bridge.instance.sqlite_store import SQLiteStore
-from bridge.instance.store import Conflict, StoreError
+from bridge.instance.metrics import METRICS_TOKEN_ENV
+from bridge.instance.store import Conflict, Store, StoreError
 from bridge.instance.tls import TlsError, client_context
 from bridge.signals import StopSignals
 from bridge.wire.address import AddressError, parse_host_port
@@ -63,6 +65,13 @@ log = logging.getLogger("midbridge.instance")
 
 DEFAULT_DB = Path("midbridge-state/instance.db")
 DB_ENV = "MIDBRIDGE_INSTANCE_DB"
+DEFAULT_KEYS = Path("midbridge-state/instance")
+KEYS_ENV = "MIDBRIDGE_INSTANCE_KEYS"
+
+
+def _db_arg(text: str) -> Path | str:
+    """``--db``: a postgresql:// URL as given, anything else a file path."""
+    return text if text.startswith(("postgresql://", "postgres://")) else Path(text)
 
 
 ADMIN_PASS_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
@@ -74,12 +83,28 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     inst = sub.add_parser("instance", help="the built-in instance: serve it, manage its users")
     inst.add_argument("--host", default="127.0.0.1", help="address to listen on")
     inst.add_argument("--port", type=int, default=8080, help="port to listen on (0: any)")
-    inst.add_argument("--db", type=Path, default=default_db, help=f"database file ({DEFAULT_DB})")
+    inst.add_argument(
+        "--db",
+        type=_db_arg,
+        default=default_db,
+        help=f"database file ({DEFAULT_DB}), or postgresql://user@host:port/db (several "
+        "instances on one PostgreSQL: one leader runs the connector, docs/scaling.md)",
+    )
+    inst.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="STEM",
+        help="the platform key files STEM.secret.key and STEM.signing.pem (default: beside "
+        f"the database file; with PostgreSQL ${KEYS_ENV} or {DEFAULT_KEYS}: every instance "
+        "of one database needs the same files)",
+    )
     inst.add_argument(
         "--broker",
         default=None,
         metavar="HOST:PORT",
-        help="connect the ECC queue to this MQTT broker (the connector); none: API only",
+        help="connect the ECC queue to this MQTT broker (the connector), or to NATS "
+        "JetStream with nats://HOST:PORT[,nats://HOST:PORT...]; none: API only",
     )
     inst.add_argument(
         "--broker-username",
@@ -113,12 +138,35 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="serve HTTPS with a self-signed certificate made beside the database (reused); "
         "prints its path and SHA-256 fingerprint for clients to trust",
     )
+    inst.add_argument(
+        "--metrics-token",
+        default=os.environ.get(METRICS_TOKEN_ENV) or None,
+        metavar="TOKEN",
+        help=f"/metrics needs Authorization: Bearer TOKEN (default ${METRICS_TOKEN_ENV}, "
+        "which keeps it out of the process list); none: /metrics is open, as Prometheus "
+        "scrapes usually are (docs/operations.md)",
+    )
+    inst.add_argument(
+        "--servicenow-compat",
+        action="store_true",
+        help="ServiceNow-compatibility mode, for a relay as the MID (docs/compat-mode.md): "
+        "ECC stored as ServiceNow would, the MID Server Monitor; not with --broker",
+    )
+    inst.add_argument(
+        "--mid-monitor-interval",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="--servicenow-compat: seconds between MID Server Monitor cycles (300)",
+    )
     inst_sub = inst.add_subparsers(dest="instance_command")
     user = inst_sub.add_parser("user", help="users of the instance")
     user_sub = user.add_subparsers(dest="user_command", required=True)
 
     def db_option(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="database file")
+        parser.add_argument(
+            "--db", type=_db_arg, default=argparse.SUPPRESS, help="database file or URL"
+        )
 
     create = user_sub.add_parser("create", help="create a user (and grant roles)")
     create.add_argument("name", help="user_name, e.g. mid.user")
@@ -169,6 +217,12 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     disco.add_argument("schedule", help="the discovery_schedule's name or sys_id")
     disco.add_argument("--url", default="http://127.0.0.1:8080", help="the running instance")
     disco.add_argument("--user", default="admin", help=f"user (password: ${ADMIN_PASS_ENV})")
+    disco.add_argument(
+        "--wait", action="store_true", help="follow the run (progress) and list its CIs"
+    )
+    disco.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="SECONDS", help="--wait at most this"
+    )
     ca_file_option(disco)
 
 
@@ -198,6 +252,9 @@ def run_instance_command(
                     trust_forwarded=args.trust_forwarded,
                     https=_https(args),
                     public_url=_public_url(args),
+                    metrics_token=args.metrics_token,
+                    compat=_compat(args),
+                    keys_stem=args.keys,
                 )
             )
         if args.instance_command in ("agent", "discovery"):
@@ -228,7 +285,12 @@ async def _agent_command(args: argparse.Namespace) -> int:
     trust = client_context(args.ca_file)  # a bad --ca-file before the password prompt
     password = os.environ.get(ADMIN_PASS_ENV)
     if password is None:
-        password = getpass.getpass(f"Password for {args.user}: ")
+        if not sys.stdin.isatty():  # getpass would read stdin, warn, then end in EOFError
+            raise CommandError(f"no password for {args.user}: set ${ADMIN_PASS_ENV} (no terminal)")
+        try:
+            password = getpass.getpass(f"Password for {args.user}: ")
+        except EOFError:
+            raise CommandError(f"no password for {args.user}: set ${ADMIN_PASS_ENV}") from None
     token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
     base = str(args.url).rstrip("/")
     connector = aiohttp.TCPConnector(ssl=trust)
@@ -258,8 +320,15 @@ async def _agent_command(args: argparse.Namespace) -> int:
                 status = body.get("result", {}) if isinstance(body, dict) else {}
                 print(
                     f"discovery run {status.get('sys_id', '?')} started "
-                    f"({status.get('addresses', '?')} addresses)"
+                    f"({status.get('addresses', '?')} addresses)",
+                    flush=True,
                 )
+                if args.wait and status.get("sys_id"):
+                    if not args.timeout > 0:
+                        raise CommandError("--timeout: must be more than 0 seconds")
+                    from bridge.instance.discovery_follow import follow_run
+
+                    return await follow_run(http, base, str(status["sys_id"]), timeout=args.timeout)
                 return 0
             if not args.name:
                 raise CommandError(f"agent {args.action}: name the agent")
@@ -291,8 +360,14 @@ def _api_error(status: int, body: Any) -> str:
 def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
     if not args.broker:
         return None
+    text = str(args.broker)
+    if text.startswith("nats://"):
+        from bridge.instance.leader import nats_broker
+
+        cfg = nats_broker(text, args.broker_username, os.environ.get(BROKER_PASSWORD_ENV))
+        return cfg, str(args.topic_prefix)
     try:
-        host, port = parse_host_port(str(args.broker), option="--broker")
+        host, port = parse_host_port(text, option="--broker")
     except AddressError as exc:
         raise CommandError(str(exc)) from None
     cfg = BrokerConfig(
@@ -347,7 +422,7 @@ def _https(args: argparse.Namespace) -> Https | None:
         if cert is not None or key is not None:
             flag = "--tls-cert" if cert is not None else "--tls-key"
             raise CommandError(f"{flag}: not with --tls-self-signed (give one or the other)")
-        if str(args.db) == ":memory:":
+        if str(args.db) == ":memory:" or not isinstance(args.db, Path):
             raise CommandError("--tls-self-signed: needs a database file (--db) to keep it beside")
         public = _public_url(args)
         extra = [urlsplit(public).hostname or ""] if public else []
@@ -374,6 +449,21 @@ def _https(args: argparse.Namespace) -> Https | None:
     )
 
 
+def _compat(args: argparse.Namespace) -> float | None:
+    """``--servicenow-compat``'s MID Server Monitor interval; None when the mode is off."""
+    if not args.servicenow_compat:
+        return None
+    if args.broker is not None:
+        raise CommandError(
+            "--servicenow-compat: not with --broker (in compatibility mode a relay is the "
+            "MID; the connector would run every job a second time)"
+        )
+    interval = args.mid_monitor_interval
+    if not (interval > 0 and interval < 86_400 * 365):
+        raise CommandError(f"--mid-monitor-interval: expected seconds > 0, not {interval!r}")
+    return float(interval)
+
+
 def _public_url(args: argparse.Namespace) -> str:
     return tls.check_public_url(args.public_url) if args.public_url is not None else ""
 
@@ -381,12 +471,15 @@ def _public_url(args: argparse.Namespace) -> str:
 async def _serve(
     host: str,
     port: int,
-    db: Path,
+    db: Path | str,
     *,
     broker: tuple[BrokerConfig, str] | None = None,
     trust_forwarded: bool = False,
     https: Https | None = None,
     public_url: str = "",
+    metrics_token: str | None = None,
+    compat: float | None = None,
+    keys_stem: Path | None = None,
 ) -> int:
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
@@ -399,16 +492,32 @@ async def _serve(
                 log.warning("insecure: %s", warning)
                 print(f"midbridge instance: warning: {warning}", file=sys.stderr, flush=True)
             api = ApiSettings(trust_forwarded=trust_forwarded, public_url=public_url)
-            config = InstanceConfig(host=host, port=port, db=db, api=api)
+            config = InstanceConfig(
+                host=host, port=port, db=db, api=api, metrics_token=metrics_token
+            )
             if https is not None:
                 config = dataclasses.replace(config, ssl_context=https.context)
+            if compat is not None:
+                config = dataclasses.replace(
+                    config, servicenow_compat=True, mid_monitor_interval=compat
+                )
             instance = Instance(config)
-            keys = keys_for(db)
+            cluster = isinstance(db, str)  # a postgresql:// URL (_db_arg)
+            if keys_stem is None and cluster:
+                keys_stem = Path(os.environ.get(KEYS_ENV) or DEFAULT_KEYS)
+            keys = keys_for(db if keys_stem is None else keys_stem)
             install(instance, keys)  # sealed credentials, agent actions, the platform key
-            discovery.install(instance)  # runs, their routes, the CI class views
+            leadership = None
+            if cluster:  # several processes on one database: one leader (leader.py)
+                from bridge.instance.leader import cluster_leadership
+
+                leadership = cluster_leadership(instance, str(db), broker, keys)
+            else:
+                discovery.install(instance)  # runs, their routes, the CI class views
             async with AsyncExitStack() as stack:
                 inst = await stack.enter_async_context(instance)
-                print(f"midbridge instance on {inst.url} (database {db})", flush=True)
+                shown = _shown_db(db)
+                print(f"midbridge instance on {inst.url} (database {shown})", flush=True)
                 for line in https.lines if https is not None else ():
                     print(line, flush=True)
                 if public_url:
@@ -420,14 +529,19 @@ async def _serve(
                     f"platform signing key (bridges' security.platform_key): {keys.public_key_b64}",
                     flush=True,
                 )
-                if broker is not None:
+                if leadership is not None:
+                    await stack.enter_async_context(leadership)
+                elif broker is not None:
                     cfg, prefix = broker
-                    await stack.enter_async_context(
-                        Connector(
-                            inst.store, cfg, settings=ConnectorSettings(prefix=prefix), keys=keys
-                        )
+                    connector = Connector(
+                        inst.store, cfg, settings=ConnectorSettings(prefix=prefix), keys=keys
                     )
-                    print(f"connector: ECC queue on mqtt://{cfg.host}:{cfg.port}", flush=True)
+                    inst.attach_connector(connector)  # /readyz: not ready until connected
+                    await stack.enter_async_context(connector)
+                    where = f"mqtt://{cfg.host}:{cfg.port}"
+                    if cfg.kind == "nats":
+                        where = ",".join(cfg.nats_servers)
+                    print(f"connector: ECC queue on {where}", flush=True)
                 await stop.wait()
         except PasswordError as exc:
             raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None
@@ -452,8 +566,17 @@ def _read_password(from_stdin: bool) -> str:
     return first
 
 
-async def _open(db: Path) -> SQLiteStore:
-    store = await SQLiteStore.open(db)
+def _shown_db(db: Path | str) -> str:
+    from bridge.instance.pg_store import shown_url
+
+    return shown_url(db) if isinstance(db, str) else str(db)
+
+
+async def _open(db: Path | str) -> Store:
+    from bridge.instance.pg_store import store_for
+
+    store = store_for(db)
+    await store.__aenter__()
     await seed_roles(store)
     return store
 
@@ -505,14 +628,14 @@ async def _user_set_agents(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _open_existing(db: Path) -> SQLiteStore:
+async def _open_existing(db: Path | str) -> Store:
     """A database that must exist already (commands that only read or change it)."""
-    if not await asyncio.to_thread(db.is_file):
+    if isinstance(db, Path) and not await asyncio.to_thread(db.is_file):
         raise CommandError(f"no database at {db} (start the instance, or give --db)")
     return await _open(db)
 
 
-async def _user_list(db: Path) -> int:
+async def _user_list(db: Path | str) -> int:
     store = await _open_existing(db)
     try:
         users = await store.query("sys_user", "ORDERBYuser_name")

@@ -545,6 +545,8 @@ class Connector:
                 )
                 continue
             by_topic.setdefault(output_topic(settings.prefix, name, row), []).append(body)
+            self._log.debug("output %s %s pushed to agent %s (attempt %s)", row.get("sys_id"),
+                            row.get("topic"), name, row.get("attempts"))  # fmt: skip
         futures = []
         sent = 0
         for topic, bodies in by_topic.items():
@@ -763,6 +765,9 @@ class Connector:
         seq = row["sequence"]
         if seq is not None and progress.has(row["run"], seq):
             self.stats.duplicates += 1
+            # A repeat of an answer already stored: close its output if a crash between
+            # storing the answer and closing the output left it open.
+            touched[response_to] = progress
             return
         if not _awaiting(progress):
             raise _Refused(
@@ -775,6 +780,9 @@ class Connector:
             self.stats.inputs += 1
         else:
             self.stats.duplicates += 1
+        self._log.debug("input for output %s from %s: sequence %s%s%s", response_to, agent, seq,
+                        " complete" if row["complete"] else "",
+                        "" if inserted else " (duplicate)")  # fmt: skip
         if seq is not None:
             progress.add(row["run"], seq, row["complete"], record)
             touched[response_to] = progress
@@ -836,6 +844,10 @@ class Connector:
             return  # closed meanwhile (a heartbeat given up on, an administrator)
         self.stats.finished += 1
         progress.output = done[0]
+        # One line per job the instance closes; the error's kind only (no payload).
+        self._log.info("output %s %s of %s: %s%s", sys_id, done[0].get("topic"),
+                       done[0].get("agent"), "error" if error else "processed",
+                       f" ({error.split(':', 1)[0][:60]})" if error else "")  # fmt: skip
         try:
             await self.agents.on_answer(done[0], final)
         except Exception:

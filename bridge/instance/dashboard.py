@@ -55,16 +55,19 @@ from bridge.instance.app_keys import START_RUN, StartRun
 from bridge.instance.auth import Principal
 from bridge.instance.dashboard_format import (
     age_text,
+    agent_actions,
     as_int,
     json_object,
     lanes_text,
     path_segment,
+    plural,
     pretty_payload,
     progress_of,
     safe_next,
     short_agent,
     status_kind,
     truthy,
+    utc_text,
 )
 from bridge.instance.dashboard_sessions import DashboardSettings, Session, Sessions, View, may_read
 from bridge.instance.query import escape
@@ -161,6 +164,8 @@ class Dashboard:
         )
         self._env.globals["status_kind"] = status_kind
         self._env.filters["path_segment"] = path_segment
+        self._env.filters["utc"] = utc_text
+        self._env.globals["plural"] = plural
         static = importlib.resources.files("bridge.instance").joinpath("templates", "static")
         self._static = {
             "dashboard.css": (static.joinpath("dashboard.css").read_bytes(), "text/css"),
@@ -493,11 +498,15 @@ class Dashboard:
                     "processed": stats.get("processed", ""),
                     "failed": stats.get("failed", ""),
                     "actionable": agents_module.valid_agent_name(agent.get("name")),
+                    "actions": agent_actions(
+                        str(agent.get("status") or "Down"),
+                        truthy(agent.get("validated")),
+                        AGENT_ACTIONS,
+                    ),
                 }
             )
         return self.render(
             "agents.html", view, title="MID agents", active="/agents", agents=rows,
-            actions=AGENT_ACTIONS,
         )  # fmt: skip
 
     async def agent_action(self, request: web.Request) -> web.StreamResponse:
@@ -544,6 +553,7 @@ class Dashboard:
             "ecc_queue", query, limit=limit, offset=max(0, total - limit)
         )
         records.reverse()
+        handled = await self._handled_inputs(records)
         agent_names: list[str] = []
         topics: set[str] = set()  # what the agents can run: the topic field's suggestions
         agents_query = view.scoped("ecc_agent", "ORDERBYname")
@@ -558,7 +568,7 @@ class Dashboard:
                 "queue": str(r.get("queue") or ""),
                 "topic": str(r.get("topic") or ""),
                 "name": str(r.get("name") or ""),
-                "state": str(r.get("state") or ""),
+                "state": self._shown_state(r, handled),
                 "priority": wire_value(r.get("priority")),
                 "attempts": wire_value(r.get("attempts")),
                 "sequence": wire_value(r.get("sequence")),
@@ -574,6 +584,32 @@ class Dashboard:
             agent_names=agent_names, topics=sorted(topics),
         )  # fmt: skip
 
+    async def _handled_inputs(self, records: list[Record]) -> set[str]:
+        """The outputs (sys_ids) among those ``records``' inputs answer that are closed."""
+        waiting = sorted({
+            str(r.get("response_to")) for r in records
+            if r.get("queue") == "input" and r.get("state") == "ready" and r.get("response_to")
+            and "," not in str(r.get("response_to"))
+        })  # fmt: skip
+        if not waiting:
+            return set()
+        rows = await self.store.query(
+            "ecc_queue",
+            "sys_idIN" + ",".join(waiting) + "^queue=output^stateINprocessed,error",
+            limit=len(waiting),
+        )
+        return {str(row["sys_id"]) for row in rows}
+
+    @staticmethod
+    def _shown_state(record: Mapping[str, Any], handled: set[str]) -> str:
+        """An input's state as ServiceNow shows it: ``processed`` once the output it
+        answers is closed (the instance has handled it), ``ready`` while it waits."""
+        state = str(record.get("state") or "")
+        answered = str(record.get("response_to") or "") in handled
+        if record.get("queue") == "input" and state == "ready" and answered:
+            return "processed"
+        return state
+
     async def ecc_record(self, request: web.Request) -> web.StreamResponse:
         view = await self._require(request)
         self._need(view, "ecc_queue")
@@ -581,11 +617,13 @@ class Dashboard:
         if record is None or not auth.in_agent_scope(view.who, "ecc_queue", record):
             raise self._error_page(view, 404, "No such record", "No ECC record has that sys_id.")
         table = TABLES["ecc_queue"]
+        handled = await self._handled_inputs([record])
         fields = [
-            (name, wire_value(record.get(name)))
+            (name, self._shown_state(record, handled) if name == "state"
+             else utc_text(wire_value(record.get(name))))
             for name, spec in table.fields.items()
             if name != "payload" and not spec.write_only
-        ]
+        ]  # fmt: skip
         payload = str(record.get("payload") or "")
         shown = pretty_payload(
             payload[:_PAYLOAD_SHOWN] if len(payload) > _PAYLOAD_SHOWN else payload
@@ -616,6 +654,8 @@ class Dashboard:
     def _run_view(row: Mapping[str, Any]) -> dict[str, Any]:
         run: dict[str, Any] = {name: wire_value(row.get(name)) for name in RUN_FIELDS}
         run["progress"] = f"{progress_of(row.get('progress')):.0f}"
+        for name in ("started", "completed"):
+            run[name] = utc_text(run.get(name))
         run["final"] = str(row.get("state") or "") in RUN_FINAL_STATES
         return run
 

@@ -3,6 +3,7 @@ escape every value; nothing here does)."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,6 +15,34 @@ import orjson
 from bridge.instance.agents import agent_name
 
 _MAX_NEXT = 512
+_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+
+
+def utc_text(value: Any) -> str:
+    """A stored time (always UTC, ``2026-01-01 12:00:00``) shown with its zone; any other
+    value as it is."""
+    text = "" if value is None else str(value)
+    return f"{text} UTC" if _STAMP.match(text) else text
+
+
+def plural(count: Any, noun: str) -> str:
+    """``"1 CI"``, ``"9 CIs"``, ``"0 records"``."""
+    return f"{count} {noun}" if str(count) == "1" else f"{count} {noun}s"
+
+
+def agent_actions(status: str, validated: bool, actions: tuple[str, ...]) -> list[str]:
+    """The admin actions that make sense for an agent in ``status``: validate or
+    invalidate (whichever it is not); pause and drain when Up; resume and drain when
+    Paused; resume when Draining or Drained; nothing to send a Down agent but
+    (in)validation, which the platform records at once."""
+    wanted = {"invalidate" if validated else "validate"}
+    if status == "Up":
+        wanted |= {"pause", "drain"}
+    elif status == "Paused":
+        wanted |= {"resume", "drain"}
+    elif status in ("Draining", "Drained"):
+        wanted.add("resume")
+    return [a for a in actions if a in wanted]
 
 
 def pretty_payload(text: str) -> str:

@@ -29,6 +29,7 @@ from bridge.instance.discovery_engine import (
     STATUSES,
     DiscoveryEngine,
     DiscoverySettings,
+    EngineFactory,
     engine_for,
 )
 from bridge.instance.discovery_plan import (
@@ -40,6 +41,7 @@ from bridge.instance.discovery_plan import (
     make_plan,
     subtract,
 )
+from bridge.instance.discovery_xml import XmlDiscoveryEngine
 from bridge.instance.store import TABLES, Record, Store
 
 if TYPE_CHECKING:
@@ -119,10 +121,18 @@ def add_routes(app: web.Application, engine: DiscoveryEngine) -> None:
     app[START_RUN] = start  # the dashboard's Run button
 
 
+def engine_factory(instance: Instance) -> EngineFactory | None:
+    """The engine class for ``instance``'s mode: ServiceNow's ECC XML in compatibility mode
+    (``bridge.instance.discovery_xml``), else midbridge's JSON wire (None: the default)."""
+    return XmlDiscoveryEngine if instance.config.servicenow_compat else None
+
+
 def install(instance: Instance, settings: DiscoverySettings | None = None) -> DiscoveryEngine:
     """Before ``async with instance``: the discovery routes, closing runs a previous process
-    left unfinished (at start-up), and stopping the engine with the instance."""
-    engine = engine_for(instance.store, settings)
+    left unfinished (at start-up), and stopping the engine with the instance. In
+    ServiceNow-compatibility mode (``InstanceConfig.servicenow_compat``) the engine speaks
+    ServiceNow's ECC XML (``bridge.instance.discovery_xml``)."""
+    engine = engine_for(instance.store, settings, engine_factory(instance))
     add_routes(instance.app, engine)
 
     async def on_startup(app: web.Application) -> None:
@@ -148,6 +158,7 @@ __all__ = [
     "attempts_for",
     "cancel_run",
     "cut_batches",
+    "engine_factory",
     "engine_for",
     "install",
     "make_plan",

@@ -732,10 +732,19 @@ class DiscoveryEngine:
 _ENGINES: weakref.WeakKeyDictionary[Any, DiscoveryEngine] = weakref.WeakKeyDictionary()
 
 
-def engine_for(store: Store, settings: DiscoverySettings | None = None) -> DiscoveryEngine:
-    """The discovery engine of ``store`` (made on first use; ``settings`` then apply)."""
+EngineFactory = Callable[[Store, DiscoverySettings | None], DiscoveryEngine]
+
+
+def engine_for(
+    store: Store,
+    settings: DiscoverySettings | None = None,
+    factory: EngineFactory | None = None,
+) -> DiscoveryEngine:
+    """The discovery engine of ``store`` (made on first use; ``settings`` and ``factory``,
+    the engine's class, e.g. ``bridge.instance.discovery_xml.XmlDiscoveryEngine`` in
+    ServiceNow-compatibility mode, then apply)."""
     engine = _ENGINES.get(store)
     if engine is None or engine.closed:
-        engine = DiscoveryEngine(store, settings)
+        engine = (factory or DiscoveryEngine)(store, settings)
         _ENGINES[store] = engine
     return engine

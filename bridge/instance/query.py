@@ -40,7 +40,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from bridge.instance import glide_dates
 from bridge.instance.store import TABLES, FieldType, Table
@@ -207,6 +207,18 @@ _DATE_PARTS = {  # DATEPART's parts: (SQL of the part, its range, its names)
     "year": ("CAST(strftime('%Y', {c}) AS INTEGER)", (1, 9999), ()),
     "hour": ("CAST(strftime('%H', {c}) AS INTEGER)", (0, 23), ()),
 }
+_PG_TIME = "CAST({c} AS TIMESTAMP)"
+_PG_DATE_PARTS = {  # the same parts in PostgreSQL (EXTRACT gives numeric: made integers)
+    "dayofweek": f"CAST(EXTRACT(DOW FROM {_PG_TIME}) AS INTEGER) + 1",
+    "month": f"CAST(EXTRACT(MONTH FROM {_PG_TIME}) AS INTEGER)",
+    "quarter": f"(CAST(EXTRACT(MONTH FROM {_PG_TIME}) AS INTEGER) + 2) / 3",
+    "year": f"CAST(EXTRACT(YEAR FROM {_PG_TIME}) AS INTEGER)",
+    "hour": f"CAST(EXTRACT(HOUR FROM {_PG_TIME}) AS INTEGER)",
+}
+Dialect = Literal["sqlite", "postgresql"]
+"""The SQL compile_query writes: SQLite's (``?`` parameters, ``rowid`` order) or
+PostgreSQL's (``$n`` parameters, ``IS DISTINCT FROM``, ``ILIKE``, ``TRUE``/``FALSE``,
+``EXTRACT``, and a ``"sys_row"`` column, a BIGSERIAL every table has, as the row order)."""
 _DATE_PART_OPS = {"EE": "=", "GT": ">", "GE": ">=", "LT": "<", "LE": "<="}
 _EDGES = (glide_dates.start_of, glide_dates.end_of)
 
@@ -311,7 +323,7 @@ def _operand(term: str, name: str, op: str, value: str) -> str | tuple[str, ...]
             raise QueryError(
                 f"term {shown!r}: {op} needs @unit@ago|ahead@n (unit: "
                 + ", ".join(_RELATIVE_UNITS)
-                + ")"
+                + "; n: 1 to 6 digits)"
             )
         return (_RELATIVE_UNITS[parts[0]], parts[1], parts[2])
     if op == "DATEPART":
@@ -434,7 +446,10 @@ class _Compiler:
         hidden: Collection[str],
         schema: Mapping[str, Table],
         context: QueryContext | None,
+        dialect: Dialect = "sqlite",
     ) -> None:
+        self.pg = dialect == "postgresql"
+        self.true, self.false = ("TRUE", "FALSE") if self.pg else ("1", "0")
         self.table = table
         self.hidden = frozenset(hidden)
         self.schema = schema
@@ -539,8 +554,15 @@ class _Compiler:
         col = self.column(cond.field)
         op = cond.op
         if op in _NO_VALUE:
+            if self.pg and not col.kind.is_text:  # '' is no value of a number column
+                return {
+                    "ANYTHING": self.true,
+                    "EMPTYSTRING": self.false,
+                    "ISEMPTY": f"{col.sql} IS NULL",
+                    "ISNOTEMPTY": f"{col.sql} IS NOT NULL",
+                }[op]
             return {
-                "ANYTHING": "1",
+                "ANYTHING": self.true,
                 "EMPTYSTRING": f"{col.sql} = ''",
                 "ISEMPTY": f"COALESCE({col.sql}, '') = ''",
                 "ISNOTEMPTY": f"COALESCE({col.sql}, '') != ''",
@@ -581,7 +603,8 @@ class _Compiler:
                 pattern = "%" + pattern + "%"
             params.append(pattern)
             negate = "NOT " if op == "NOT LIKE" else ""
-            return f"{col.sql} {negate}LIKE ? ESCAPE '\\'"
+            like = "ILIKE" if self.pg else "LIKE"  # SQLite's LIKE ignores ASCII case
+            return f"{col.sql} {negate}{like} ? ESCAPE '\\'"
         value = self.value(col, cond.value)
         if op == "=":
             if value is None:
@@ -590,7 +613,7 @@ class _Compiler:
             return f"{col.sql} = ?"
         if op == "!=":
             params.append(value)
-            return f"{col.sql} IS NOT ?"
+            return f"{col.sql} {'IS DISTINCT FROM' if self.pg else 'IS NOT'} ?"
         assert op in _ORDERED
         if value is None:
             raise QueryError(f"operator {op} on field {col.path!r} needs a value")
@@ -607,9 +630,9 @@ class _Compiler:
         params.extend(present)
         has_null = len(present) != len(values)
         if op == "IN":
-            inside = f"{col.sql} IN ({marks})" if present else "0"
+            inside = f"{col.sql} IN ({marks})" if present else self.false
             return f"({inside} OR {col.sql} IS NULL)" if has_null else inside
-        outside = f"{col.sql} NOT IN ({marks})" if present else "1"
+        outside = f"{col.sql} NOT IN ({marks})" if present else self.true
         if has_null:
             return f"({outside} AND {col.sql} IS NOT NULL)"
         return f"({col.sql} IS NULL OR {outside})"
@@ -631,7 +654,10 @@ class _Compiler:
                 raise QueryError(f"operator {op}: @{operand[1]} applies to date-time fields")
             size = _SAME_UNITS[operand[1]]
             left, right = f"substr({left}, 1, {size})", f"substr({right}, 1, {size})"
-        return f"{left} {_FIELD_COMPARE[op]} {right}"
+        compare = _FIELD_COMPARE[op]
+        if self.pg and compare == "IS NOT":
+            compare = "IS DISTINCT FROM"
+        return f"{left} {compare} {right}"
 
     def _date(
         self, col: _Column, op: str, operand: str | tuple[str, ...], params: list[Any]
@@ -643,7 +669,8 @@ class _Compiler:
         if op == "DATEPART":
             part, number, how = operand
             params.append(int(number))
-            return f"{_DATE_PARTS[part][0].format(c=c)} {_DATE_PART_OPS[how]} ?"
+            sql = _PG_DATE_PARTS[part] if self.pg else _DATE_PARTS[part][0]
+            return f"{sql.format(c=c)} {_DATE_PART_OPS[how]} ?"
         if op in ("ON", "NOTON"):
             if len(operand) == 1:
                 day = glide_dates.parse_text(self.moment(col, operand[0]))
@@ -653,7 +680,7 @@ class _Compiler:
             params.extend(bounds)
             if op == "ON":
                 return f"{c} BETWEEN ? AND ?"
-            return f"COALESCE({c} NOT BETWEEN ? AND ?, 1)"
+            return f"COALESCE({c} NOT BETWEEN ? AND ?, {self.true})"
         unit, direction, count = operand
         now = datetime.fromtimestamp(int(self.now), UTC).replace(tzinfo=None)
         try:
@@ -677,6 +704,15 @@ def _like(value: str) -> str:
 
 
 _NO_ROWS = SQL("0", (), "ORDER BY rowid ASC")
+_PG_NO_ROWS = SQL("FALSE", (), 'ORDER BY "sys_row" ASC')
+_PARAM = re.compile(r"\?")
+
+
+def _numbered(where: str) -> str:
+    """``?`` parameters as PostgreSQL's ``$1``, ``$2``... (no literal the compiler writes
+    holds a ``?``: literals are names that matched the schema, ``''`` and ``'\\'``)."""
+    counter = iter(range(1, 1 << 30))
+    return _PARAM.sub(lambda _m: f"${next(counter)}", where)
 
 
 def compile_query(
@@ -687,8 +723,9 @@ def compile_query(
     schema: Mapping[str, Table] | None = None,
     invalid: InvalidFields = "error",
     context: QueryContext | None = None,
+    dialect: Dialect = "sqlite",
 ) -> SQL:
-    """Parameterised SQL for ``query`` on ``table`` (see ``SQL``).
+    """Parameterised SQL for ``query`` on ``table`` (see ``SQL``), in ``dialect``.
 
     ``hidden``: fields of ``table`` that may not appear (nor, through dot-walking, any
     write-only field). ``schema``: the tables references lead to and ``INSTANCEOF`` reads
@@ -700,7 +737,8 @@ def compile_query(
     """
     if isinstance(query, str):
         query = parse(query)
-    compiler = _Compiler(table, hidden, TABLES if schema is None else schema, context)
+    compiler = _Compiler(table, hidden, TABLES if schema is None else schema, context, dialect)
+    no_rows = _PG_NO_ROWS if compiler.pg else _NO_ROWS
     params: list[Any] = []
     branches: list[str] = []
     for conj in query.branches:
@@ -716,10 +754,10 @@ def compile_query(
                     if invalid == "error":
                         raise
                     if invalid == "no_rows":
-                        return _NO_ROWS
+                        return no_rows
             if parts:
                 groups.append(parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")")
-        branches.append(" AND ".join(groups) if groups else "1")
+        branches.append(" AND ".join(groups) if groups else compiler.true)
     if not branches:
         where = ""
     elif len(branches) == 1:
@@ -734,8 +772,14 @@ def compile_query(
             if invalid == "error":
                 raise
             if invalid == "no_rows":
-                return _NO_ROWS
+                return no_rows
             continue
-        keys.append(f"{col.sql} {'DESC' if order.descending else 'ASC'}")
-    keys.append("rowid ASC")  # a stable order: ties (and no ORDERBY) in insertion order
+        direction = "DESC" if order.descending else "ASC"
+        if compiler.pg:  # empty (NULL) first, as SQLite sorts it
+            direction += " NULLS LAST" if order.descending else " NULLS FIRST"
+        keys.append(f"{col.sql} {direction}")
+    # A stable order: ties (and no ORDERBY) in insertion order.
+    keys.append('"sys_row" ASC' if compiler.pg else "rowid ASC")
+    if compiler.pg:
+        where = _numbered(where)
     return SQL(where, tuple(params), "ORDER BY " + ", ".join(keys))

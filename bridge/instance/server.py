@@ -26,10 +26,13 @@ from typing import Literal
 
 from aiohttp import web
 
-from bridge.instance import auth
+from bridge.instance import attachments, auth, compat
 from bridge.instance.api import TABLE_API, ApiSettings, BeforeWrite, Hooks, make_app
 from bridge.instance.dashboard import Dashboard, DashboardSettings
-from bridge.instance.sqlite_store import SQLiteStore
+from bridge.instance.health import Health
+from bridge.instance.metrics import ConnectorView, InstanceMetrics
+from bridge.instance.mid_monitor import MonitorSettings
+from bridge.instance.pg_store import store_for
 from bridge.instance.store import Change, UnknownTable
 
 ADMIN_PASSWORD_ENV = "MIDBRIDGE_ADMIN_PASSWORD"
@@ -42,11 +45,18 @@ ChangeCallback = Callable[[Change], object]
 class InstanceConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port (read it from Instance.url / .port)
-    db: Path | str = ":memory:"  # a file path, or ":memory:" for a throwaway instance
+    # a file path, ":memory:" for a throwaway instance, or a postgresql:// URL (pg_store.py)
+    db: Path | str = ":memory:"
     admin_password: str | None = None  # first start only; else $MIDBRIDGE_ADMIN_PASSWORD
     api: ApiSettings = field(default_factory=ApiSettings)
     dashboard: DashboardSettings | None = field(default_factory=DashboardSettings)  # None: no UI
     ssl_context: ssl.SSLContext | None = None  # serve HTTPS (bridge/instance/tls.py); None: HTTP
+    # ServiceNow-compatibility mode (bridge/instance/compat.py, docs/compat-mode.md): ECC
+    # stored as ServiceNow would, its business rules, the MID Server Monitor every
+    # ``mid_monitor_interval`` seconds (ServiceNow's scheduled job: 300).
+    servicenow_compat: bool = False
+    mid_monitor_interval: float = 300.0
+    metrics_token: str | None = None  # /metrics needs Bearer <token>; None: open (metrics.py)
 
 
 class Instance:
@@ -54,10 +64,17 @@ class Instance:
 
     def __init__(self, config: InstanceConfig | None = None) -> None:
         self.config = config or InstanceConfig()
-        self.store = SQLiteStore(self.config.db)
+        self.store = store_for(self.config.db)  # SQLiteStore, or PGStore for postgresql://
         self.hooks = Hooks()
         dashboard = self.config.dashboard
         self.app = make_app(self.store, self.config.api, self.hooks, root_page=dashboard is None)
+        # /metrics, the request log line (bridge/instance/metrics.py), /livez and /readyz.
+        self.metrics = InstanceMetrics(self.store, token=self.config.metrics_token)
+        self.app.middlewares.insert(0, self.metrics.middleware)
+        self.metrics.add_routes(self.app)
+        self.metrics.follow(self.store)
+        self.health = Health(self.store)
+        self.health.add_routes(self.app)
         # The web UI (bridge/instance/dashboard.py); None when InstanceConfig.dashboard is None.
         self.dashboard: Dashboard | None = None
         if dashboard is not None:
@@ -65,6 +82,11 @@ class Instance:
                 self.store, settings=dashboard, basic_page=self.app[TABLE_API].home_page
             )
             self.dashboard.add_routes(self.app)
+        attachments.add_routes(self.app, self.store)  # ServiceNow's Attachment API
+        if self.config.servicenow_compat:
+            compat.install(
+                self, compat.CompatSettings(MonitorSettings(self.config.mid_monitor_interval))
+            )
         self.port = 0
         self.url = ""
         # The admin password generated on first start (None if given or not first start).
@@ -104,6 +126,12 @@ class Instance:
             await self._runner.cleanup()
             self._runner = None
         await self.store.close()
+
+    def attach_connector(self, connector: ConnectorView) -> None:
+        """The broker connector of this instance: its counters in /metrics, its session in
+        /readyz (not ready while it is not connected)."""
+        self.metrics.connector = connector
+        self.health.expect_connector(connector)
 
     # --- hooks ------------------------------------------------------------------------------
 

@@ -20,7 +20,11 @@ extending ``cmdb_ci``. Built-in tables (fields beyond the system ones):
   instance-internal), attempts, timeout, expires_at.
 - ``ecc_agent``: name, host, status, validated, version, capabilities (comma list),
   public_key, fingerprint, last_heartbeat (text time), started_at, stats (JSON text),
-  validation_request (the administrator's validate output awaiting its answer).
+  validation_request (the administrator's validate output awaiting its answer);
+  ServiceNow's host_name, ip_address, url, started, stopped, last_refreshed (a relay's).
+- ``ecc_agent_property``: name, value, ecc_agent (empty: every MID's).
+- ``sys_attachment``: file_name, content_type, size_bytes, table_name, table_sys_id,
+  hash, content (base64; write-only): the Attachment API's files.
 - ``ecc_dead_letter``: agent, topic, kind, reason, received, records, response_to,
   excerpt: broker messages the connector refused (admin only through the Table API).
 - ``sys_user``: user_name, first_name, last_name, name (first (middle) last unless given),
@@ -209,8 +213,35 @@ TABLES: Mapping[str, Table] = {
             # sys_id of the validate SystemCommand an administrator started and whose
             # answer is awaited: only that answer may set validated (agents.admin_action).
             Field("validation_request"),
+            # ServiceNow's names, written by a relay (a MID): docs/compat-mode.md.
+            Field("host_name"),
+            Field("ip_address", label="IP address"),
+            Field("url", label="URL"),
+            Field("started", _TIME),
+            Field("stopped", _TIME),
+            Field("last_refreshed", _TIME),
             unique=(("name",),),
             display_field="name",
+        ),
+        _table(
+            "ecc_agent_property",  # MID Server properties: one MID's, or every MID's
+            "MID Server Property",
+            Field("name"),
+            Field("value"),
+            Field("ecc_agent", reference="ecc_agent", cascade_delete=True),  # empty: all
+            display_field="name",
+        ),
+        _table(
+            "sys_attachment",  # the Attachment API (bridge/instance/attachments.py)
+            "Attachment",
+            Field("file_name"),
+            Field("content_type"),
+            Field("size_bytes", _INT, default=0),
+            Field("table_name"),
+            Field("table_sys_id"),
+            Field("hash"),  # SHA-256 of the content, hex
+            Field("content", write_only=True),  # base64; read through the Attachment API
+            display_field="file_name",
         ),
         _table(
             "ecc_dead_letter",  # what the connector received and could not store

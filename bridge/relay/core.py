@@ -83,6 +83,7 @@ class Relay:
         self.topics = Topics.for_agent(settings.prefix, settings.agent)
         self.client = InstanceClient(
             self.base, settings.user, settings.password, verify_tls=settings.verify_tls,
+            ca_file=str(settings.ca_file) if settings.ca_file else None,
             timeout=settings.request_timeout, retries=settings.retries, logger=self._log,
         )  # fmt: skip
         self.spool = Spool(settings.state_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,13 +62,20 @@ class InstanceClient:
         password: str,
         *,
         verify_tls: bool = True,
+        ca_file: str | None = None,
         timeout: float = 30.0,
         retries: int = 4,
         logger: logging.Logger | None = None,
     ) -> None:
         self.base = base.rstrip("/")
         self._auth = basic_auth(user, password)
-        self._verify = verify_tls
+        # Verify with the system CAs, or only with ``ca_file`` when given; or not at all.
+        self._verify: ssl.SSLContext | bool = verify_tls
+        if verify_tls and ca_file:
+            try:
+                self._verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise RelayError(f"--ca-file {ca_file}: {exc}", field="ca_file") from None
         self._timeout = timeout
         self.retries = max(1, retries)
         self._log = logger or log

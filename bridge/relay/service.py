@@ -99,6 +99,9 @@ def add_relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--no-register", action="store_true", help="do not keep the MID's ecc_agent record"
     )
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    parser.add_argument("--ca-file", default=None, metavar="PEM",
+                        help="verify the instance's certificate with these CAs (not the "
+                        "system's)")  # fmt: skip
     parser.add_argument("--client-id", default=None,
                         help="MQTT client id and claim identity (default per agent)")  # fmt: skip
 
@@ -125,6 +128,8 @@ async def run_command(args: argparse.Namespace) -> int:
         properties = parse_assignments(list(args.property))
     except RelayError as exc:
         return fail("relay", exc)
+    if args.ca_file and args.insecure:
+        return fail("relay", "--ca-file and --insecure: give one")
     relay_id = args.client_id or f"midbridge-relay-{args.agent}"
     state_dir = (
         Path(args.state_dir) if args.state_dir else state_dir_for(config.bridge.state_dir, relay_id)
@@ -139,6 +144,7 @@ async def run_command(args: argparse.Namespace) -> int:
         lease=args.lease,
         batch=args.batch,
         verify_tls=not args.insecure,
+        ca_file=Path(args.ca_file) if args.ca_file else None,
         client_id=args.client_id,
         state_dir=state_dir,
         claim_window=args.claim_window,

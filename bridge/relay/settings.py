@@ -72,6 +72,7 @@ class RelaySettings:
     lease: float = 300.0  # seconds before an unanswered output is published again
     resume: bool = True  # at start, take back this relay's outputs left processing
     verify_tls: bool = True
+    ca_file: Path | None = None  # PEM CA bundle the instance's certificate must chain to
     request_timeout: float = 30.0
     retries: int = 4  # attempts for one write before it is left for later
     client_id: str | None = None  # MQTT client id; default midbridge-relay-<agent>

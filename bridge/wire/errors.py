@@ -75,15 +75,52 @@ class CredentialError(BridgeError):
 
 
 class ConfigError(BridgeError):
-    """Configuration is invalid; ``field`` names the key at fault."""
+    """Configuration is invalid; ``field`` names the key at fault.
+
+    ``problems``: each problem on its own (``key: cause``) when there are several.
+    """
 
     kind = "config_error"
 
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.problems: list[str] = [str(self)]
+
 
 class BrokerRefused(BridgeError):
-    """The broker refused us for good (bad credentials, not authorised): do not retry."""
+    """The broker refused us for good (bad credentials, not authorised): do not retry.
+
+    ``retry`` is True only for :class:`BrokerUnavailable` (nothing answered): those a
+    bridge waiting for its broker (``run --wait-for-broker``) tries again.
+    """
 
     kind = "broker_refused"
+    retry = False
+
+
+class BrokerNotAuthorised(BrokerRefused):
+    """The broker answered and said no: CONNACK with a bad user name, password or ACL."""
+
+    kind = "not_authorised"
+
+
+class BrokerUnavailable(BrokerRefused):
+    """No broker to talk to (yet): worth another try."""
+
+    kind = "broker_unavailable"
+    retry = True
+
+
+class BrokerUnreachable(BrokerUnavailable):
+    """No answer at all: no route, the name does not resolve, or the attempt timed out."""
+
+    kind = "unreachable"
+
+
+class BrokerConnectionRefused(BrokerUnavailable):
+    """The host answered with a TCP reset: nothing listens on that port."""
+
+    kind = "refused"
 
 
 class HostKeyMismatch(BridgeError):

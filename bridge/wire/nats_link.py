@@ -36,7 +36,12 @@ from nats.js.api import (
 
 from bridge.wire.acks import PublishLost, PublishRefused
 from bridge.wire.broker import BrokerConfig
-from bridge.wire.errors import BrokerRefused
+from bridge.wire.errors import (
+    BrokerConnectionRefused,
+    BrokerNotAuthorised,
+    BrokerRefused,
+    BrokerUnreachable,
+)
 from bridge.wire.nats_names import inputs_stream, jobs_stream, status_stream, subject_of
 from bridge.wire.transport import ssl_context
 
@@ -163,6 +168,7 @@ class NatsLink:
         self._js: JetStreamContext | None = None
         self._denied: list[str] = []  # the server's last permission violations (text)
         self._auth_refused: str | None = None  # the server refused our login
+        self._last_error: Exception | None = None  # the cause of a failed connect
 
     @property
     def js(self) -> JetStreamContext:
@@ -223,8 +229,21 @@ class NatsLink:
         except Exception as exc:
             text = self._auth_refused or str(exc) or type(exc).__name__
             refused = any(word in text.lower() for word in _REFUSAL_WORDS)
-            reason = "not authorised" if refused else f"cannot reach {', '.join(servers)}"
-            raise BrokerRefused(f"NATS: {reason}: {text[:300]}", field="broker") from None
+            where = ", ".join(servers)
+            cause = self._last_error or exc
+            if refused:
+                raise BrokerNotAuthorised(
+                    f"NATS: not authorised: {text[:300]}", field="broker"
+                ) from None
+            if isinstance(cause, ConnectionRefusedError):
+                raise BrokerConnectionRefused(
+                    f"NATS: {where} refused the TCP connection (nothing listens there?)",
+                    field="broker",
+                ) from None
+            detail = str(cause or text)[:300] or "no answer"
+            raise BrokerUnreachable(
+                f"NATS: cannot reach {where}: {detail}", field="broker"
+            ) from None
         # From now on, reconnect for ever (to any node of the cluster).
         self.nc.options["max_reconnect_attempts"] = -1
         self.connected.set()
@@ -238,6 +257,7 @@ class NatsLink:
         if self._closing:
             return
         text = str(exc) or type(exc).__name__
+        self._last_error = exc
         if "permissions violation" in text.lower():
             self._denied = [*self._denied[-7:], text]
         if "authorization violation" in text.lower():

@@ -49,10 +49,15 @@ from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from bridge.wire.acks import AckTrackingStorage
 from bridge.wire.broker import BrokerConfig
-from bridge.wire.errors import BrokerRefused
+from bridge.wire.errors import (
+    BrokerConnectionRefused,
+    BrokerNotAuthorised,
+    BrokerRefused,
+    BrokerUnreachable,
+)
 from bridge.wire.session import Delivery, MessageHandler
 
-__all__ = ["Delivery", "MessageHandler", "MqttSession", "ssl_context"]
+__all__ = ["Delivery", "MessageHandler", "MqttSession", "connect_error", "ssl_context"]
 
 log = logging.getLogger("midbridge.transport")
 
@@ -64,8 +69,36 @@ _REFUSALS = {
     0x87: "not authorised",
     0x8C: "bad authentication method",
 }
+CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and CONNACK at a first connect
 # A reason code gmqtt accepts from a handler; our hook never sends a PUBACK carrying it.
 _NO_ACK = 0x80
+
+
+def connect_error(exc: Exception, host: str, port: int) -> BrokerRefused:
+    """A failed first connect, named: unreachable, refused (TCP reset), not authorised."""
+    where = f"{host}:{port}"
+    if isinstance(exc, ConnectionRefusedError):
+        return BrokerConnectionRefused(
+            f"the broker at {where} refused the TCP connection (nothing listens there?)",
+            field="broker",
+        )
+    if isinstance(exc, TimeoutError):
+        return BrokerUnreachable(
+            f"cannot reach the broker at {where}: no answer within {CONNECT_TIMEOUT:g} s",
+            field="broker",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return BrokerRefused(f"TLS with the broker at {where} failed: {exc}", field="broker")
+    if isinstance(exc, OSError):
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        return BrokerUnreachable(f"cannot reach the broker at {where}: {cause}", field="broker")
+    code = getattr(exc, "_code", None)  # gmqtt's MQTTConnectError carries the CONNACK code
+    if isinstance(code, int):
+        reason = _REFUSALS.get(code, f"reason 0x{code:02x}")
+        return BrokerNotAuthorised(
+            f"the broker at {where} refused the connection: {reason}", field="broker"
+        )
+    return BrokerRefused(f"the broker at {where} refused the connection: {exc}", field="broker")
 
 
 def ssl_context(cfg: BrokerConfig) -> ssl.SSLContext | bool:
@@ -347,27 +380,31 @@ class MqttSession:
             await self._drop_session(self._old_client_id)
         version = MQTTv50 if self.cfg.protocol == "5" else MQTTv311
         try:
-            await self._client.connect(
-                self.cfg.host,
-                self.cfg.port,
-                ssl=ssl_context(self.cfg),
-                keepalive=self.cfg.keepalive,
-                version=version,
-            )
-        except OSError as exc:
-            raise BrokerRefused(
-                f"cannot reach the broker at {self.cfg.host}:{self.cfg.port}: {exc}",
-                field="broker",
-            ) from None
-        except Exception as exc:  # gmqtt raises MQTTConnectError with the CONNACK code
-            code = getattr(exc, "_code", None)
-            reason = _REFUSALS.get(code, str(exc)) if isinstance(code, int) else str(exc)
-            raise BrokerRefused(
-                f"the broker refused the connection: {reason}", field="broker"
-            ) from None
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._client.connect(
+                    self.cfg.host,
+                    self.cfg.port,
+                    ssl=ssl_context(self.cfg),
+                    keepalive=self.cfg.keepalive,
+                    version=version,
+                )
+        except BaseException as exc:
+            await self._abandon()
+            if isinstance(exc, Exception):
+                raise connect_error(exc, self.cfg.host, self.cfg.port) from None
+            raise
         if self.subscriptions or self._stale:
             await self.check_subscriptions()
         return self
+
+    async def _abandon(self) -> None:
+        """After a failed first connect: no reconnect loop, no half-open socket left."""
+        self._closing = True
+        self._client._is_active = False
+        try:
+            await asyncio.wait_for(self._client.disconnect(), timeout=1.0)
+        except Exception:
+            self._log.debug("disconnect after a failed connect", exc_info=True)
 
     async def _drop_session(self, old_id: str) -> None:
         """Connect once as ``old_id`` with a clean start and no session expiry: the broker
@@ -415,6 +452,15 @@ class MqttSession:
                                   "next start", ", ".join(kept))  # fmt: skip
             _write_record(self._record, self.client_id, [*self.subscriptions, *kept])
         self._stale = []
+
+    @property
+    def subscribed(self) -> bool:
+        """Connected, and every subscription of this connection acknowledged."""
+        return (
+            self.connected.is_set()
+            and self._failure is None
+            and self._subacks_seen >= len(self.subscriptions)
+        )
 
     @property
     def failure(self) -> BrokerRefused | None:

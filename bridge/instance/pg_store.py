@@ -1,0 +1,852 @@
+"""The instance's tables in PostgreSQL (asyncpg), behind the ``Store`` interface.
+
+``midbridge instance --db postgresql://user@host:5432/db`` (``InstanceConfig.db`` such a
+URL) selects it; :func:`open_store` picks the store from the ``db`` given. It does what
+``SQLiteStore`` does, on a pool of connections (each call one transaction):
+
+- the schema is data (``bridge.instance.pg_schema``: seeded and migrated on open under an
+  advisory lock, a ``midbridge_schema_version`` row; writes to ``sys_db_object`` /
+  ``sys_dictionary`` change the tables in the same transaction);
+- queries compile with ``compile_query(dialect="postgresql")`` (``$n``, ``ILIKE``,
+  ``IS DISTINCT FROM``, the ``sys_row`` order);
+- ``update_query`` with a ``limit`` (a claim of "up to n") reads with ``SELECT ... FOR
+  UPDATE SKIP LOCKED``: two processes claiming at once each get other records, never the
+  same one. Without a limit (a compare-and-set, "every record that matches") it waits for
+  the records other transactions hold and checks them again, so an empty answer still
+  means somebody else won. A deadlock PostgreSQL breaks is retried;
+- listeners are told after the commit, in commit order, on the event loop; and, for
+  *other processes* on the same database, each transaction sends ``NOTIFY
+  midbridge_changes`` (table, op, sys_id; sent by PostgreSQL only at commit): every store
+  LISTENs, reads the records named and tells its own listeners (``previous`` is None in
+  such a Change; a deleted record is told as ``{"sys_id": ...}``), and reloads the schema
+  when another process wrote ``sys_db_object`` / ``sys_dictionary``.
+
+The database's schema (``search_path``) is the URL's ``?search_path=name`` or the user's
+default; advisory lock keys include it, so several instances can share a database in
+separate schemas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from bridge.instance import pg_schema, schema
+from bridge.instance.pg_schema import ROW, SCHEMA_LOCK, Plan, conflict_message
+from bridge.instance.query import SQL, QueryError, compile_query
+from bridge.instance.schema import META_TABLES, Catalog, coerce
+from bridge.instance.sqlite_store import SYS_ID, SQLiteStore, now_text
+from bridge.instance.store import (
+    Aggregate,
+    Change,
+    Conflict,
+    FieldError,
+    FieldType,
+    InvalidFields,
+    Listener,
+    QueryContext,
+    Record,
+    StoreError,
+    Table,
+    UnknownTable,
+    same_answer,
+)
+
+log = logging.getLogger("midbridge.instance.store")
+
+CHANNEL = "midbridge_changes"
+_NOTIFY_BYTES = 7000  # PostgreSQL's payload limit is 8000
+_NUMERIC = (FieldType.INTEGER, FieldType.REAL)
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(db: Path | str) -> bool:
+    return isinstance(db, str) and db.startswith(URL_SCHEMES)
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    head, sep, rest = url.partition("://")
+    if "@" not in rest.split("/", 1)[0]:
+        return url
+    auth, _, host = rest.partition("@")
+    user = auth.split(":", 1)[0]
+    return f"{head}{sep}{user}@{host}"
+
+
+def _stored(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+T = TypeVar("T")
+DEADLOCK_TRIES = 5
+
+
+async def _retrying(call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run one transaction again when PostgreSQL broke a deadlock by rolling it back (two
+    writers locking the same rows in another order): nothing of it was written."""
+    for attempt in range(1, DEADLOCK_TRIES + 1):
+        try:
+            return await call(*args)
+        except asyncpg.DeadlockDetectedError:
+            if attempt == DEADLOCK_TRIES:
+                raise StoreError("the database broke a deadlock; try again") from None
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+class PGStore:
+    """The ``Store`` on PostgreSQL. ``await PGStore.open(url)`` or ``async with PGStore(url)``."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._listen: asyncpg.Connection | None = None
+        self._listeners: list[Listener] = []
+        self._catalog = schema.builtin_catalog()
+        self._plans: dict[str, Plan] = {}
+        self._cascades: dict[str, list[tuple[Table, str]]] = {}
+        self._origin = uuid.uuid4().hex  # our own notifications are not told twice
+        self._remote: asyncio.Queue[list[list[str]]] = asyncio.Queue()
+        self._remote_task: asyncio.Task[None] | None = None
+        self._relisten: asyncio.Task[None] | None = None
+        self._closing = False
+        self._publish(self._catalog)
+
+    @classmethod
+    async def open(cls, url: str) -> PGStore:
+        store = cls(url)
+        await store._open()
+        return store
+
+    async def __aenter__(self) -> PGStore:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _open(self) -> None:
+        shown = shown_url(self.url)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=10
+            )
+            async with self._pool.acquire() as db, db.transaction():
+                catalog = await pg_schema.open_schema(db, now_text())
+            await self._connect_listener()
+        except (
+            OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError
+        ) as exc:  # fmt: skip
+            await self.close()
+            raise StoreError(f"cannot open the database {shown}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        self._publish(catalog)
+        self._remote_task = asyncio.get_running_loop().create_task(
+            self._remote_loop(), name="pg-store-remote-changes"
+        )
+
+    async def _connect_listener(self) -> None:
+        conn = await asyncpg.connect(self.url, timeout=10)
+        await conn.add_listener(CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._listener_lost)
+        self._listen = conn
+
+    def _listener_lost(self, conn: object) -> None:
+        """The LISTEN connection closed (a database restart): connect it again, every
+        second until it works; meanwhile other processes' writes are not told (the
+        connector's sweep finds their outputs)."""
+        if self._pool is None or self._closing:
+            return
+        log.warning("lost the change notifications of %s; connecting again", shown_url(self.url))
+        self._listen = None
+        self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        while self._pool is not None and not self._closing:
+            try:
+                await self._connect_listener()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                await asyncio.sleep(1.0)
+                continue
+            log.warning("change notifications of %s back", shown_url(self.url))
+            try:
+                async with self._db().acquire() as db:  # tables made meanwhile
+                    catalog = await pg_schema.load(db)
+                await self._schema_changed(catalog)
+            except Exception:
+                log.exception("reloading the schema failed")
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        relisten, self._relisten = self._relisten, None
+        if relisten is not None:
+            relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relisten
+        if self._remote_task is not None:
+            self._remote_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._remote_task
+            self._remote_task = None
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                await self._listen.close(timeout=5)
+            self._listen = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 10)
+            self._pool = None
+
+    def _db(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    # --- the schema -------------------------------------------------------------------
+
+    @property
+    def schema(self) -> Mapping[str, Table]:
+        return self._catalog.tables
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    def table(self, name: str) -> Table:
+        table = self._catalog.tables.get(name)
+        if table is None:
+            raise UnknownTable(name)
+        return table
+
+    def _publish(self, catalog: Catalog) -> None:
+        cascades: dict[str, list[tuple[Table, str]]] = {}
+        for table in catalog.tables.values():
+            for name in catalog.own.get(table.name, ()):
+                spec = table.fields[name]
+                target = catalog.tables.get(spec.reference or "")
+                if target is not None and spec.cascade_delete:
+                    cascades.setdefault(target.physical, []).append((table, name))
+        self._catalog = catalog
+        self._plans = {}
+        self._cascades = cascades
+
+    async def _schema_changed(self, catalog: Catalog) -> None:
+        """Publish ``catalog``; the pool's connections forget their prepared statements (a
+        column's type may have changed under them)."""
+        self._publish(catalog)
+        if self._pool is not None:
+            await self._pool.expire_connections()
+
+    def _plan(self, table: Table) -> Plan:
+        plan = self._plans.get(table.name)
+        if plan is None or plan.table is not table:
+            plan = Plan(table)
+            if self._catalog.tables.get(table.name) is table:
+                self._plans[table.name] = plan
+        return plan
+
+    def _compile(
+        self,
+        query: str,
+        table: Table,
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> SQL:
+        return compile_query(
+            query,
+            table,
+            hidden=hidden,
+            schema=self._catalog.tables,
+            invalid=invalid,
+            context=context,
+            dialect="postgresql",
+        )
+
+    # --- listeners --------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _tell(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            for listener in list(self._listeners):
+                try:
+                    listener(change)
+                except Exception:
+                    log.exception("store listener %r failed on %s", listener, change.op)
+
+    async def _announce(self, db: asyncpg.Connection, changes: Sequence[Change]) -> None:
+        """NOTIFY the other processes (PostgreSQL delivers it when the transaction commits)."""
+        batch: list[list[str]] = []
+        size = 0
+        for change in changes:
+            item = [change.table, change.op, str(change.record.get("sys_id", ""))]
+            batch.append(item)
+            size += len(item[0]) + len(item[2]) + 16
+            if size > _NOTIFY_BYTES:
+                await self._notify(db, batch)
+                batch, size = [], 0
+        if batch:
+            await self._notify(db, batch)
+
+    async def _notify(self, db: asyncpg.Connection, batch: list[list[str]]) -> None:
+        payload = orjson.dumps({"o": self._origin, "c": batch}).decode()
+        await db.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(message, dict) or message.get("o") == self._origin:
+            return
+        items = message.get("c")
+        if isinstance(items, list):
+            self._remote.put_nowait(items)
+
+    async def _remote_loop(self) -> None:
+        """Tell our listeners of what other processes wrote, in the order it came."""
+        while True:
+            items = await self._remote.get()
+            try:
+                await self._tell_remote(items)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reading changes another process made failed")
+
+    async def _tell_remote(self, items: list[list[str]]) -> None:
+        wanted = [i for i in items if isinstance(i, list) and len(i) == 3]
+        if any(table in META_TABLES for table, _op, _id in wanted):
+            async with self._db().acquire() as db:
+                catalog = await pg_schema.load(db)
+            await self._schema_changed(catalog)
+        if not self._listeners:
+            return
+        changes = []
+        for table, op, sys_id in wanted:
+            if op == "delete":
+                changes.append(Change(table, "delete", {"sys_id": sys_id}))
+                continue
+            if table not in self._catalog.tables or op not in ("insert", "update"):
+                continue
+            record = await self.get(table, sys_id)
+            if record is not None:
+                changes.append(Change(table, "insert" if op == "insert" else "update", record))
+        self._tell(changes)
+
+    # --- one transaction each -----------------------------------------------------------
+
+    async def _get(self, db: asyncpg.Connection, plan: Plan, sys_id: str) -> Record | None:
+        text, extra = plan.by_id()
+        row = await db.fetchrow(text, sys_id, *extra)
+        return None if row is None else plan.record(row)
+
+    def _prepare_insert(
+        self, plan: Plan, fields: Mapping[str, Any], now: str, actor: str
+    ) -> Record:
+        table = plan.table
+        specs = table.fields
+        values: Record = {}
+        for name, value in fields.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise FieldError(table.name, name, "no such field")
+            if spec.read_only:
+                raise FieldError(table.name, name, "read-only field")
+            values[name] = coerce(table.name, spec, value)
+        sys_id = values.get("sys_id") or uuid.uuid4().hex
+        if not isinstance(sys_id, str) or not SYS_ID.fullmatch(sys_id):
+            raise FieldError(table.name, "sys_id", "must be 1-64 of A-Za-z0-9_.:-")
+        values["sys_id"] = sys_id
+        values["sys_created_on"] = values["sys_updated_on"] = now
+        values["sys_created_by"] = values["sys_updated_by"] = actor
+        values["sys_mod_count"] = 0
+        if plan.class_field:
+            cls = values.get("sys_class_name") or table.name
+            if cls not in table.classes:
+                raise FieldError(
+                    table.name, "sys_class_name", f"{cls!r} is not {table.name} or a table below it"
+                )
+            values["sys_class_name"] = cls
+        return schema.derived(table, None, values)
+
+    def _row(self, plan: Plan, values: Record) -> list[Any]:
+        return [
+            _stored(values.get(name, default))
+            for name, default in zip(plan.names, plan.defaults, strict=True)
+        ]
+
+    async def _check_references(
+        self, db: asyncpg.Connection, plan: Plan, values: Mapping[str, Any]
+    ) -> None:
+        for name, target in plan.strict_refs:
+            if name in values:
+                table = self._catalog.tables.get(target or "")
+                if table is None or await self._get(db, self._plan(table), values[name]) is None:
+                    raise FieldError(
+                        plan.table.name, name, f"no {target} record with sys_id {values[name]!r}"
+                    )
+
+    async def _insert_many(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], actor: str
+    ) -> list[Change]:
+        plan = self._plan(table)
+        now = now_text()
+        prepared = [self._prepare_insert(plan, row, now, actor) for row in rows]
+        if table.name in META_TABLES:
+            return await self._insert_meta(table, prepared, now, actor)
+        async with self._db().acquire() as db, db.transaction():
+            if plan.strict_refs:
+                for values in prepared:
+                    await self._check_references(db, plan, values)
+            full = [self._row(plan, values) for values in prepared]
+            try:
+                if len(full) == 1:
+                    await db.execute(plan.insert, *full[0])
+                elif full:
+                    await db.executemany(plan.insert, full)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(conflict_message(table, exc)) from None
+            changes = [Change(table.name, "insert", plan.record(row)) for row in full]
+            await self._announce(db, changes)
+        return changes
+
+    async def _insert_meta(
+        self, table: Table, prepared: Sequence[Record], now: str, actor: str
+    ) -> list[Change]:
+        async with self._db().acquire() as db, db.transaction():
+            await db.execute(SCHEMA_LOCK)
+            catalog = await pg_schema.load(db)  # another process may have changed it
+            out: list[Change] = []
+            for values in prepared:
+                _record, changes = await pg_schema.insert_meta(
+                    db, catalog, table.name, values, now, actor
+                )
+                out += changes
+                catalog = await pg_schema.load(db)
+            await self._announce(db, out)
+        await self._schema_changed(catalog)
+        return out
+
+    async def _insert_input_once(
+        self, fields: Mapping[str, Any], actor: str
+    ) -> tuple[Record, bool]:
+        plan = self._plan(self.table("ecc_queue"))
+        values = self._prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
+        row = self._row(plan, values)
+        async with self._db().acquire() as db, db.transaction():
+            inserted = await db.fetchval(plan.insert_ignore, *row) is not None
+            record: Record | None = plan.record(row) if inserted else None
+            if record is None:
+                record = await self._get(db, plan, values["sys_id"])
+                if values.get("sequence") is not None:
+                    found = await db.fetchrow(
+                        plan.select + ' WHERE "queue" = \'input\' AND "response_to" = $1'
+                        ' AND "run" = $2 AND "sequence" = $3',
+                        values.get("response_to", ""),
+                        values.get("run", ""),
+                        values["sequence"],
+                    )
+                    if found is not None:
+                        record = plan.record(found)
+            else:
+                await self._announce(db, [Change("ecc_queue", "insert", record)])
+        if record is None:
+            raise Conflict("ecc_queue input record was refused")
+        if not inserted and not same_answer(record, values):
+            raise Conflict("an ecc_queue record with this sys_id exists")
+        return record, inserted
+
+    def _prepare_update(self, plan: Plan, fields: Mapping[str, Any]) -> Record:
+        table = plan.table
+        values: Record = {}
+        for name, value in fields.items():
+            spec = table.fields.get(name)
+            if spec is None:
+                raise FieldError(table.name, name, "no such field")
+            if spec.read_only or name == "sys_id":
+                raise FieldError(table.name, name, "read-only field")
+            values[name] = coerce(table.name, spec, value)
+        cls = values.get("sys_class_name")
+        if cls is not None and cls not in self.table(plan.physical).classes:
+            raise FieldError(
+                table.name,
+                "sys_class_name",
+                f"{cls!r} is not a table of {plan.physical}'s hierarchy",
+            )
+        return values
+
+    async def _write(
+        self, db: asyncpg.Connection, plan: Plan, row_ids: Sequence[int],
+        previous: Sequence[Record], values: Record, stamp: str, actor: str,
+    ) -> list[Record]:  # fmt: skip
+        """Set ``values`` (as stored) on the rows; the records as they are now."""
+        await self._check_references(db, plan, values)
+        values = {**values, "sys_updated_on": stamp, "sys_updated_by": actor}
+        assigns = ", ".join(f'"{n}" = ${i}' for i, n in enumerate(values, 1))
+        stored = [_stored(v) for v in values.values()]
+        statement = (
+            f'UPDATE "{plan.physical}" SET {assigns}, "sys_mod_count" = '
+            f'COALESCE("sys_mod_count", 0) + 1 WHERE "{ROW}" = ${len(values) + 1}'
+        )
+        try:
+            if len(row_ids) == 1:
+                await db.execute(statement, *stored, row_ids[0])
+            elif row_ids:
+                await db.executemany(statement, [(*stored, r) for r in row_ids])
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(conflict_message(plan.table, exc)) from None
+        typed = {n: bool(v) if n in plan.bools else v for n, v in values.items()}
+        return [
+            {**before, **typed, "sys_mod_count": (before.get("sys_mod_count") or 0) + 1}
+            for before in previous
+        ]
+
+    async def _update(
+        self, table: Table, sys_id: str, fields: Mapping[str, Any], actor: str
+    ) -> tuple[Record | None, list[Change]]:
+        plan = self._plan(table)
+        values = self._prepare_update(plan, fields)
+        catalog: Catalog | None = None
+        async with self._db().acquire() as db, db.transaction():
+            meta = table.name in META_TABLES
+            if meta:
+                await db.execute(SCHEMA_LOCK)
+            text, extra = plan.by_id(plan.select_row)
+            row = await db.fetchrow(text + " FOR UPDATE", sys_id, *extra)
+            if row is None:
+                return None, []
+            previous = plan.record(row, 1)
+            if meta:
+                current = await pg_schema.load(db)
+                record, changes = await pg_schema.update_meta(
+                    db, current, table.name, previous, values, now_text(), actor
+                )
+                catalog = await pg_schema.load(db) if changes else None
+            else:
+                values = schema.derived(table, previous, values)
+                changed = {
+                    n: v for n, v in values.items()
+                    if (bool(v) if n in plan.bools else v) != previous[n]
+                }  # fmt: skip
+                record, changes = previous, []
+                if changed:
+                    (record,) = await self._write(
+                        db, plan, [row[0]], [previous], changed, now_text(), actor
+                    )
+                    changes = [Change(table.name, "update", record, previous)]
+            await self._announce(db, changes)
+        if catalog is not None:
+            await self._schema_changed(catalog)
+        return record, changes
+
+    async def _update_query(
+        self, table: Table, sql: SQL, fields: Mapping[str, Any], limit: int | None, actor: str
+    ) -> list[Change]:
+        plan = self._plan(table)
+        values = self._prepare_update(plan, fields)
+        where, params = plan.where(sql)
+        meta = table.name in META_TABLES
+        # A claim of "up to limit" skips the records other transactions hold (they are
+        # someone else's now, or soon free for the next claim); any other update_query (a
+        # compare-and-set, "all that match") waits for them and then checks them again,
+        # or "an empty list means somebody else won" would not hold.
+        skip = limit is not None and not meta
+        text = f"{plan.select_row}{where} {sql.order_by} LIMIT ${len(params) + 1} " + (
+            "FOR UPDATE SKIP LOCKED" if skip else "FOR UPDATE"
+        )
+        catalog: Catalog | None = None
+        async with self._db().acquire() as db, db.transaction():
+            if meta:
+                await db.execute(SCHEMA_LOCK)
+            rows = await db.fetch(text, *params, limit)
+            previous = [plan.record(row, 1) for row in rows]
+            stamp = now_text()
+            if not values:
+                after = previous
+            elif meta:
+                after = []
+                catalog = await pg_schema.load(db)
+                for before in previous:
+                    record, _ = await pg_schema.update_meta(
+                        db, catalog, table.name, before, values, stamp, actor
+                    )
+                    after.append(record)
+                    catalog = await pg_schema.load(db)
+            elif table.name in schema.DERIVED:
+                after = []
+                for row, before in zip(rows, previous, strict=True):
+                    changed = schema.derived(table, before, values)
+                    after += await self._write(db, plan, [row[0]], [before], changed, stamp, actor)
+            else:
+                after = await self._write(
+                    db, plan, [row[0] for row in rows], previous, values, stamp, actor
+                )
+            changes = [
+                Change(table.name, "update", a, b) for a, b in zip(after, previous, strict=True)
+            ]
+            if values:
+                await self._announce(db, changes)
+        if catalog is not None:
+            await self._schema_changed(catalog)
+        return changes
+
+    async def _delete(self, table: Table, sys_id: str) -> list[Change]:
+        plan = self._plan(table)
+        catalog: Catalog | None = None
+        async with self._db().acquire() as db, db.transaction():
+            meta = table.name in META_TABLES
+            if meta:
+                await db.execute(SCHEMA_LOCK)
+            text, extra = plan.by_id()
+            row = await db.fetchrow(text + " FOR UPDATE", sys_id, *extra)
+            if row is None:
+                return []
+            record = plan.record(row)
+            if meta:
+                current = await pg_schema.load(db)
+                changes = await pg_schema.delete_meta(db, current, table.name, record)
+                catalog = await pg_schema.load(db)
+            else:
+                changes = [
+                    Change(table.name, "delete", record),
+                    *await self._cascade(db, plan, sys_id),
+                ]
+                await db.execute(f'DELETE FROM "{plan.physical}" WHERE "sys_id" = $1', sys_id)
+            await self._announce(db, changes)
+        if catalog is not None:
+            await self._schema_changed(catalog)
+        return changes
+
+    async def _cascade(self, db: asyncpg.Connection, plan: Plan, sys_id: str) -> list[Change]:
+        out: list[Change] = []
+        seen = {sys_id}
+        todo = [(plan.physical, sys_id)]
+        while todo:
+            physical, target = todo.pop(0)
+            for other, name in self._cascades.get(physical, ()):
+                referencing = self._plan(other)
+                rows = await db.fetch(referencing.select + f' WHERE "{name}" = $1', target)
+                if not rows:
+                    continue
+                await db.execute(
+                    f'DELETE FROM "{referencing.physical}" WHERE "{name}" = $1', target
+                )
+                for row in rows:
+                    record = referencing.record(row)
+                    if record["sys_id"] not in seen:
+                        seen.add(record["sys_id"])
+                        out.append(Change(other.name, "delete", record))
+                        todo.append((referencing.physical, record["sys_id"]))
+        return out
+
+    # --- async API ----------------------------------------------------------------------
+
+    async def insert(
+        self, table: str, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> Record:
+        (record,) = await self.insert_many(table, [fields], actor=actor)
+        return record
+
+    async def insert_many(
+        self, table: str, rows: Sequence[Mapping[str, Any]], *, actor: str = "system"
+    ) -> list[Record]:
+        spec = self.table(table)
+        changes = await self._insert_many(spec, rows, actor)
+        self._tell(changes)
+        return [c.record for c in changes if c.table == table]
+
+    async def insert_input_once(
+        self, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> tuple[Record, bool]:
+        if fields.get("queue", "input") != "input":
+            raise FieldError("ecc_queue", "queue", "insert_input_once takes input records")
+        record, inserted = await self._insert_input_once(fields, actor)
+        if inserted:
+            self._tell([Change("ecc_queue", "insert", record)])
+        return record, inserted
+
+    async def get(self, table: str, sys_id: str) -> Record | None:
+        plan = self._plan(self.table(table))
+        async with self._db().acquire() as db:
+            return await self._get(db, plan, sys_id)
+
+    async def query(
+        self,
+        table: str,
+        encoded_query: str = "",
+        *,
+        hidden: Sequence[str] = (),
+        limit: int | None = None,
+        offset: int = 0,
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> list[Record]:
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+        plan = self._plan(spec)
+        where, params = plan.where(sql)
+        n = len(params)
+        text = f"{plan.select}{where} {sql.order_by} LIMIT ${n + 1} OFFSET ${n + 2}"
+        async with self._db().acquire() as db:
+            rows = await db.fetch(text, *params, limit, max(0, offset))
+        return [plan.record(row) for row in rows]
+
+    async def count(
+        self,
+        table: str,
+        encoded_query: str = "",
+        *,
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> int:
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+        plan = self._plan(spec)
+        where, params = plan.where(sql)
+        async with self._db().acquire() as db:
+            count = await db.fetchval(f'SELECT COUNT(*) FROM "{plan.physical}"{where}', *params)
+        return int(count)
+
+    async def aggregate(
+        self,
+        table: str,
+        encoded_query: str = "",
+        *,
+        group_by: Sequence[str] = (),
+        count: bool = True,
+        avg_fields: Sequence[str] = (),
+        min_fields: Sequence[str] = (),
+        max_fields: Sequence[str] = (),
+        sum_fields: Sequence[str] = (),
+        hidden: Sequence[str] = (),
+        invalid: InvalidFields = "error",
+        context: QueryContext | None = None,
+    ) -> list[Aggregate]:
+        """SQL GROUP BY over the records matching (as ``SQLiteStore.aggregate``)."""
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec, hidden, invalid, context)
+
+        def usable(names: Sequence[str], what: str) -> list[str]:
+            out: list[str] = []
+            for name in names:
+                field = spec.fields.get(name)
+                if field is None or name in hidden:
+                    if invalid == "error":
+                        problem = (
+                            "unknown field" if field is None else "field that cannot be queried"
+                        )
+                        raise QueryError(f"{what}: {problem} {name!r} in table {spec.name}")
+                    continue
+                if what in ("avg", "sum") and field.type not in _NUMERIC:
+                    raise QueryError(f"{what}: field {name!r} of table {spec.name} is not a number")
+                if name not in out:
+                    out.append(name)
+            return out
+
+        groups = usable(group_by, "group_by")
+        stats = [
+            (kind, name)
+            for kind, names in (
+                ("avg", avg_fields), ("min", min_fields), ("max", max_fields), ("sum", sum_fields)
+            )
+            for name in usable(names, kind)
+        ]  # fmt: skip
+        plan = self._plan(spec)
+        exprs = [f'"{g}"' for g in groups]
+        if count:
+            exprs.append("COUNT(*)")
+        for kind, name in stats:
+            col = f'"{name}"'
+            if kind in ("min", "max") and spec.fields[name].type.is_text:
+                col = f"NULLIF({col}, '')"
+            exprs.append(f"{kind.upper()}({col})")
+        placeholder = not exprs
+        where, params = plan.where(sql)
+        text = f'SELECT {", ".join(exprs or ["COUNT(*)"])} FROM "{plan.physical}"{where}'
+        if groups:
+            keys = ", ".join(f'"{g}"' for g in groups)
+            text += f" GROUP BY {keys} ORDER BY " + ", ".join(
+                f'"{g}" ASC NULLS FIRST' for g in groups
+            )
+        async with self._db().acquire() as db:
+            rows = await db.fetch(text, *params)
+        out = []
+        for record in rows:
+            row = tuple(record)
+            group = {
+                g: bool(v) if g in plan.bools and v is not None else v
+                for g, v in zip(groups, row, strict=False)
+            }
+            rest = list(row[len(groups) :])
+            counted: Any = rest.pop(0) if count or placeholder else None
+            number = int(counted) if count else None
+            result: dict[str, dict[str, Any]] = {"avg": {}, "min": {}, "max": {}, "sum": {}}
+            for (kind, name), value in zip(stats, rest, strict=True):
+                if kind in ("avg", "sum") and value is not None:
+                    value = float(value)
+                elif name in plan.bools and value is not None:
+                    value = bool(value)
+                result[kind][name] = value
+            out.append(Aggregate(group, number, **result))
+        return out
+
+    async def update(
+        self, table: str, sys_id: str, fields: Mapping[str, Any], *, actor: str = "system"
+    ) -> Record | None:
+        spec = self.table(table)
+        record, changes = await _retrying(self._update, spec, sys_id, fields, actor)
+        self._tell(changes)
+        return record
+
+    async def update_query(
+        self,
+        table: str,
+        encoded_query: str,
+        fields: Mapping[str, Any],
+        *,
+        limit: int | None = None,
+        actor: str = "system",
+    ) -> list[Record]:
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec)
+        changes = await _retrying(self._update_query, spec, sql, fields, limit, actor)
+        if fields:
+            self._tell(changes)
+        return [c.record for c in changes]
+
+    async def delete(self, table: str, sys_id: str) -> bool:
+        spec = self.table(table)
+        changes = await _retrying(self._delete, spec, sys_id)
+        self._tell(changes)
+        return bool(changes)
+
+
+def store_for(db: Path | str) -> SQLiteStore | PGStore:
+    """The store ``db`` names: a ``postgresql://`` URL, or an SQLite file (``":memory:"``)."""
+    if is_postgres_url(db):
+        assert isinstance(db, str)
+        return PGStore(db)
+    return SQLiteStore(db)
