@@ -126,6 +126,10 @@ async def test_the_follower_takes_over_when_the_leader_is_killed(
         where = f"nats://{host}:{port}"
     args = ["--db", pg_url, "--port", "0", "--broker", where,
             "--topic-prefix", prefix, "--keys", str(stem)]  # fmt: skip
+    if transport == "nats":
+        # Answers the killed leader took and never acknowledged come again after ack_wait:
+        # 5 s instead of the default 30 keeps the test short.
+        args += ["--nats-ack-wait", "5"]
     first = InstanceProcess("first", args, tmp_path)
     second = InstanceProcess("second", args, tmp_path)
     config = make_config(
@@ -273,3 +277,6 @@ def test_nats_broker_urls() -> None:
         nats_broker("nats://127.0.0.1:4222,mqtt://x:1", None, None)
     with pytest.raises(CommandError, match="--broker"):
         nats_broker("nats://127.0.0.1:notaport", None, None)
+    assert nats_broker("nats://127.0.0.1:4222", None, None, ack_wait=5).nats.ack_wait == 5
+    with pytest.raises(CommandError, match="--nats-ack-wait: "):
+        nats_broker("nats://127.0.0.1:4222", None, None, ack_wait=0)

@@ -107,6 +107,14 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "JetStream with nats://HOST:PORT[,nats://HOST:PORT...]; none: API only",
     )
     inst.add_argument(
+        "--nats-ack-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --broker nats://: seconds before a message the connector took and did not "
+        "acknowledge (it died) is delivered again (default 30)",
+    )
+    inst.add_argument(
         "--broker-username",
         default=None,
         help=f"broker user (password from ${BROKER_PASSWORD_ENV})",
@@ -364,7 +372,12 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
     if text.startswith("nats://"):
         from bridge.instance.leader import nats_broker
 
-        cfg = nats_broker(text, args.broker_username, os.environ.get(BROKER_PASSWORD_ENV))
+        cfg = nats_broker(
+            text,
+            args.broker_username,
+            os.environ.get(BROKER_PASSWORD_ENV),
+            ack_wait=args.nats_ack_wait,
+        )
         return cfg, str(args.topic_prefix)
     try:
         host, port = parse_host_port(text, option="--broker")

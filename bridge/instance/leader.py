@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
+from pydantic import ValidationError
 
 from bridge.cli_errors import CommandError
 from bridge.instance import discovery
@@ -243,8 +244,11 @@ def broker_url(cfg: BrokerConfig) -> str:
     return f"mqtt://{cfg.host}:{cfg.port}"
 
 
-def nats_broker(text: str, username: str | None, password: str | None) -> BrokerConfig:
-    """``--broker nats://HOST:PORT[,nats://HOST:PORT...]``: the connector on NATS JetStream."""
+def nats_broker(
+    text: str, username: str | None, password: str | None, *, ack_wait: float | None = None
+) -> BrokerConfig:
+    """``--broker nats://HOST:PORT[,nats://HOST:PORT...]``: the connector on NATS JetStream
+    (``ack_wait``: ``--nats-ack-wait``, seconds; None: the default)."""
     servers = [part.strip() for part in text.split(",") if part.strip()]
     hosts = []
     for server in servers:
@@ -255,16 +259,20 @@ def nats_broker(text: str, username: str | None, password: str | None) -> Broker
         except AddressError as exc:
             raise CommandError(str(exc)) from None
     host, port = hosts[0]
-    return BrokerConfig.model_validate(
-        {
-            "kind": "nats",
-            "host": host,
-            "port": port,
-            "username": username,
-            "password": password,
-            "nats": {"servers": servers},
-        }
-    )
+    try:
+        return BrokerConfig.model_validate(
+            {
+                "kind": "nats",
+                "host": host,
+                "port": port,
+                "username": username,
+                "password": password,
+                "nats": {"servers": servers} | ({} if ack_wait is None else {"ack_wait": ack_wait}),
+            }
+        )
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise CommandError(f"--nats-ack-wait: {problem['msg']}") from None
 
 
 async def settle_answered(store: Any, connector: Connector) -> int:

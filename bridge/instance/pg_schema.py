@@ -1,7 +1,8 @@
 """The schema records (``bridge.instance.schema``) applied to PostgreSQL: seeding, DDL.
 
-The PostgreSQL twin of ``bridge.instance.sqlite_schema`` (same functions, same rules,
-asyncpg connections, ``$n`` parameters), so both stores keep one layout:
+The PostgreSQL twin of ``bridge.instance.sqlite_schema`` (same functions, same rules, from
+``bridge.instance.schema_rules``; asyncpg connections, ``$n`` parameters), so both stores
+keep one layout:
 
 - :func:`open_schema` (in the store's opening transaction, under an advisory lock so two
   processes opening one database take turns): ``midbridge_schema_version`` checked and
@@ -24,28 +25,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
-from bridge.instance import schema
+from bridge.instance import schema, schema_rules
 from bridge.instance.query import SQL
 from bridge.instance.schema import DICTIONARY, TABLE_OBJECTS, Catalog
+from bridge.instance.schema_rules import (
+    CONVERTING,
+    class_field,
+    full_row,
+    table_fields,
+    to_record,
+)
 from bridge.instance.sqlite_schema import INDEXES
 from bridge.instance.store import (
-    SYSTEM_FIELDS,
     TABLES,
     Change,
     Conflict,
     Field,
     FieldError,
-    FieldType,
     Record,
     StoreError,
     Table,
 )
+from bridge.instance.store_core import BasePlan, stored
 
 log = logging.getLogger("midbridge.instance.store")
 
@@ -59,13 +65,8 @@ PG_INDEXES = (
     'CREATE INDEX IF NOT EXISTS ecc_queue_claim ON ecc_queue("agent", "queue", "state", '
     f'"priority" ASC NULLS FIRST, "{ROW}")',
 )
-_CONVERTING = "midbridge_converting"
 # Advisory lock keys are per database: each names the schema (search_path) too.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '/midbridge-schema'))"
-
-
-def _text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def marks(count: int, first: int = 1) -> str:
@@ -73,16 +74,7 @@ def marks(count: int, first: int = 1) -> str:
 
 
 def column_sql(spec: Field, name: str | None = None) -> str:
-    col = name or spec.name
-    if col == "sys_id":
-        return '"sys_id" TEXT NOT NULL PRIMARY KEY'
-    default = schema.stored_default(spec)
-    if spec.type.is_text:
-        return f'"{col}" TEXT NOT NULL DEFAULT {_text(default)}'
-    if spec.type is FieldType.BOOLEAN:
-        return f'"{col}" INTEGER NOT NULL DEFAULT {int(default)}'
-    sql_type = "BIGINT" if spec.type is FieldType.INTEGER else "DOUBLE PRECISION"
-    return f'"{col}" {sql_type}' + ("" if default is None else f" DEFAULT {default!r}")
+    return schema_rules.column_sql(spec, name, integer="BIGINT", real="DOUBLE PRECISION")
 
 
 def unique_index(physical: str, element: str) -> str:
@@ -92,23 +84,7 @@ def unique_index(physical: str, element: str) -> str:
 
 
 def _unique_sql(physical: str, spec: Field) -> str:
-    col = f'"{spec.name}"'
-    where = f"{col} IS NOT NULL" + (f" AND {col} != ''" if spec.type.is_text else "")
-    return (
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {unique_index(physical, spec.name)} "
-        f'ON "{physical}"({col}) WHERE {where}'
-    )
-
-
-def _stored(value: Any) -> Any:
-    return int(value) if isinstance(value, bool) else value
-
-
-def to_record(table: Table, row: Mapping[str, Any]) -> Record:
-    return {
-        name: bool(row[name]) if spec.type is FieldType.BOOLEAN else row[name]
-        for name, spec in table.fields.items()
-    }
+    return schema_rules.unique_sql(unique_index(physical, spec.name), physical, spec)
 
 
 async def select(
@@ -118,25 +94,6 @@ async def select(
     sql = "SELECT " + ", ".join(f'"{n}"' for n in names) + f' FROM "{table.physical}"'
     sql += (f" WHERE {where}" if where else "") + f' ORDER BY "{ROW}"'
     return [to_record(table, dict(row.items())) for row in await db.fetch(sql, *params)]
-
-
-def _defaults(table: Table) -> dict[str, Any]:
-    return {name: schema.stored_default(spec) for name, spec in table.fields.items()}
-
-
-def _full_row(
-    table: Table,
-    values: Mapping[str, Any],
-    now: str,
-    actor: str,
-    defaults: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    row = dict(_defaults(table) if defaults is None else defaults)
-    row.update((k, v) for k, v in values.items() if k in row)
-    row["sys_id"] = values.get("sys_id") or uuid.uuid4().hex
-    row.update(sys_created_on=now, sys_updated_on=now, sys_created_by=actor, sys_updated_by=actor)
-    row["sys_mod_count"] = 0
-    return {name: _stored(value) for name, value in row.items()}
 
 
 def _insert_sql(table: Table) -> str:
@@ -169,7 +126,7 @@ async def insert_raw(
     db: asyncpg.Connection, table: Table, values: Mapping[str, Any], now: str, actor: str
 ) -> Record:
     """Insert ``values`` (as stored) with the system fields and defaults filled in."""
-    row = _full_row(table, values, now, actor)
+    row = full_row(table, values, now, actor)
     try:
         await db.execute(_insert_sql(table), *row.values())
     except asyncpg.UniqueViolationError as exc:
@@ -185,7 +142,7 @@ async def update_raw(
     now: str,
     actor: str,
 ) -> Record:
-    changes = {n: _stored(v) for n, v in values.items()}
+    changes = {n: stored(v) for n, v in values.items()}
     changes.update(sys_updated_on=now, sys_updated_by=actor)
     assigns = ", ".join(f'"{n}" = ${i}' for i, n in enumerate(changes, 1))
     await db.execute(
@@ -213,14 +170,6 @@ async def columns(db: asyncpg.Connection, physical: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-def _table_fields(cat: Catalog, root: str) -> list[Field]:
-    fields: dict[str, Field] = {}
-    for table in cat.hierarchy(root):
-        for spec in table.fields.values():
-            fields.setdefault(spec.name, spec)
-    return list(fields.values())
-
-
 def row_index(physical: str) -> str:
     """The index of the row order (names over 63 bytes: PostgreSQL cuts them)."""
     return f'CREATE INDEX IF NOT EXISTS "{physical[:50]}_{ROW}" ON "{physical}"("{ROW}")'
@@ -237,7 +186,7 @@ def _create_table(
 
 async def _ensure_physical(db: asyncpg.Connection, cat: Catalog, root: Table) -> set[str]:
     """Create ``root``'s table, or add the columns it lacks (returned)."""
-    fields = _table_fields(cat, root.name)
+    fields = table_fields(cat, root.name)
     have = set(await columns(db, root.name))
     added: set[str] = set()
     if not have:
@@ -253,11 +202,8 @@ async def _ensure_physical(db: asyncpg.Connection, cat: Catalog, root: Table) ->
                 await db.execute(f'ALTER TABLE "{root.name}" ADD COLUMN {column_sql(spec)}')
                 added.add(spec.name)
     await db.execute(row_index(root.name))
-    builtin = schema.seed_keys()[1]
-    for table in cat.hierarchy(root.name):
-        for name in cat.own.get(table.name, ()):
-            if (name,) in table.unique and (table.name, name) not in builtin:
-                await db.execute(_unique_sql(root.name, table.fields[name]))
+    for spec in schema_rules.user_unique_fields(cat, root.name):
+        await db.execute(_unique_sql(root.name, spec))
     return added
 
 
@@ -271,38 +217,27 @@ async def _upsert(
 ) -> bool:
     """Write the seeds that are missing or differ; True if it wrote any."""
     wrote = False
-    new: list[list[Any]] = []
-    defaults = _defaults(table)
-    by_id = {r["sys_id"]: r for r in existing}
-    by_key = {tuple(r[k] for k in key): r for r in existing}
-    for seeded in seeds:
-        have = by_id.get(seeded["sys_id"])
-        if have is None:
-            other = by_key.get(tuple(seeded[k] for k in key))
-            if other is not None:  # a user-made record now built in: it takes the built-in id
-                shown = ".".join(str(seeded[k]) for k in key)
-                log.warning("%s record %s is now built in", table.name, shown)
+    steps, new = schema_rules.upsert_steps(table, seeds, existing, key)
+    for renamed, have, changed in steps:
+        if renamed is not None:
+            await db.execute(
+                f'UPDATE "{table.name}" SET "sys_id" = $1 WHERE "sys_id" = $2',
+                have["sys_id"],
+                renamed,
+            )
+            if table.name == TABLE_OBJECTS:
                 await db.execute(
-                    f'UPDATE "{table.name}" SET "sys_id" = $1 WHERE "sys_id" = $2',
-                    seeded["sys_id"],
-                    other["sys_id"],
+                    'UPDATE sys_db_object SET "super_class" = $1 WHERE "super_class" = $2',
+                    have["sys_id"],
+                    renamed,
                 )
-                if table.name == TABLE_OBJECTS:
-                    await db.execute(
-                        'UPDATE sys_db_object SET "super_class" = $1 WHERE "super_class" = $2',
-                        seeded["sys_id"],
-                        other["sys_id"],
-                    )
-                have = {**other, "sys_id": seeded["sys_id"]}
-            else:
-                new.append(list(_full_row(table, seeded, now, "system", defaults).values()))
-                continue
-        changed = {k: v for k, v in seeded.items() if k != "sys_id" and have.get(k) != v}
         if changed:
             await update_raw(db, table, have, changed, now, "system")
             wrote = True
     if new:
-        await db.executemany(_insert_sql(table), new)
+        default = schema_rules.defaults(table)
+        rows = [list(full_row(table, seeded, now, "system", default).values()) for seeded in new]
+        await db.executemany(_insert_sql(table), rows)
     return wrote or bool(new)
 
 
@@ -334,16 +269,9 @@ async def open_schema(db: asyncpg.Connection, now: str) -> Catalog:
     have_objects, have_entries = await select(db, _OBJECTS), await select(db, _ENTRIES)
     wrote = await _upsert(db, _OBJECTS, objects, have_objects, ("name",), now)
     wrote = await _upsert(db, _ENTRIES, entries, have_entries, ("name", "element"), now) or wrote
-    builtin_tables, builtin_entries = schema.seed_keys()
-    for entry in have_entries:  # fields no longer built in: their records go
-        key = (entry["name"], entry["element"])
-        if (
-            entry["name"] in builtin_tables
-            and key not in builtin_entries
-            and entry["sys_id"] == schema.entry_id(*key)
-        ):
-            await db.execute('DELETE FROM sys_dictionary WHERE "sys_id" = $1', entry["sys_id"])
-            wrote = True
+    for sys_id in schema_rules.stale_entries(have_entries):  # fields no longer built in
+        await db.execute('DELETE FROM sys_dictionary WHERE "sys_id" = $1', sys_id)
+        wrote = True
     cat = await load(db) if wrote else schema.build(have_objects, have_entries)
     for table in cat.tables.values():
         if (
@@ -374,10 +302,6 @@ async def _count(db: asyncpg.Connection, table: Table) -> int:
         sql = f'SELECT COUNT(*) FROM "{table.physical}" WHERE "sys_class_name" = ANY($1::text[])'
         return int(await db.fetchval(sql, list(table.classes)))
     return int(await db.fetchval(f'SELECT COUNT(*) FROM "{table.name}"'))
-
-
-def _class_field(root: str) -> Field:
-    return Field("sys_class_name", default=root, internal_type="sys_class_name", label="Class")
 
 
 async def _new_entries(
@@ -419,9 +343,7 @@ async def insert_meta(
         new = (await load(db)).tables[name]
         entries = [schema.collection_entry(name, new.label)]
         if new.super_class is None:
-            own = {f.name: f for f in SYSTEM_FIELDS}
-            if new.extendable:
-                own["sys_class_name"] = _class_field(name)
+            own = schema_rules.root_fields(new)
             shaped = Table(name, own)
             await _ddl(db, TABLE_OBJECTS, "name", _create_table(name, own.values()))
             await db.execute(row_index(name))
@@ -472,12 +394,8 @@ async def update_meta(
         name = str(previous["name"])
         current = cat.tables.get(name)
         extra: list[Change] = []
-        if (
-            checked.get("is_extendable")
-            and current is not None
-            and "sys_class_name" not in current.fields
-        ):
-            spec = _class_field(name)
+        if schema_rules.adds_class_column(checked, current):
+            spec = class_field(name)
             await db.execute(f'ALTER TABLE "{name}" ADD COLUMN {column_sql(spec)}')
             entry = schema.field_entry(Table(name, {spec.name: spec}), spec)
             extra = await _new_entries(db, [entry], now, actor)
@@ -501,51 +419,21 @@ async def update_meta(
     return record, [Change(DICTIONARY, "update", record, previous)]
 
 
-def _typed(spec: Field, stored: Any) -> Any:
-    return bool(stored) if spec.type is FieldType.BOOLEAN else stored
-
-
 async def _convert(
     db: asyncpg.Connection, owner: Table, old: Field, new: Field, itype: str
 ) -> None:
     """Rebuild ``old``'s column as ``new``'s type if every value converts there and back
-    unchanged; FieldError (internal_type) naming the first that does not."""
+    unchanged (``schema_rules.converted``)."""
     physical, col = owner.physical, old.name
     rows = await db.fetch(f'SELECT "{ROW}", "sys_id", "{col}" FROM "{physical}"')
-    numeric = (FieldType.INTEGER, FieldType.REAL)
-    converted = []
-    for row_id, sys_id, stored in rows:
-        if stored is None or stored == "":
-            converted.append((_stored(schema.stored_default(Field(col, new.type))), row_id))
-            continue
-        value = _typed(old, stored)
-        if old.type is FieldType.BOOLEAN and new.type in numeric:
-            value = int(value)
-        try:
-            after = schema.coerce(owner.name, new, value)
-            back = _typed(new, after)
-            if new.type is FieldType.BOOLEAN and old.type in numeric:
-                back = int(back)
-            again = schema.coerce(owner.name, old, back)
-        except FieldError:
-            again = None
-        if _stored(again) != stored:
-            raise FieldError(
-                DICTIONARY,
-                "internal_type",
-                f"{owner.name}.{col} holds {stored!r} (record {sys_id}), which would not stay "
-                f"the same as {itype}: the change would lose data",
-            )
-        converted.append((_stored(after), row_id))
+    values = schema_rules.converted(owner, old, new, itype, rows)
     if column_sql(old).split(" DEFAULT")[0] == column_sql(new).split(" DEFAULT")[0]:
         return  # the same storage (string <-> glide_date_time): every value fits already
-    await db.execute(f'ALTER TABLE "{physical}" ADD COLUMN {column_sql(new, _CONVERTING)}')
-    await db.executemany(
-        f'UPDATE "{physical}" SET "{_CONVERTING}" = $1 WHERE "{ROW}" = $2', converted
-    )
+    await db.execute(f'ALTER TABLE "{physical}" ADD COLUMN {column_sql(new, CONVERTING)}')
+    await db.executemany(f'UPDATE "{physical}" SET "{CONVERTING}" = $1 WHERE "{ROW}" = $2', values)
     await db.execute(f"DROP INDEX IF EXISTS {unique_index(physical, col)}")
     await db.execute(f'ALTER TABLE "{physical}" DROP COLUMN "{col}"')
-    await db.execute(f'ALTER TABLE "{physical}" RENAME COLUMN "{_CONVERTING}" TO "{col}"')
+    await db.execute(f'ALTER TABLE "{physical}" RENAME COLUMN "{CONVERTING}" TO "{col}"')
 
 
 async def delete_meta(
@@ -594,49 +482,23 @@ async def _drop_column(db: asyncpg.Connection, physical: str, name: str) -> None
 # --- statements per table (the store's hot path) -------------------------------------------
 
 
-class Plan:
+class Plan(BasePlan):
     """What the statements on one table need, worked out once per schema."""
 
-    __slots__ = (
-        "bools",
-        "class_field",
-        "defaults",
-        "insert",
-        "insert_ignore",
-        "names",
-        "physical",
-        "select",
-        "select_row",
-        "strict_refs",
-        "table",
-    )
+    __slots__ = ("insert", "insert_ignore", "select", "select_row")
 
     def __init__(self, table: Table) -> None:
-        self.table = table
-        self.names = tuple(table.fields)
-        self.physical = table.physical
+        super().__init__(table)
         cols = ", ".join(f'"{n}"' for n in self.names)
         self.select = f'SELECT {cols} FROM "{self.physical}"'
         self.select_row = f'SELECT "{ROW}", {cols} FROM "{self.physical}"'
         into = f'INTO "{self.physical}" ({cols}) VALUES ({marks(len(self.names))})'
         self.insert = "INSERT " + into
         self.insert_ignore = "INSERT " + into + " ON CONFLICT DO NOTHING RETURNING 1"
-        self.bools = frozenset(n for n, f in table.fields.items() if f.type is FieldType.BOOLEAN)
-        self.defaults = tuple(schema.stored_default(f) for f in table.fields.values())
-        self.class_field = "sys_class_name" in table.fields
-        self.strict_refs = tuple(
-            (n, f.reference) for n, f in table.fields.items() if f.reference and f.cascade_delete
-        )
 
     @property
     def restricted(self) -> bool:
         return bool(self.table.storage and self.table.classes)
-
-    def record(self, row: Sequence[Any], skip: int = 0) -> Record:
-        record = dict(zip(self.names, tuple(row)[skip:], strict=True))
-        for name in self.bools:
-            record[name] = bool(record[name])
-        return record
 
     def where(self, sql: SQL | None = None) -> tuple[str, tuple[Any, ...]]:
         """`` WHERE ...`` (or "") with the class restriction (after the query's

@@ -2,7 +2,8 @@
 
 ``midbridge instance --db postgresql://user@host:5432/db`` (``InstanceConfig.db`` such a
 URL) selects it; :func:`open_store` picks the store from the ``db`` given. It does what
-``SQLiteStore`` does, on a pool of connections (each call one transaction):
+``SQLiteStore`` does (what both do alike is ``bridge.instance.store_core``), on a pool of
+connections (each call one transaction):
 
 - the schema is data (``bridge.instance.pg_schema``: seeded and migrated on open under an
   advisory lock, a ``midbridge_schema_version`` row; writes to ``sys_db_object`` /
@@ -41,30 +42,36 @@ import orjson
 
 from bridge.instance import pg_schema, schema
 from bridge.instance.pg_schema import ROW, SCHEMA_LOCK, Plan, conflict_message
-from bridge.instance.query import SQL, QueryError, compile_query
-from bridge.instance.schema import META_TABLES, Catalog, coerce
-from bridge.instance.sqlite_store import SYS_ID, SQLiteStore, now_text
+from bridge.instance.query import SQL
+from bridge.instance.schema import META_TABLES, Catalog
+from bridge.instance.sqlite_store import SQLiteStore
 from bridge.instance.store import (
     Aggregate,
     Change,
     Conflict,
     FieldError,
-    FieldType,
     InvalidFields,
-    Listener,
     QueryContext,
     Record,
     StoreError,
     Table,
-    UnknownTable,
     same_answer,
+)
+from bridge.instance.store_core import (
+    StoreCore,
+    aggregate_columns,
+    aggregate_rows,
+    changed_fields,
+    now_text,
+    prepare_insert,
+    stored,
+    written,
 )
 
 log = logging.getLogger("midbridge.instance.store")
 
 CHANNEL = "midbridge_changes"
 _NOTIFY_BYTES = 7000  # PostgreSQL's payload limit is 8000
-_NUMERIC = (FieldType.INTEGER, FieldType.REAL)
 URL_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -80,10 +87,6 @@ def shown_url(url: str) -> str:
     auth, _, host = rest.partition("@")
     user = auth.split(":", 1)[0]
     return f"{head}{sep}{user}@{host}"
-
-
-def _stored(value: Any) -> Any:
-    return int(value) if isinstance(value, bool) else value
 
 
 T = TypeVar("T")
@@ -103,24 +106,20 @@ async def _retrying(call: Callable[..., Awaitable[T]], *args: Any) -> T:
     raise AssertionError("unreachable")
 
 
-class PGStore:
+class PGStore(StoreCore[Plan]):
     """The ``Store`` on PostgreSQL. ``await PGStore.open(url)`` or ``async with PGStore(url)``."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        super().__init__(Plan, "postgresql")
         self.url = url
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._listen: asyncpg.Connection | None = None
-        self._listeners: list[Listener] = []
-        self._catalog = schema.builtin_catalog()
-        self._plans: dict[str, Plan] = {}
-        self._cascades: dict[str, list[tuple[Table, str]]] = {}
         self._origin = uuid.uuid4().hex  # our own notifications are not told twice
         self._remote: asyncio.Queue[list[list[str]]] = asyncio.Queue()
         self._remote_task: asyncio.Task[None] | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._closing = False
-        self._publish(self._catalog)
 
     @classmethod
     async def open(cls, url: str) -> PGStore:
@@ -215,33 +214,7 @@ class PGStore:
             raise StoreError("the store is not open")
         return self._pool
 
-    # --- the schema -------------------------------------------------------------------
-
-    @property
-    def schema(self) -> Mapping[str, Table]:
-        return self._catalog.tables
-
-    @property
-    def catalog(self) -> Catalog:
-        return self._catalog
-
-    def table(self, name: str) -> Table:
-        table = self._catalog.tables.get(name)
-        if table is None:
-            raise UnknownTable(name)
-        return table
-
-    def _publish(self, catalog: Catalog) -> None:
-        cascades: dict[str, list[tuple[Table, str]]] = {}
-        for table in catalog.tables.values():
-            for name in catalog.own.get(table.name, ()):
-                spec = table.fields[name]
-                target = catalog.tables.get(spec.reference or "")
-                if target is not None and spec.cascade_delete:
-                    cascades.setdefault(target.physical, []).append((table, name))
-        self._catalog = catalog
-        self._plans = {}
-        self._cascades = cascades
+    # --- the schema and the listeners ---------------------------------------------------
 
     async def _schema_changed(self, catalog: Catalog) -> None:
         """Publish ``catalog``; the pool's connections forget their prepared statements (a
@@ -249,51 +222,6 @@ class PGStore:
         self._publish(catalog)
         if self._pool is not None:
             await self._pool.expire_connections()
-
-    def _plan(self, table: Table) -> Plan:
-        plan = self._plans.get(table.name)
-        if plan is None or plan.table is not table:
-            plan = Plan(table)
-            if self._catalog.tables.get(table.name) is table:
-                self._plans[table.name] = plan
-        return plan
-
-    def _compile(
-        self,
-        query: str,
-        table: Table,
-        hidden: Sequence[str] = (),
-        invalid: InvalidFields = "error",
-        context: QueryContext | None = None,
-    ) -> SQL:
-        return compile_query(
-            query,
-            table,
-            hidden=hidden,
-            schema=self._catalog.tables,
-            invalid=invalid,
-            context=context,
-            dialect="postgresql",
-        )
-
-    # --- listeners --------------------------------------------------------------------
-
-    def add_listener(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
-
-    def _tell(self, changes: Sequence[Change]) -> None:
-        for change in changes:
-            for listener in list(self._listeners):
-                try:
-                    listener(change)
-                except Exception:
-                    log.exception("store listener %r failed on %s", listener, change.op)
 
     async def _announce(self, db: asyncpg.Connection, changes: Sequence[Change]) -> None:
         """NOTIFY the other processes (PostgreSQL delivers it when the transaction commits)."""
@@ -362,41 +290,6 @@ class PGStore:
         row = await db.fetchrow(text, sys_id, *extra)
         return None if row is None else plan.record(row)
 
-    def _prepare_insert(
-        self, plan: Plan, fields: Mapping[str, Any], now: str, actor: str
-    ) -> Record:
-        table = plan.table
-        specs = table.fields
-        values: Record = {}
-        for name, value in fields.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise FieldError(table.name, name, "no such field")
-            if spec.read_only:
-                raise FieldError(table.name, name, "read-only field")
-            values[name] = coerce(table.name, spec, value)
-        sys_id = values.get("sys_id") or uuid.uuid4().hex
-        if not isinstance(sys_id, str) or not SYS_ID.fullmatch(sys_id):
-            raise FieldError(table.name, "sys_id", "must be 1-64 of A-Za-z0-9_.:-")
-        values["sys_id"] = sys_id
-        values["sys_created_on"] = values["sys_updated_on"] = now
-        values["sys_created_by"] = values["sys_updated_by"] = actor
-        values["sys_mod_count"] = 0
-        if plan.class_field:
-            cls = values.get("sys_class_name") or table.name
-            if cls not in table.classes:
-                raise FieldError(
-                    table.name, "sys_class_name", f"{cls!r} is not {table.name} or a table below it"
-                )
-            values["sys_class_name"] = cls
-        return schema.derived(table, None, values)
-
-    def _row(self, plan: Plan, values: Record) -> list[Any]:
-        return [
-            _stored(values.get(name, default))
-            for name, default in zip(plan.names, plan.defaults, strict=True)
-        ]
-
     async def _check_references(
         self, db: asyncpg.Connection, plan: Plan, values: Mapping[str, Any]
     ) -> None:
@@ -413,14 +306,14 @@ class PGStore:
     ) -> list[Change]:
         plan = self._plan(table)
         now = now_text()
-        prepared = [self._prepare_insert(plan, row, now, actor) for row in rows]
+        prepared = [prepare_insert(plan, row, now, actor) for row in rows]
         if table.name in META_TABLES:
             return await self._insert_meta(table, prepared, now, actor)
         async with self._db().acquire() as db, db.transaction():
             if plan.strict_refs:
                 for values in prepared:
                     await self._check_references(db, plan, values)
-            full = [self._row(plan, values) for values in prepared]
+            full = [plan.full_row(values) for values in prepared]
             try:
                 if len(full) == 1:
                     await db.execute(plan.insert, *full[0])
@@ -453,8 +346,8 @@ class PGStore:
         self, fields: Mapping[str, Any], actor: str
     ) -> tuple[Record, bool]:
         plan = self._plan(self.table("ecc_queue"))
-        values = self._prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
-        row = self._row(plan, values)
+        values = prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
+        row = plan.full_row(values)
         async with self._db().acquire() as db, db.transaction():
             inserted = await db.fetchval(plan.insert_ignore, *row) is not None
             record: Record | None = plan.record(row) if inserted else None
@@ -478,25 +371,6 @@ class PGStore:
             raise Conflict("an ecc_queue record with this sys_id exists")
         return record, inserted
 
-    def _prepare_update(self, plan: Plan, fields: Mapping[str, Any]) -> Record:
-        table = plan.table
-        values: Record = {}
-        for name, value in fields.items():
-            spec = table.fields.get(name)
-            if spec is None:
-                raise FieldError(table.name, name, "no such field")
-            if spec.read_only or name == "sys_id":
-                raise FieldError(table.name, name, "read-only field")
-            values[name] = coerce(table.name, spec, value)
-        cls = values.get("sys_class_name")
-        if cls is not None and cls not in self.table(plan.physical).classes:
-            raise FieldError(
-                table.name,
-                "sys_class_name",
-                f"{cls!r} is not a table of {plan.physical}'s hierarchy",
-            )
-        return values
-
     async def _write(
         self, db: asyncpg.Connection, plan: Plan, row_ids: Sequence[int],
         previous: Sequence[Record], values: Record, stamp: str, actor: str,
@@ -505,23 +379,19 @@ class PGStore:
         await self._check_references(db, plan, values)
         values = {**values, "sys_updated_on": stamp, "sys_updated_by": actor}
         assigns = ", ".join(f'"{n}" = ${i}' for i, n in enumerate(values, 1))
-        stored = [_stored(v) for v in values.values()]
+        as_stored = [stored(v) for v in values.values()]
         statement = (
             f'UPDATE "{plan.physical}" SET {assigns}, "sys_mod_count" = '
             f'COALESCE("sys_mod_count", 0) + 1 WHERE "{ROW}" = ${len(values) + 1}'
         )
         try:
             if len(row_ids) == 1:
-                await db.execute(statement, *stored, row_ids[0])
+                await db.execute(statement, *as_stored, row_ids[0])
             elif row_ids:
-                await db.executemany(statement, [(*stored, r) for r in row_ids])
+                await db.executemany(statement, [(*as_stored, r) for r in row_ids])
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(conflict_message(plan.table, exc)) from None
-        typed = {n: bool(v) if n in plan.bools else v for n, v in values.items()}
-        return [
-            {**before, **typed, "sys_mod_count": (before.get("sys_mod_count") or 0) + 1}
-            for before in previous
-        ]
+        return written(plan, values, previous)
 
     async def _update(
         self, table: Table, sys_id: str, fields: Mapping[str, Any], actor: str
@@ -546,10 +416,7 @@ class PGStore:
                 catalog = await pg_schema.load(db) if changes else None
             else:
                 values = schema.derived(table, previous, values)
-                changed = {
-                    n: v for n, v in values.items()
-                    if (bool(v) if n in plan.bools else v) != previous[n]
-                }  # fmt: skip
+                changed = changed_fields(plan, values, previous)
                 record, changes = previous, []
                 if changed:
                     (record,) = await self._write(
@@ -730,62 +597,12 @@ class PGStore:
             count = await db.fetchval(f'SELECT COUNT(*) FROM "{plan.physical}"{where}', *params)
         return int(count)
 
-    async def aggregate(
-        self,
-        table: str,
-        encoded_query: str = "",
-        *,
-        group_by: Sequence[str] = (),
-        count: bool = True,
-        avg_fields: Sequence[str] = (),
-        min_fields: Sequence[str] = (),
-        max_fields: Sequence[str] = (),
-        sum_fields: Sequence[str] = (),
-        hidden: Sequence[str] = (),
-        invalid: InvalidFields = "error",
-        context: QueryContext | None = None,
+    async def _grouped(
+        self, plan: Plan, sql: SQL, groups: list[str], count: bool, stats: list[tuple[str, str]]
     ) -> list[Aggregate]:
-        """SQL GROUP BY over the records matching (as ``SQLiteStore.aggregate``)."""
-        spec = self.table(table)
-        sql = self._compile(encoded_query, spec, hidden, invalid, context)
-
-        def usable(names: Sequence[str], what: str) -> list[str]:
-            out: list[str] = []
-            for name in names:
-                field = spec.fields.get(name)
-                if field is None or name in hidden:
-                    if invalid == "error":
-                        problem = (
-                            "unknown field" if field is None else "field that cannot be queried"
-                        )
-                        raise QueryError(f"{what}: {problem} {name!r} in table {spec.name}")
-                    continue
-                if what in ("avg", "sum") and field.type not in _NUMERIC:
-                    raise QueryError(f"{what}: field {name!r} of table {spec.name} is not a number")
-                if name not in out:
-                    out.append(name)
-            return out
-
-        groups = usable(group_by, "group_by")
-        stats = [
-            (kind, name)
-            for kind, names in (
-                ("avg", avg_fields), ("min", min_fields), ("max", max_fields), ("sum", sum_fields)
-            )
-            for name in usable(names, kind)
-        ]  # fmt: skip
-        plan = self._plan(spec)
-        exprs = [f'"{g}"' for g in groups]
-        if count:
-            exprs.append("COUNT(*)")
-        for kind, name in stats:
-            col = f'"{name}"'
-            if kind in ("min", "max") and spec.fields[name].type.is_text:
-                col = f"NULLIF({col}, '')"
-            exprs.append(f"{kind.upper()}({col})")
-        placeholder = not exprs
+        exprs, placeholder = aggregate_columns(plan.table, groups, count, stats)
         where, params = plan.where(sql)
-        text = f'SELECT {", ".join(exprs or ["COUNT(*)"])} FROM "{plan.physical}"{where}'
+        text = f'SELECT {", ".join(exprs)} FROM "{plan.physical}"{where}'
         if groups:
             keys = ", ".join(f'"{g}"' for g in groups)
             text += f" GROUP BY {keys} ORDER BY " + ", ".join(
@@ -793,25 +610,7 @@ class PGStore:
             )
         async with self._db().acquire() as db:
             rows = await db.fetch(text, *params)
-        out = []
-        for record in rows:
-            row = tuple(record)
-            group = {
-                g: bool(v) if g in plan.bools and v is not None else v
-                for g, v in zip(groups, row, strict=False)
-            }
-            rest = list(row[len(groups) :])
-            counted: Any = rest.pop(0) if count or placeholder else None
-            number = int(counted) if count else None
-            result: dict[str, dict[str, Any]] = {"avg": {}, "min": {}, "max": {}, "sum": {}}
-            for (kind, name), value in zip(stats, rest, strict=True):
-                if kind in ("avg", "sum") and value is not None:
-                    value = float(value)
-                elif name in plan.bools and value is not None:
-                    value = bool(value)
-                result[kind][name] = value
-            out.append(Aggregate(group, number, **result))
-        return out
+        return aggregate_rows(plan, rows, groups, count, placeholder, stats)
 
     async def update(
         self, table: str, sys_id: str, fields: Mapping[str, Any], *, actor: str = "system"

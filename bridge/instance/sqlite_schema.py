@@ -16,21 +16,28 @@ Physical layout: a table per hierarchy root, a column per field of every table s
 it (strings and date-times ``TEXT NOT NULL DEFAULT ''``, booleans ``INTEGER`` 0/1, integers
 and reals nullable); built-in unique constraints in the table, a user field's ``unique`` a
 partial unique index that leaves empty values out (ServiceNow stores empty as NULL).
+What ``pg_schema`` decides alike (column definitions, seeding steps, type-change checks)
+is in ``bridge.instance.schema_rules``; this module runs it with SQLite's SQL.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bridge.instance import schema
+from bridge.instance import schema, schema_rules
 from bridge.instance.query import SQL
 from bridge.instance.schema import DICTIONARY, TABLE_OBJECTS, Catalog
+from bridge.instance.schema_rules import (
+    CONVERTING,
+    class_field,
+    full_row,
+    table_fields,
+    to_record,
+)
 from bridge.instance.store import (
-    SYSTEM_FIELDS,
     TABLES,
     Change,
     Conflict,
@@ -41,6 +48,7 @@ from bridge.instance.store import (
     StoreError,
     Table,
 )
+from bridge.instance.store_core import BasePlan
 
 log = logging.getLogger("midbridge.instance.store")
 
@@ -57,24 +65,10 @@ INDEXES = (
 )
 _OBJECTS, _ENTRIES = TABLES[TABLE_OBJECTS], TABLES[DICTIONARY]
 _SEEDED_OBJECT = ("name", "label", "super_class", "is_extendable")
-_CONVERTING = "midbridge_converting"
-
-
-def _text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def column_sql(spec: Field, name: str | None = None) -> str:
-    col = name or spec.name
-    if col == "sys_id":
-        return '"sys_id" TEXT NOT NULL PRIMARY KEY'
-    default = schema.stored_default(spec)
-    if spec.type.is_text:
-        return f'"{col}" TEXT NOT NULL DEFAULT {_text(default)}'
-    if spec.type is FieldType.BOOLEAN:
-        return f'"{col}" INTEGER NOT NULL DEFAULT {int(default)}'
-    sql_type = "INTEGER" if spec.type is FieldType.INTEGER else "REAL"
-    return f'"{col}" {sql_type}' + ("" if default is None else f" DEFAULT {default!r}")
+    return schema_rules.column_sql(spec, name, integer="INTEGER", real="REAL")
 
 
 def unique_index(physical: str, element: str) -> str:
@@ -82,19 +76,7 @@ def unique_index(physical: str, element: str) -> str:
 
 
 def _unique_sql(physical: str, spec: Field) -> str:
-    col = f'"{spec.name}"'
-    where = f"{col} IS NOT NULL" + (f" AND {col} != ''" if spec.type.is_text else "")
-    return (
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {unique_index(physical, spec.name)} "
-        f'ON "{physical}"({col}) WHERE {where}'
-    )
-
-
-def to_record(table: Table, row: Mapping[str, Any]) -> Record:
-    return {
-        name: bool(row[name]) if spec.type is FieldType.BOOLEAN else row[name]
-        for name, spec in table.fields.items()
-    }
+    return schema_rules.unique_sql(unique_index(physical, spec.name), physical, spec)
 
 
 def select(
@@ -112,28 +94,6 @@ def select(
     return out
 
 
-def _defaults(table: Table) -> dict[str, Any]:
-    return {name: schema.stored_default(spec) for name, spec in table.fields.items()}
-
-
-def _full_row(
-    table: Table,
-    values: Mapping[str, Any],
-    now: str,
-    actor: str,
-    defaults: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    row = dict(_defaults(table) if defaults is None else defaults)
-    row.update((k, v) for k, v in values.items() if k in row)
-    row["sys_id"] = values.get("sys_id") or uuid.uuid4().hex
-    row.update(sys_created_on=now, sys_updated_on=now, sys_created_by=actor, sys_updated_by=actor)
-    row["sys_mod_count"] = 0
-    for name, value in row.items():
-        if isinstance(value, bool):
-            row[name] = int(value)
-    return row
-
-
 def _insert_sql(table: Table) -> str:
     cols = ", ".join(f'"{n}"' for n in table.fields)
     return f'INSERT INTO "{table.physical}" ({cols}) VALUES ({", ".join("?" * len(table.fields))})'
@@ -143,7 +103,7 @@ def insert_raw(
     db: sqlite3.Connection, table: Table, values: Mapping[str, Any], now: str, actor: str
 ) -> Record:
     """Insert ``values`` (as stored) with the system fields and defaults filled in."""
-    row = _full_row(table, values, now, actor)
+    row = full_row(table, values, now, actor)
     try:
         db.execute(_insert_sql(table), list(row.values()))
     except sqlite3.IntegrityError as exc:
@@ -183,17 +143,9 @@ def _columns(db: sqlite3.Connection, physical: str) -> set[str]:
     return {row[1] for row in db.execute(f'PRAGMA table_info("{physical}")')}
 
 
-def _table_fields(cat: Catalog, root: str) -> list[Field]:
-    fields: dict[str, Field] = {}
-    for table in cat.hierarchy(root):
-        for spec in table.fields.values():
-            fields.setdefault(spec.name, spec)
-    return list(fields.values())
-
-
 def _ensure_physical(db: sqlite3.Connection, cat: Catalog, root: Table) -> set[str]:
     """Create ``root``'s table, or add the columns it lacks (returned)."""
-    fields = _table_fields(cat, root.name)
+    fields = table_fields(cat, root.name)
     have = _columns(db, root.name)
     added: set[str] = set()
     if not have:
@@ -207,11 +159,8 @@ def _ensure_physical(db: sqlite3.Connection, cat: Catalog, root: Table) -> set[s
             if spec.name not in have:
                 db.execute(f'ALTER TABLE "{root.name}" ADD COLUMN {column_sql(spec)}')
                 added.add(spec.name)
-    builtin = schema.seed_keys()[1]
-    for table in cat.hierarchy(root.name):
-        for name in cat.own.get(table.name, ()):
-            if (name,) in table.unique and (table.name, name) not in builtin:
-                db.execute(_unique_sql(root.name, table.fields[name]))
+    for spec in schema_rules.user_unique_fields(cat, root.name):
+        db.execute(_unique_sql(root.name, spec))
     return added
 
 
@@ -225,35 +174,24 @@ def _upsert(
 ) -> bool:
     """Write the seeds that are missing or differ; True if it wrote any."""
     wrote = False
-    new: list[list[Any]] = []
-    defaults = _defaults(table)
-    by_id = {r["sys_id"]: r for r in existing}
-    by_key = {tuple(r[k] for k in key): r for r in existing}
-    for seeded in seeds:
-        have = by_id.get(seeded["sys_id"])
-        if have is None:
-            other = by_key.get(tuple(seeded[k] for k in key))
-            if other is not None:  # a user-made record now built in: it takes the built-in id
-                shown = ".".join(str(seeded[k]) for k in key)
-                log.warning("%s record %s is now built in", table.name, shown)
+    steps, new = schema_rules.upsert_steps(table, seeds, existing, key)
+    for renamed, have, changed in steps:
+        if renamed is not None:
+            db.execute(
+                f'UPDATE "{table.name}" SET "sys_id" = ? WHERE "sys_id" = ?',
+                (have["sys_id"], renamed),
+            )
+            if table.name == TABLE_OBJECTS:
                 db.execute(
-                    f'UPDATE "{table.name}" SET "sys_id" = ? WHERE "sys_id" = ?',
-                    (seeded["sys_id"], other["sys_id"]),
+                    'UPDATE sys_db_object SET "super_class" = ? WHERE "super_class" = ?',
+                    (have["sys_id"], renamed),
                 )
-                if table.name == TABLE_OBJECTS:
-                    db.execute(
-                        'UPDATE sys_db_object SET "super_class" = ? WHERE "super_class" = ?',
-                        (seeded["sys_id"], other["sys_id"]),
-                    )
-                have = {**other, "sys_id": seeded["sys_id"]}
-            else:
-                new.append(list(_full_row(table, seeded, now, "system", defaults).values()))
-                continue
-        changed = {k: v for k, v in seeded.items() if k != "sys_id" and have.get(k) != v}
         if changed:
             update_raw(db, table, have, changed, now, "system")
             wrote = True
-    db.executemany(_insert_sql(table), new)
+    default = schema_rules.defaults(table)
+    rows = [list(full_row(table, seeded, now, "system", default).values()) for seeded in new]
+    db.executemany(_insert_sql(table), rows)
     return wrote or bool(new)
 
 
@@ -266,16 +204,9 @@ def open_schema(db: sqlite3.Connection, now: str) -> Catalog:
     have_objects, have_entries = select(db, _OBJECTS), select(db, _ENTRIES)
     wrote = _upsert(db, _OBJECTS, objects, have_objects, ("name",), now)
     wrote = _upsert(db, _ENTRIES, entries, have_entries, ("name", "element"), now) or wrote
-    builtin_tables, builtin_entries = schema.seed_keys()
-    for entry in have_entries:  # fields no longer built in: their records go
-        key = (entry["name"], entry["element"])
-        if (
-            entry["name"] in builtin_tables
-            and key not in builtin_entries
-            and entry["sys_id"] == schema.entry_id(*key)
-        ):
-            db.execute('DELETE FROM sys_dictionary WHERE "sys_id" = ?', (entry["sys_id"],))
-            wrote = True
+    for sys_id in schema_rules.stale_entries(have_entries):  # fields no longer built in
+        db.execute('DELETE FROM sys_dictionary WHERE "sys_id" = ?', (sys_id,))
+        wrote = True
     cat = load(db) if wrote else schema.build(have_objects, have_entries)
     for table in cat.tables.values():
         if (
@@ -307,10 +238,6 @@ def _count(db: sqlite3.Connection, table: Table) -> int:
     return int(db.execute(f'SELECT COUNT(*) FROM "{table.name}"').fetchone()[0])
 
 
-def _class_field(root: str) -> Field:
-    return Field("sys_class_name", default=root, internal_type="sys_class_name", label="Class")
-
-
 def _new_entries(
     db: sqlite3.Connection, entries: Iterable[Record], now: str, actor: str
 ) -> list[Change]:
@@ -340,9 +267,7 @@ def insert_meta(
         new = load(db).tables[name]
         entries = [schema.collection_entry(name, new.label)]
         if new.super_class is None:
-            own = {f.name: f for f in SYSTEM_FIELDS}
-            if new.extendable:
-                own["sys_class_name"] = _class_field(name)
+            own = schema_rules.root_fields(new)
             shaped = Table(name, own)
             db.execute(
                 f'CREATE TABLE "{name}" (' + ", ".join(column_sql(f) for f in own.values()) + ")"
@@ -392,12 +317,8 @@ def update_meta(
         name = str(previous["name"])
         current = cat.tables.get(name)
         extra: list[Change] = []
-        if (
-            checked.get("is_extendable")
-            and current is not None
-            and "sys_class_name" not in current.fields
-        ):
-            spec = _class_field(name)
+        if schema_rules.adds_class_column(checked, current):
+            spec = class_field(name)
             db.execute(f'ALTER TABLE "{name}" ADD COLUMN {column_sql(spec)}')
             entry = schema.field_entry(Table(name, {spec.name: spec}), spec)
             extra = _new_entries(db, [entry], now, actor)
@@ -421,47 +342,19 @@ def update_meta(
     return record, [Change(DICTIONARY, "update", record, previous)]
 
 
-def _typed(spec: Field, stored: Any) -> Any:
-    return bool(stored) if spec.type is FieldType.BOOLEAN else stored
-
-
 def _convert(db: sqlite3.Connection, owner: Table, old: Field, new: Field, itype: str) -> None:
     """Rebuild ``old``'s column as ``new``'s type if every value converts there and back
-    unchanged; FieldError (internal_type) naming the first that does not."""
+    unchanged (``schema_rules.converted``)."""
     physical, col = owner.physical, old.name
     rows = db.execute(f'SELECT rowid, "sys_id", "{col}" FROM "{physical}"').fetchall()
-    numeric = (FieldType.INTEGER, FieldType.REAL)
-    converted = []
-    for rowid, sys_id, stored in rows:
-        if stored is None or stored == "":
-            converted.append((schema.stored_default(Field(col, new.type)), rowid))
-            continue
-        value = _typed(old, stored)
-        if old.type is FieldType.BOOLEAN and new.type in numeric:
-            value = int(value)
-        try:
-            after = schema.coerce(owner.name, new, value)
-            back = _typed(new, after)
-            if new.type is FieldType.BOOLEAN and old.type in numeric:
-                back = int(back)
-            again = schema.coerce(owner.name, old, back)
-        except FieldError:
-            again = None
-        if again != stored:
-            raise FieldError(
-                DICTIONARY,
-                "internal_type",
-                f"{owner.name}.{col} holds {stored!r} (record {sys_id}), which would not stay "
-                f"the same as {itype}: the change would lose data",
-            )
-        converted.append((after, rowid))
+    values = schema_rules.converted(owner, old, new, itype, rows)
     if column_sql(old).split(" DEFAULT")[0] == column_sql(new).split(" DEFAULT")[0]:
         return  # the same storage (string <-> glide_date_time): every value fits already
-    db.execute(f'ALTER TABLE "{physical}" ADD COLUMN {column_sql(new, _CONVERTING)}')
-    db.executemany(f'UPDATE "{physical}" SET "{_CONVERTING}" = ? WHERE rowid = ?', converted)
+    db.execute(f'ALTER TABLE "{physical}" ADD COLUMN {column_sql(new, CONVERTING)}')
+    db.executemany(f'UPDATE "{physical}" SET "{CONVERTING}" = ? WHERE rowid = ?', values)
     db.execute(f"DROP INDEX IF EXISTS {unique_index(physical, col)}")
     db.execute(f'ALTER TABLE "{physical}" DROP COLUMN "{col}"')
-    db.execute(f'ALTER TABLE "{physical}" RENAME COLUMN "{_CONVERTING}" TO "{col}"')
+    db.execute(f'ALTER TABLE "{physical}" RENAME COLUMN "{CONVERTING}" TO "{col}"')
 
 
 def delete_meta(db: sqlite3.Connection, cat: Catalog, table: str, record: Record) -> list[Change]:
@@ -508,53 +401,32 @@ def _drop_column(db: sqlite3.Connection, physical: str, name: str) -> None:
 # --- statements per table (the store's hot path) -------------------------------------------
 
 
-class Plan:
+class Plan(BasePlan):
     """What the statements on one table need, worked out once per schema."""
 
     __slots__ = (
-        "bools",
-        "class_field",
-        "defaults",
         "insert",
         "insert_ignore",
-        "names",
-        "physical",
         "restrict",
         "restrict_params",
         "select",
         "select_rowid",
-        "strict_refs",
-        "table",
     )
 
     def __init__(self, table: Table) -> None:
-        self.table = table
-        self.names = tuple(table.fields)
-        self.physical = table.physical
+        super().__init__(table)
         cols = ", ".join(f'"{n}"' for n in self.names)
         self.select = f'SELECT {cols} FROM "{self.physical}"'
         self.select_rowid = f'SELECT rowid, {cols} FROM "{self.physical}"'
         into = f'INTO "{self.physical}" ({cols}) VALUES ({", ".join("?" * len(self.names))})'
         self.insert = "INSERT " + into
         self.insert_ignore = "INSERT OR IGNORE " + into
-        self.bools = frozenset(n for n, f in table.fields.items() if f.type is FieldType.BOOLEAN)
-        self.defaults = tuple(schema.stored_default(f) for f in table.fields.values())
-        self.class_field = "sys_class_name" in table.fields
         if table.storage and table.classes:
             marks = ", ".join("?" * len(table.classes))
             self.restrict = f'"sys_class_name" IN ({marks})'
             self.restrict_params: tuple[Any, ...] = table.classes
         else:
             self.restrict, self.restrict_params = "", ()
-        self.strict_refs = tuple(
-            (n, f.reference) for n, f in table.fields.items() if f.reference and f.cascade_delete
-        )
-
-    def record(self, row: Sequence[Any]) -> Record:
-        record = dict(zip(self.names, row, strict=True))
-        for name in self.bools:
-            record[name] = bool(record[name])
-        return record
 
     def where(self, sql: SQL) -> tuple[str, tuple[Any, ...]]:
         """`` WHERE ...`` (or "") with the class restriction, and its parameters."""

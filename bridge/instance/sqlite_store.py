@@ -17,54 +17,50 @@ The hot path (ECC inserts, claims) costs dict lookups beyond SQLite: per table a
 plan (column list, SELECT and INSERT text, boolean columns, defaults, class restriction),
 dropped when the schema changes; an insert writes every column of the table in one
 statement and builds the record it returns from what it wrote; an update builds it from
-the row it read. Indexes: ``bridge.instance.sqlite_schema.INDEXES``.
+the row it read. Indexes: ``bridge.instance.sqlite_schema.INDEXES``. What both stores do
+alike (the live schema, listeners, a write's checks, the Aggregate API's columns and
+answer) is ``bridge.instance.store_core``; this module keeps SQLite's SQL and transactions.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sqlite3
-import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.instance import schema, sqlite_schema
-from bridge.instance.query import SQL, QueryError, compile_query
-from bridge.instance.schema import META_TABLES, Catalog, coerce
+from bridge.instance.query import SQL
+from bridge.instance.schema import META_TABLES, Catalog
 from bridge.instance.sqlite_schema import Plan
 from bridge.instance.store import (
     Aggregate,
     Change,
     Conflict,
     FieldError,
-    FieldType,
     InvalidFields,
-    Listener,
     QueryContext,
     Record,
     StoreError,
     Table,
-    UnknownTable,
     same_answer,
+)
+from bridge.instance.store_core import (
+    StoreCore,
+    aggregate_columns,
+    aggregate_rows,
+    changed_fields,
+    now_text,
+    prepare_insert,
+    written,
 )
 from bridge.wire.sqlite_thread import SQLiteThread
 
 log = logging.getLogger("midbridge.instance.store")
 
 T = TypeVar("T")
-
-SYS_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_NUMERIC = (FieldType.INTEGER, FieldType.REAL)
-
-
-def now_text() -> str:
-    """The current UTC time as ServiceNow writes it: ``YYYY-MM-DD HH:MM:SS``."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-
 
 DB_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
@@ -90,20 +86,16 @@ def _owner_only(path: Path) -> None:
             os.chmod(part, 0o600)
 
 
-class SQLiteStore:
+class SQLiteStore(StoreCore[Plan]):
     """The ``Store`` on one SQLite file (``":memory:"`` for a throwaway one).
 
     Use ``await SQLiteStore.open(path)`` (or ``async with SQLiteStore(path)``).
     """
 
     def __init__(self, path: Path | str) -> None:
+        super().__init__(Plan, "sqlite")
         self.path = path
         self._thread = SQLiteThread(thread_name="midbridge-instance", what="instance store")
-        self._listeners: list[Listener] = []
-        self._catalog = schema.builtin_catalog()  # until open: the built-in tables
-        self._plans: dict[str, Plan] = {}
-        self._cascades: dict[str, list[tuple[Table, str]]] = {}
-        self._publish(self._catalog)
 
     @classmethod
     async def open(cls, path: Path | str) -> SQLiteStore:
@@ -123,80 +115,6 @@ class SQLiteStore:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._thread.call(fn, *args)
-
-    # --- the schema -------------------------------------------------------------------
-
-    @property
-    def schema(self) -> Mapping[str, Table]:
-        return self._catalog.tables
-
-    @property
-    def catalog(self) -> Catalog:
-        """The schema with the ``sys_db_object`` sys_ids behind it."""
-        return self._catalog
-
-    def table(self, name: str) -> Table:
-        table = self._catalog.tables.get(name)
-        if table is None:
-            raise UnknownTable(name)
-        return table
-
-    def _publish(self, catalog: Catalog) -> None:
-        """Make ``catalog`` the live schema (after the transaction that made it committed)."""
-        cascades: dict[str, list[tuple[Table, str]]] = {}
-        for table in catalog.tables.values():
-            for name in catalog.own.get(table.name, ()):
-                spec = table.fields[name]
-                target = catalog.tables.get(spec.reference or "")
-                if target is not None and spec.cascade_delete:
-                    cascades.setdefault(target.physical, []).append((table, name))
-        self._catalog = catalog
-        self._plans = {}
-        self._cascades = cascades
-
-    def _plan(self, table: Table) -> Plan:
-        plan = self._plans.get(table.name)
-        if plan is None or plan.table is not table:
-            plan = Plan(table)
-            if self._catalog.tables.get(table.name) is table:
-                self._plans[table.name] = plan
-        return plan
-
-    def _compile(
-        self,
-        query: str,
-        table: Table,
-        hidden: Sequence[str] = (),
-        invalid: InvalidFields = "error",
-        context: QueryContext | None = None,
-    ) -> SQL:
-        return compile_query(
-            query,
-            table,
-            hidden=hidden,
-            schema=self._catalog.tables,
-            invalid=invalid,
-            context=context,
-        )
-
-    # --- listeners --------------------------------------------------------------------
-
-    def add_listener(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
-
-    def _tell(self, changes: Sequence[Change]) -> None:
-        for change in changes:
-            for listener in list(self._listeners):
-                try:
-                    listener(change)
-                except Exception:
-                    log.exception("store listener %r failed on %s", listener, change.op)
 
     # --- executor-thread side -----------------------------------------------------------
 
@@ -244,40 +162,8 @@ class SQLiteStore:
         row = self._conn().execute(plan.by_id(), params).fetchone()
         return None if row is None else plan.record(row)
 
-    def _prepare_insert(
-        self, plan: Plan, fields: Mapping[str, Any], now: str, actor: str
-    ) -> Record:
-        table = plan.table
-        specs = table.fields
-        values: Record = {}
-        for name, value in fields.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise FieldError(table.name, name, "no such field")
-            if spec.read_only:
-                raise FieldError(table.name, name, "read-only field")
-            values[name] = coerce(table.name, spec, value)
-        sys_id = values.get("sys_id") or uuid.uuid4().hex
-        if not isinstance(sys_id, str) or not SYS_ID.fullmatch(sys_id):
-            raise FieldError(table.name, "sys_id", "must be 1-64 of A-Za-z0-9_.:-")
-        values["sys_id"] = sys_id
-        values["sys_created_on"] = values["sys_updated_on"] = now
-        values["sys_created_by"] = values["sys_updated_by"] = actor
-        values["sys_mod_count"] = 0
-        if plan.class_field:
-            cls = values.get("sys_class_name") or table.name
-            if cls not in table.classes:
-                raise FieldError(
-                    table.name, "sys_class_name", f"{cls!r} is not {table.name} or a table below it"
-                )
-            values["sys_class_name"] = cls
-        return schema.derived(table, None, values)
-
     def _insert_row(self, plan: Plan, values: Record, *, or_ignore: bool = False) -> Record | None:
-        row = [
-            values.get(name, default)
-            for name, default in zip(plan.names, plan.defaults, strict=True)
-        ]
+        row = plan.full_row(values)
         try:
             cur = self._conn().execute(plan.insert_ignore if or_ignore else plan.insert, row)
         except sqlite3.IntegrityError as exc:
@@ -300,7 +186,7 @@ class SQLiteStore:
     ) -> list[Change]:
         plan = self._plan(table)
         now = now_text()
-        prepared = [self._prepare_insert(plan, row, now, actor) for row in rows]
+        prepared = [prepare_insert(plan, row, now, actor) for row in rows]
         if table.name in META_TABLES:
             return self._insert_meta(table, prepared, now, actor)
         db = self._conn()
@@ -320,7 +206,7 @@ class SQLiteStore:
 
     def _insert_input_once(self, fields: Mapping[str, Any], actor: str) -> tuple[Record, bool]:
         plan = self._plan(self.table("ecc_queue"))
-        values = self._prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
+        values = prepare_insert(plan, {**fields, "queue": "input"}, now_text(), actor)
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -366,57 +252,14 @@ class SQLiteStore:
     def _aggregate(
         self, plan: Plan, sql: SQL, groups: list[str], count: bool, stats: list[tuple[str, str]]
     ) -> list[Aggregate]:
-        table = plan.table
-        exprs = [f'"{g}"' for g in groups]
-        if count:
-            exprs.append("COUNT(*)")
-        for kind, name in stats:
-            col = f'"{name}"'
-            if kind in ("min", "max") and table.fields[name].type.is_text:
-                col = f"NULLIF({col}, '')"  # empty is no value (NULL in ServiceNow)
-            exprs.append(f"{kind.upper()}({col})")
-        placeholder = not exprs  # nothing asked: still one row per group
+        exprs, placeholder = aggregate_columns(plan.table, groups, count, stats)
         where, params = plan.where(sql)
-        text = f'SELECT {", ".join(exprs or ["COUNT(*)"])} FROM "{plan.physical}"{where}'
+        text = f'SELECT {", ".join(exprs)} FROM "{plan.physical}"{where}'
         if groups:
             keys = ", ".join(f'"{g}"' for g in groups)
             text += f" GROUP BY {keys} ORDER BY {keys}"
-        out = []
-        for row in self._conn().execute(text, params):
-            group = {
-                g: bool(v) if g in plan.bools else v for g, v in zip(groups, row, strict=False)
-            }
-            rest = list(row[len(groups) :])
-            counted: Any = rest.pop(0) if count or placeholder else None
-            number = int(counted) if count else None
-            result: dict[str, dict[str, Any]] = {"avg": {}, "min": {}, "max": {}, "sum": {}}
-            for (kind, name), value in zip(stats, rest, strict=True):
-                if kind in ("avg", "sum") and value is not None:
-                    value = float(value)
-                elif name in plan.bools and value is not None:
-                    value = bool(value)
-                result[kind][name] = value
-            out.append(Aggregate(group, number, **result))
-        return out
-
-    def _prepare_update(self, plan: Plan, fields: Mapping[str, Any]) -> Record:
-        table = plan.table
-        values: Record = {}
-        for name, value in fields.items():
-            spec = table.fields.get(name)
-            if spec is None:
-                raise FieldError(table.name, name, "no such field")
-            if spec.read_only or name == "sys_id":
-                raise FieldError(table.name, name, "read-only field")
-            values[name] = coerce(table.name, spec, value)
-        cls = values.get("sys_class_name")
-        if cls is not None and cls not in self.table(plan.physical).classes:
-            raise FieldError(
-                table.name,
-                "sys_class_name",
-                f"{cls!r} is not a table of {plan.physical}'s hierarchy",
-            )
-        return values
+        rows = self._conn().execute(text, params)
+        return aggregate_rows(plan, rows, groups, count, placeholder, stats)
 
     def _write(
         self, plan: Plan, rowids: Sequence[int], previous: Sequence[Record], values: Record,
@@ -434,11 +277,7 @@ class SQLiteStore:
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(_conflict_message(plan.table, values, exc)) from None
-        typed = {n: bool(v) if n in plan.bools else v for n, v in values.items()}
-        return [
-            {**before, **typed, "sys_mod_count": (before.get("sys_mod_count") or 0) + 1}
-            for before in previous
-        ]
+        return written(plan, values, previous)
 
     def _update(
         self, table: Table, sys_id: str, fields: Mapping[str, Any], actor: str
@@ -465,10 +304,7 @@ class SQLiteStore:
                 catalog = sqlite_schema.load(db) if changes else None
             else:
                 values = schema.derived(table, previous, values)
-                changed = {
-                    n: v for n, v in values.items()
-                    if (bool(v) if n in plan.bools else v) != previous[n]
-                }  # fmt: skip
+                changed = changed_fields(plan, values, previous)
                 record, changes, catalog = previous, [], None
                 if changed:  # nothing changed: nothing written (as ServiceNow does)
                     (record,) = self._write(plan, [row[0]], [previous], changed, now_text(), actor)
@@ -649,55 +485,10 @@ class SQLiteStore:
         sql = self._compile(encoded_query, spec, hidden, invalid, context)
         return await self._call(lambda: self._count(self._plan(spec), sql))
 
-    async def aggregate(
-        self,
-        table: str,
-        encoded_query: str = "",
-        *,
-        group_by: Sequence[str] = (),
-        count: bool = True,
-        avg_fields: Sequence[str] = (),
-        min_fields: Sequence[str] = (),
-        max_fields: Sequence[str] = (),
-        sum_fields: Sequence[str] = (),
-        hidden: Sequence[str] = (),
-        invalid: InvalidFields = "error",
-        context: QueryContext | None = None,
+    async def _grouped(
+        self, plan: Plan, sql: SQL, groups: list[str], count: bool, stats: list[tuple[str, str]]
     ) -> list[Aggregate]:
-        """SQL GROUP BY over the records matching. A field the table does not have (or
-        ``hidden``) raises QueryError with ``invalid="error"``, else is left out; avg and
-        sum take integer and decimal fields only."""
-        spec = self.table(table)
-        sql = self._compile(encoded_query, spec, hidden, invalid, context)
-
-        def usable(names: Sequence[str], what: str) -> list[str]:
-            out: list[str] = []
-            for name in names:
-                field = spec.fields.get(name)
-                if field is None or name in hidden:
-                    if invalid == "error":
-                        problem = (
-                            "unknown field" if field is None else "field that cannot be queried"
-                        )
-                        raise QueryError(f"{what}: {problem} {name!r} in table {spec.name}")
-                    continue
-                if what in ("avg", "sum") and field.type not in _NUMERIC:
-                    raise QueryError(f"{what}: field {name!r} of table {spec.name} is not a number")
-                if name not in out:
-                    out.append(name)
-            return out
-
-        groups = usable(group_by, "group_by")
-        stats = [
-            (kind, name)
-            for kind, names in (
-                ("avg", avg_fields), ("min", min_fields), ("max", max_fields), ("sum", sum_fields)
-            )
-            for name in usable(names, kind)
-        ]  # fmt: skip
-        return await self._call(
-            lambda: self._aggregate(self._plan(spec), sql, groups, count, stats)
-        )
+        return await self._call(self._aggregate, plan, sql, groups, count, stats)
 
     async def update(
         self, table: str, sys_id: str, fields: Mapping[str, Any], *, actor: str = "system"

@@ -107,7 +107,9 @@ class Registration:
             self._learn(found[0])
         else:
             try:
-                created = await self.client.insert(TABLE, {"name": self.name, "status": status})
+                # Created without a status (Down by default): it turns Up below, together
+                # with host name, IP and the rest, never before them.
+                created = await self.client.insert(TABLE, {"name": self.name})
             except RelayError as exc:
                 if exc.status != 409:
                     raise
