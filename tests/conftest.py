@@ -51,6 +51,21 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": _LOOP_FACTORY}
 
 
+# In-process instances hash passwords with a lower scrypt cost: a hash names its own
+# parameters, so verification is unchanged, and a test creates many users (each 0.17 s at
+# the production cost). Tests marked production_password_cost, and every instance a test
+# starts as a process, keep the production cost (2**15).
+TEST_SCRYPT_N = 2**10
+
+
+@pytest.fixture(autouse=True)
+def _test_password_cost(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("production_password_cost") is None:
+        from bridge.instance import auth
+
+        monkeypatch.setattr(auth, "_N", TEST_SCRYPT_N)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     loop = "uvloop" if _LOOP_FACTORY is not None else "asyncio"
     env = os.environ.get("MIDBRIDGE_TEST_BROKER")

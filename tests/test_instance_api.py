@@ -377,6 +377,7 @@ async def test_inactive_user_refused_until_reactivated(api: Api, inst: Instance)
     assert (await api.get(f"{TABLE}/ecc_queue", user="sleepy")).status == 401
 
 
+@pytest.mark.production_password_cost
 async def test_password_is_stored_as_scrypt_and_can_be_changed(
     api: Api, inst: Instance, tmp_path: Path
 ) -> None:
