@@ -213,6 +213,18 @@ class FakeBridge:
             except TimeoutError:
                 pass
 
+    async def echo_each(self, count: int, timeout: float = 60.0) -> None:
+        """Answer each Echo job once, as it arrives, until ``count`` distinct jobs came."""
+        answered: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while len(answered) < count:
+            assert time.monotonic() < deadline, f"{len(answered)} of {count} jobs published"
+            for job in list(self.jobs):
+                if job["sys_id"] not in answered:
+                    answered.add(job["sys_id"])
+                    await self.answer(job, [{"message": job["payload"]["message"]}])
+            await asyncio.sleep(0.05)
+
     async def answer(
         self,
         job: dict[str, Any],
