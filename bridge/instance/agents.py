@@ -18,6 +18,9 @@
   not Down gets a ``HeartbeatProbe`` output record; one not answered within
   ``heartbeat_timeout`` is closed as ``error`` and the agent marked Down. Status records
   do not lift that Down: they trigger a heartbeat at once instead, and its answer does.
+  The other way round, a Down the agent's own status record said (a clean stop, its last
+  will, silence on NATS) is lifted only by its next status record: an answer handled
+  after it (a heartbeat answered just before the stop) does not make it Up again.
 - **Admin actions** (:func:`admin_action`): validate, invalidate, pause, resume, drain
   (and cancel, stats) as ``SystemCommand`` output records, priority 0.
 """
@@ -226,6 +229,9 @@ class Agents:
         self._log = logger or log
         self.statuses: dict[str, str] = {}  # name → status, as in ecc_agent
         self._missed: set[str] = set()  # marked Down here for a heartbeat not answered
+        # Down by its own status record (a clean stop, its last will, NATS silence): only
+        # its next status record lifts that, never an answer that was on its way before.
+        self._said_down: set[str] = set()
         self._pending: dict[str, _Pending] = {}  # name → the heartbeat awaiting its answer
         self._due: dict[str, float] = {}  # name → when the next heartbeat goes (monotonic)
         self._wake = asyncio.Event()
@@ -239,6 +245,8 @@ class Agents:
             name = row.get("name")
             if isinstance(name, str) and NAME_PATTERN.match(name):
                 self.statuses[name] = str(row.get("status") or "Down")
+                if self.statuses[name] == "Down":
+                    self._said_down.add(name)
 
     def status_of(self, name: str) -> str | None:
         return self.statuses.get(name)
@@ -266,14 +274,28 @@ class Agents:
                 f"status must be one of {', '.join(STATUSES)}, not {str(status)[:40]!r}"
             )
         async with self._lock:
+            if status == "Down":
+                self._said_down.add(name)
+            else:
+                self._said_down.discard(name)
             await self._apply(name, data, confirm_fingerprint=None)
 
     async def _apply(
-        self, name: str, data: Mapping[str, Any], *, confirm_fingerprint: str | None
+        self,
+        name: str,
+        data: Mapping[str, Any],
+        *,
+        confirm_fingerprint: str | None,
+        answered: bool = False,
     ) -> None:
+        """``answered``: ``data`` is the status an answer carried (heartbeat, validate),
+        made before the answer went out; if the agent's own status record said Down since,
+        the answer is older news and the agent stays Down (its other fields still count)."""
         status = data.get("status")
         if not isinstance(status, str) or status not in STATUSES:
             status = "Up"
+        if answered and name in self._said_down:
+            status = "Down"
         if name in self._missed and status != "Down":
             # Alive by its own word, but our heartbeat went unanswered: ask again now.
             status = "Down"
@@ -359,8 +381,8 @@ class Agents:
                     del self._pending[name]
                 self._missed.discard(name)
                 if isinstance(status, dict):
-                    await self._apply(name, status, confirm_fingerprint=None)
-                else:
+                    await self._apply(name, status, confirm_fingerprint=None, answered=True)
+                elif name not in self._said_down:
                     row = await find_agent(self.store, name)
                     if row is not None:
                         await self.store.update(AGENT_TABLE, row["sys_id"], {"status": "Up"})
@@ -374,7 +396,7 @@ class Agents:
             confirm = await self._admin_validation(name, output)
             if failed or not isinstance(status, dict):
                 return
-            await self._apply(name, status, confirm_fingerprint=confirm)
+            await self._apply(name, status, confirm_fingerprint=confirm, answered=True)
 
     async def _admin_validation(self, name: str, output: Mapping[str, Any]) -> str | None:
         """The fingerprint an answer to ``output`` confirms: only for the validate job an
