@@ -1,7 +1,8 @@
 """Two ``midbridge instance --db postgresql://...`` processes on one PostgreSQL: both serve
 the API, exactly one (the advisory-lock leader) runs the connector; SIGKILL the leader in
 the middle of Echo jobs running through a real bridge and a real Mosquitto, and the other
-takes over within seconds: every job gets exactly one answer."""
+takes over within seconds: every job gets exactly one answer. Instances that start at
+the same moment on a new database make one admin between them."""
 
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ import pytest
 
 from bridge.bench.natsd import NatsCluster
 from bridge.cli_errors import CommandError
+from bridge.instance import auth
 from bridge.instance.leader import FOLLOWER, Leadership, nats_broker
 from bridge.instance.pg_store import PGStore
 from bridge.instance.platform_credentials import PlatformKeys
+from bridge.instance.server import Instance, InstanceConfig
 from tests.brokers import MosquittoServer
 from tests.harness import REPO, BridgeProcess, make_config
+from tests.test_connector import basic
 
 pytest_plugins = ("tests.nats_cluster",)
 
@@ -280,3 +284,25 @@ def test_nats_broker_urls() -> None:
     assert nats_broker("nats://127.0.0.1:4222", None, None, ack_wait=5).nats.ack_wait == 5
     with pytest.raises(CommandError, match="--nats-ack-wait: "):
         nats_broker("nats://127.0.0.1:4222", None, None, ack_wait=0)
+
+
+async def test_instances_starting_at_once_on_a_new_database_make_one_admin(pg_url: str) -> None:
+    """Four instances reach the first-start step (roles, admin) on one new PostgreSQL
+    database at the same moment: none fails, one admin and one set of roles exist, and
+    the one generated password shown is the one that logs in."""
+    async with AsyncExitStack() as stack:
+        stores = [await stack.enter_async_context(PGStore(pg_url)) for _ in range(4)]
+        shown = await asyncio.gather(*(auth.ensure_admin(store, None) for store in stores))
+        passwords = [p for p in shown if p]
+        assert len(passwords) == 1
+        assert len(await stores[0].query("sys_user", "user_name=admin")) == 1
+        for role in auth.ROLES:
+            assert len(await stores[0].query("sys_user_role", f"name={role}")) == 1
+        inst = await stack.enter_async_context(Instance(InstanceConfig(db=pg_url, port=0)))
+        assert inst.generated_admin_password is None  # made already: never shown twice
+        async with aiohttp.ClientSession() as http:
+            url = f"{inst.url}/api/now/table/sys_user?sysparm_query=user_name=admin"
+            login = {"Authorization": basic("admin", passwords[0])}
+            async with http.get(url, headers=login) as resp:
+                assert resp.status == 200, await resp.text()
+                assert [u["user_name"] for u in (await resp.json())["result"]] == ["admin"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bridge.instance.query import escape
-from bridge.instance.store import Record, Store
+from bridge.instance.store import Conflict, Record, Store
 
 ROLES: Mapping[str, str] = {
     "admin": "Full control of the instance",
@@ -189,7 +189,9 @@ async def seed_roles(store: Store) -> None:
     """Create the built-in roles that are missing (idempotent)."""
     for name, description in ROLES.items():
         if await find_role(store, name) is None:
-            await store.insert("sys_user_role", {"name": name, "description": description})
+            # Another instance on the same database may make it between the two calls.
+            with contextlib.suppress(Conflict):
+                await store.insert("sys_user_role", {"name": name, "description": description})
 
 
 async def grant(store: Store, user_sys_id: str, role_name: str) -> Record:
@@ -252,7 +254,8 @@ async def ensure_admin(store: Store, password: str | None) -> str | None:
 
     Its password is ``password`` if given, else a generated one, which is returned (the
     only time it can be seen). Returns None when the admin already existed or the password
-    was given.
+    was given. Several instances starting at once on one new database: one makes it, the
+    others find it made (their generated password, never stored, is not returned).
     """
     await seed_roles(store)
     if await find_user(store, ADMIN_USER) is not None:
@@ -260,9 +263,13 @@ async def ensure_admin(store: Store, password: str | None) -> str | None:
     generated = None
     if not password:
         password = generated = secrets.token_urlsafe(18)
-    await create_user(
-        store, ADMIN_USER, password, roles=["admin"], first_name="System", last_name="Administrator"
-    )
+    try:
+        await create_user(
+            store, ADMIN_USER, password, roles=["admin"], first_name="System",
+            last_name="Administrator",
+        )  # fmt: skip
+    except Conflict:
+        return None  # another instance on the same database made it meanwhile
     return generated
 
 
