@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bridge.cli_errors import EXIT_FAILED, CommandError
+from bridge.console import make_console
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.client import EccClient, JobResult, output_record
 from bridge.wire.session import Delivery, Publisher
@@ -121,7 +122,7 @@ async def run_sweep(
         if status.get("status") != "Up" and not as_json:
             print(f"midbridge: warning: the bridge {agent!r} is {status.get('status')}: the "
                   "sweep waits until it takes jobs", file=sys.stderr, flush=True)  # fmt: skip
-    console = console or Console(quiet=as_json)
+    console = console or make_console(quiet=as_json)
     payload: dict[str, Any] = {"targets": targets}
     if ports:
         payload["ports"] = ports

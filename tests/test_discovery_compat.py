@@ -29,9 +29,9 @@ from xml.etree import ElementTree
 
 import aiohttp
 import orjson
-from rich.console import Console
 
 from bridge.agent.bridge import Bridge
+from bridge.console import make_console
 from bridge.demo import loop
 from bridge.demo.targets import Ports, RunningTargets, TargetSettings, demo_targets
 from bridge.instance import cmdb, discovery
@@ -121,7 +121,7 @@ async def broker_path(
         admin = loop.Admin(http, inst.url, "admin", ADMIN_PASSWORD)
         out = io.StringIO()
         code = await loop.discover(
-            admin, Console(file=out, width=200), agent=agent,
+            admin, make_console(out, width=200), agent=agent,
             plan=plan_for(settings, running.ports),
         )  # fmt: skip
         assert code == 0, out.getvalue()

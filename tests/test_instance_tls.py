@@ -41,9 +41,9 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from rich.console import Console
 
 from bridge.cli import main as midbridge_main
+from bridge.console import make_console
 from bridge.instance import tls
 from bridge.instance.api import ApiSettings
 from bridge.instance.server import Instance, InstanceConfig
@@ -505,7 +505,7 @@ async def test_demo_over_https() -> None:
     from bridge.demo import loop as demo
 
     out = io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False)
+    console = make_console(out, width=200, force_terminal=False)
     code = await demo.run_demo(embedded="amqtt", hosts=40, console=console, https=True)
     text = out.getvalue()
     assert code == 0, text[-3000:]

@@ -60,6 +60,7 @@ from rich.table import Table
 
 from bridge.agent.config import BridgeSection, Config, LimitsConfig, SecurityConfig
 from bridge.cli_errors import EXIT_FAILED, CommandError, fail
+from bridge.console import make_console
 from bridge.demo.broker import BrokerEndpoint, EmbeddedBrokerError, embedded_broker
 from bridge.demo.targets import (
     DEFAULT_SSH_USER,
@@ -541,7 +542,7 @@ async def run_demo(
     console: Console | None = None,
     https: bool = False,
 ) -> int:
-    console = console or Console()
+    console = console or make_console()
     hosts = max(1, min(hosts, 254))
     started = time.perf_counter()
     try:
@@ -709,7 +710,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _discover_remote(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     missing = [
         env for env in (ADMIN_PASSWORD_ENV, SSH_PASSWORD_ENV, SNMP_COMMUNITY_ENV)
         if not os.environ.get(env)

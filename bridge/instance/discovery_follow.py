@@ -16,10 +16,10 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 import aiohttp
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from bridge.cli_errors import CommandError
+from bridge.console import make_console
 
 FINAL = ("Completed", "Error", "Cancelled")
 PLAIN_EVERY = 5.0  # seconds between plain progress lines while only numbers move
@@ -77,7 +77,7 @@ async def follow_run(
     params = {"sysparm_fields": STATUS_FIELDS}
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = await _get(http, url, params) or {}
-    console = Console(file=out, force_terminal=tty, highlight=False)
+    console = make_console(out, force_terminal=tty, highlight=False)
     if tty:
         bar = Progress(
             TextColumn("[bold]discovery[/bold] {task.fields[state]:<11}"),
