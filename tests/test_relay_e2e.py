@@ -30,9 +30,11 @@ import pytest
 from bridge.instance import tls
 from bridge.instance.mid_monitor import HEARTBEAT
 from bridge.instance.server import Instance, InstanceConfig
+from bridge.relay.core import SIGNING_KEY_FILE
 from bridge.relay.http import InstanceClient
 from bridge.relay.service import Relay
 from bridge.relay.settings import RelayError
+from bridge.wire.keyfiles import public_key_b64, signing_key_file
 from tests.brokers import BrokerAddress
 from tests.harness import REPO, BridgeProcess, make_config
 from tests.test_connector import ADMIN_PASSWORD, MID_PASSWORD, basic
@@ -165,7 +167,12 @@ async def test_a_relay_process_is_a_mid_of_an_instance_in_compatibility_mode(
     broker: BrokerAddress, unique_agent: str, tmp_path: Path
 ) -> None:
     prefix = new_prefix()
-    config = make_config(broker.host, broker.port, unique_agent, tmp_path / "bridge")
+    # The bridge runs only what the relay signed (relay_process uses this state directory).
+    relay_key = public_key_b64(signing_key_file(tmp_path / "relay-state" / SIGNING_KEY_FILE))
+    config = make_config(
+        broker.host, broker.port, unique_agent, tmp_path / "bridge",
+        security={"require_signatures": True, "platform_key": relay_key},
+    )  # fmt: skip
     config.bridge.topic_prefix = prefix
     bridge = BridgeProcess(config, tmp_path / "bridge.log")
     async with AsyncExitStack() as stack:

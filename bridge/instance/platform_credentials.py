@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from bridge.instance.api import Write
 from bridge.instance.store import Record, Store
 from bridge.wire.credentials import TYPES, check_credential
 from bridge.wire.errors import ConfigError, CredentialError
+from bridge.wire.keyfiles import check_private, public_key_b64, signing_key_file, write_private
 from bridge.wire.sealing import sign_record
 
 TABLE = "discovery_credentials"
@@ -51,23 +51,6 @@ TOPIC_TYPES: dict[str, tuple[str, ...]] = {
     "RESTProbe": ("http_basic", "http_bearer"),
 }
 BY_ID_ONLY = frozenset({"RESTProbe"})
-
-
-def _check_private(path: Path) -> None:
-    info = path.stat()
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file is open to others (mode {stat.S_IMODE(info.st_mode):o}); chmod 600 it",
-            field=str(path),
-        )
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise ConfigError("key file is owned by another user", field=str(path))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 @dataclass(frozen=True)
@@ -87,25 +70,15 @@ class PlatformKeys:
         signing_path = db_path.with_name(db_path.name + ".signing.pem")
         db_path.parent.mkdir(parents=True, exist_ok=True)
         if not secret_path.exists():
-            _write_private(secret_path, base64.b64encode(os.urandom(32)) + b"\n")
-        if not signing_path.exists():
-            pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            _write_private(signing_path, pem)
-        for path in (secret_path, signing_path):
-            _check_private(path)
+            write_private(secret_path, base64.b64encode(os.urandom(32)) + b"\n")
+        check_private(secret_path)
         try:
             secret = base64.b64decode(secret_path.read_bytes().strip(), validate=True)
         except ValueError:
             raise ConfigError("is not base64", field=str(secret_path)) from None
         if len(secret) != 32:
             raise ConfigError("must hold 32 bytes", field=str(secret_path))
-        signing = serialization.load_pem_private_key(signing_path.read_bytes(), password=None)
-        if not isinstance(signing, Ed25519PrivateKey):
-            raise ConfigError("is not an Ed25519 private key", field=str(signing_path))
+        signing = signing_key_file(signing_path)
         return cls(secret, signing)
 
     @classmethod
@@ -122,7 +95,7 @@ class PlatformKeys:
     @property
     def public_key_b64(self) -> str:
         """What a bridge takes as ``security.platform_key``."""
-        return base64.b64encode(self.public_key_raw).decode("ascii")
+        return public_key_b64(self.signing)
 
     def sign(self, record: dict[str, Any]) -> dict[str, Any]:
         return sign_record(self.signing, record)

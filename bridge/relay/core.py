@@ -14,6 +14,10 @@ What it does, in order (docs/relay.md has each step with its ServiceNow referenc
    chunks of outputs it does not hold are another relay's (acknowledged, ignored).
 4. **Answers** each output with one input record once a run is complete (``writeback.py``).
 
+Every job goes to the bridge signed (Ed25519, ``bridge.wire.sealing.sign_record``) with the
+relay's own key: a bridge with ``security.require_signatures`` and the relay's public key as
+``security.platform_key`` runs only the jobs this relay took from the instance.
+
 Leases: an output published but not answered within ``lease`` seconds is published again
 (the bridge drops a repeat by ``sys_id``). At start the relay finishes what its spool
 holds and takes back its outputs left ``processing``.
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge import __version__
 from bridge.relay.dialect.control import run_system_command
@@ -50,7 +55,9 @@ from bridge.relay.writeback import Writeback
 from bridge.wire.broker import BrokerConfig
 from bridge.wire.errors import BridgeError
 from bridge.wire.inflight import InFlight
+from bridge.wire.keyfiles import public_key_b64, signing_key_file
 from bridge.wire.outputs import batches, output_topic, records_of
+from bridge.wire.sealing import sign_record
 from bridge.wire.topics import Topics
 from bridge.wire.transport import Delivery, MqttSession
 
@@ -61,6 +68,7 @@ _SYS_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _SECRET = re.compile(r"pass|secret|key|token|credential", re.IGNORECASE)
 CONTROL_TOPICS = frozenset({"SystemCommand", "HeartbeatProbe"})  # taken while paused
 CLAIM_BATCHES = 4  # claim batches settling at once
+SIGNING_KEY_FILE = "relay.signing.pem"
 
 
 class Relay:
@@ -87,6 +95,8 @@ class Relay:
             timeout=settings.request_timeout, retries=settings.retries, logger=self._log,
         )  # fmt: skip
         self.spool = Spool(settings.state_dir)
+        self.signing_key = signing_key_for(settings)
+        self.public_key_b64 = public_key_b64(self.signing_key)  # the bridge's platform_key
         self.claimer = Claimer(
             self.client, self.agent_id, settings.relay_id, window=settings.claim_window,
             concurrency=settings.claim_concurrency, logger=self._log,
@@ -175,9 +185,10 @@ class Relay:
             await stack.aclose()
             raise
         self._log.info(
-            "relay up: %s (%s) ↔ %s:%s as %s; poll %.3g s, batch %d",
+            "relay up: %s (%s) ↔ %s:%s as %s; poll %.3g s, batch %d; jobs signed with %s "
+            "(the bridge's security.platform_key)",
             self.base, self.agent_id, self.broker.host, self.broker.port, self.settings.user,
-            self.poll_interval, self.batch,
+            self.poll_interval, self.batch, self.public_key_b64,
         )  # fmt: skip
         return self
 
@@ -348,7 +359,8 @@ class Relay:
             assert job.wire is not None
             job.lease_until = lease_until
             topic = output_topic(self.settings.prefix, self.settings.agent, job.wire)
-            by_topic.setdefault(topic, []).append(orjson.dumps(job.wire))
+            signed = sign_record(self.signing_key, job.wire)  # fresh at every publish
+            by_topic.setdefault(topic, []).append(orjson.dumps(signed))
         futures = []
         for topic, bodies in by_topic.items():
             for message in batches(bodies, 200, 1_000_000):
@@ -579,6 +591,15 @@ class _Controls:
 
     async def resume(self) -> None:
         await self.relay.resume()
+
+
+def signing_key_for(settings: RelaySettings) -> Ed25519PrivateKey:
+    """The key the relay signs jobs with: ``signing_key``, else ``relay.signing.pem`` in
+    the state directory (made owner-only on first use), else one in memory."""
+    path = settings.signing_key
+    if path is None and settings.state_dir is not None:
+        path = settings.state_dir / SIGNING_KEY_FILE
+    return Ed25519PrivateKey.generate() if path is None else signing_key_file(path)
 
 
 def state_dir_for(base: Path, relay_id: str) -> Path:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bridge.cli_errors import fail
-from bridge.relay.core import Relay, state_dir_for
+from bridge.relay.core import SIGNING_KEY_FILE, Relay, state_dir_for
 from bridge.relay.envelope import results_envelope
 from bridge.relay.http import basic_auth
 from bridge.relay.settings import (
@@ -26,6 +26,7 @@ from bridge.relay.settings import (
 from bridge.signals import StopSignals
 from bridge.wire.address import AddressError, parse_host_port
 from bridge.wire.broker import BrokerConfig
+from bridge.wire.keyfiles import public_key_b64, signing_key_file
 
 log = logging.getLogger("midbridge.relay")
 
@@ -104,19 +105,33 @@ def add_relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                         "system's)")  # fmt: skip
     parser.add_argument("--client-id", default=None,
                         help="MQTT client id and claim identity (default per agent)")  # fmt: skip
+    parser.add_argument("--signing-key", default=None, metavar="PEM",
+                        help="the Ed25519 key jobs are signed with (default: "
+                        "<state dir>/relay.signing.pem, made on first use)")  # fmt: skip
+    parser.add_argument("--print-key", action="store_true",
+                        help="print the public key jobs are signed with (the bridge's "
+                        "security.platform_key) and exit")  # fmt: skip
 
 
 async def run_command(args: argparse.Namespace) -> int:
     """Run ``midbridge relay`` until SIGTERM/SIGINT; the exit status."""
     from bridge.agent.config import Config, load_config
 
+    config = load_config(Path(args.config)) if args.config else Config()
+    relay_id = args.client_id or f"midbridge-relay-{args.agent}"
+    state_dir = (
+        Path(args.state_dir) if args.state_dir else state_dir_for(config.bridge.state_dir, relay_id)
+    )
+    signing_key = Path(args.signing_key) if args.signing_key else state_dir / SIGNING_KEY_FILE
+    if args.print_key:
+        print(public_key_b64(signing_key_file(signing_key)))
+        return 0
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = os.environ.get(PASSWORD_ENV, "")
     if not password:
         return fail("relay", f"no password (--password-stdin or ${PASSWORD_ENV})")
-    config = load_config(Path(args.config)) if args.config else Config()
     broker = config.broker
     if args.broker:
         try:
@@ -130,10 +145,6 @@ async def run_command(args: argparse.Namespace) -> int:
         return fail("relay", exc)
     if args.ca_file and args.insecure:
         return fail("relay", "--ca-file and --insecure: give one")
-    relay_id = args.client_id or f"midbridge-relay-{args.agent}"
-    state_dir = (
-        Path(args.state_dir) if args.state_dir else state_dir_for(config.bridge.state_dir, relay_id)
-    )
     settings = RelaySettings(
         instance=args.instance,
         user=args.user,
@@ -147,6 +158,7 @@ async def run_command(args: argparse.Namespace) -> int:
         ca_file=Path(args.ca_file) if args.ca_file else None,
         client_id=args.client_id,
         state_dir=state_dir,
+        signing_key=signing_key,
         claim_window=args.claim_window,
         refresh_interval=args.refresh_interval,
         register=not args.no_register,

@@ -77,6 +77,9 @@ class RelaySettings:
     retries: int = 4  # attempts for one write before it is left for later
     client_id: str | None = None  # MQTT client id; default midbridge-relay-<agent>
     state_dir: Path | None = None  # the durable spool; None: kept in memory only
+    # The Ed25519 key jobs are signed with (PKCS#8 PEM, made owner-only on first use);
+    # None: <state_dir>/relay.signing.pem, or a key in memory without a state_dir.
+    signing_key: Path | None = None
     claim_window: float = 5.0  # the claim's time bound (docs/relay.md, "Claims")
     claim_concurrency: int = 8  # claim PATCHes in flight at once
     register: bool = True  # keep the MID's ecc_agent record
