@@ -31,8 +31,15 @@ from bridge.wire.sealing import SIGNATURE_FIELD, sign_record
 from bridge.wire.transport import Delivery, MqttSession
 from probes import REGISTRY
 from tests.brokers import BrokerAddress
-from tests.harness import REPO, make_config
-from tests.test_relay import FakeBridge, broker_config, new_prefix, relay_settings, snow
+from tests.harness import REPO
+from tests.test_relay import (
+    FakeBridge,
+    broker_config,
+    new_prefix,
+    relay_settings,
+    signed_bridge_config,
+    snow,
+)
 
 
 class Eavesdropper(FakeBridge):
@@ -73,12 +80,7 @@ async def test_the_bridge_runs_only_the_jobs_its_relay_signed(
 ) -> None:
     prefix = new_prefix()
     state = tmp_path / "relay-state"
-    relay_key = public_key_b64(signing_key_file(state / SIGNING_KEY_FILE))
-    config = make_config(
-        broker.host, broker.port, unique_agent, tmp_path / "bridge",
-        security={"require_signatures": True, "platform_key": relay_key},
-    )  # fmt: skip
-    config.bridge.topic_prefix = prefix
+    config = signed_bridge_config(broker.host, broker.port, unique_agent, tmp_path, prefix, state)
     async with AsyncExitStack() as stack:
         sn = await stack.enter_async_context(snow(tmp_path, unique_agent))
         spy = Eavesdropper(broker, prefix, unique_agent)
@@ -90,7 +92,9 @@ async def test_the_bridge_runs_only_the_jobs_its_relay_signed(
                 broker_config(broker),
             )
         )
-        assert relay.public_key_b64 == relay_key  # the key made beforehand is the one used
+        assert (
+            relay.public_key_b64 == config.security.platform_key
+        )  # the key made beforehand is the one used
 
         real = await sn.output(unique_agent, "Echo", {"message": "from the instance"})
         [done] = await sn.wait_done([real])

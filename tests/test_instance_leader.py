@@ -26,10 +26,11 @@ import pytest
 from bridge.bench.natsd import NatsCluster
 from bridge.cli_errors import CommandError
 from bridge.instance import auth
-from bridge.instance.leader import FOLLOWER, Leadership, nats_broker
+from bridge.instance.leader import FOLLOWER, Leadership
 from bridge.instance.pg_store import PGStore
 from bridge.instance.platform_credentials import PlatformKeys
 from bridge.instance.server import Instance, InstanceConfig
+from bridge.nats_url import nats_broker
 from tests.brokers import MosquittoServer
 from tests.harness import REPO, BridgeProcess, make_config
 from tests.test_connector import basic

@@ -26,10 +26,13 @@ import aiohttp
 import orjson
 
 from bridge.agent.bridge import Bridge
+from bridge.agent.config import Config
 from bridge.instance import auth
 from bridge.instance.server import Instance, InstanceConfig
+from bridge.relay.core import SIGNING_KEY_FILE
 from bridge.relay.service import Relay, RelaySettings, results_envelope
 from bridge.wire.broker import BrokerConfig
+from bridge.wire.keyfiles import public_key_b64, signing_key_file
 from bridge.wire.records import new_sys_id
 from bridge.wire.topics import Topics
 from bridge.wire.transport import Delivery, MqttSession
@@ -159,6 +162,20 @@ def relay_settings(url: str, agent: str, prefix: str, **over: Any) -> RelaySetti
         instance=url, user="mid.user", password=MID_PASSWORD, agent=agent, prefix=prefix,
         **options,
     )  # fmt: skip
+
+
+def signed_bridge_config(
+    host: str, port: int, agent: str, tmp_path: Path, prefix: str, state: Path, **options: Any
+) -> Config:
+    """A bridge behind the relay whose state directory is ``state``: it runs only the jobs
+    that relay signed (the relay's key is made here first; the relay then uses it)."""
+    key = public_key_b64(signing_key_file(state / SIGNING_KEY_FILE))
+    config = make_config(
+        host, port, agent, tmp_path / "bridge",
+        security={"require_signatures": True, "platform_key": key}, **options,
+    )  # fmt: skip
+    config.bridge.topic_prefix = prefix
+    return config
 
 
 def broker_config(broker: BrokerAddress) -> BrokerConfig:

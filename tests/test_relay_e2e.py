@@ -30,13 +30,11 @@ import pytest
 from bridge.instance import tls
 from bridge.instance.mid_monitor import HEARTBEAT
 from bridge.instance.server import Instance, InstanceConfig
-from bridge.relay.core import SIGNING_KEY_FILE
 from bridge.relay.http import InstanceClient
 from bridge.relay.service import Relay
 from bridge.relay.settings import RelayError
-from bridge.wire.keyfiles import public_key_b64, signing_key_file
 from tests.brokers import BrokerAddress
-from tests.harness import REPO, BridgeProcess, make_config
+from tests.harness import REPO, BridgeProcess
 from tests.test_connector import ADMIN_PASSWORD, MID_PASSWORD, basic
 from tests.test_relay import (
     ECHO_XML,
@@ -45,6 +43,7 @@ from tests.test_relay import (
     broker_config,
     new_prefix,
     relay_settings,
+    signed_bridge_config,
     snow,
 )
 
@@ -168,12 +167,9 @@ async def test_a_relay_process_is_a_mid_of_an_instance_in_compatibility_mode(
 ) -> None:
     prefix = new_prefix()
     # The bridge runs only what the relay signed (relay_process uses this state directory).
-    relay_key = public_key_b64(signing_key_file(tmp_path / "relay-state" / SIGNING_KEY_FILE))
-    config = make_config(
-        broker.host, broker.port, unique_agent, tmp_path / "bridge",
-        security={"require_signatures": True, "platform_key": relay_key},
-    )  # fmt: skip
-    config.bridge.topic_prefix = prefix
+    config = signed_bridge_config(
+        broker.host, broker.port, unique_agent, tmp_path, prefix, tmp_path / "relay-state"
+    )
     bridge = BridgeProcess(config, tmp_path / "bridge.log")
     async with AsyncExitStack() as stack:
         url, _instance = await stack.enter_async_context(served_instance(tmp_path, unique_agent))

@@ -8,6 +8,8 @@
   ``--tls-self-signed`` (a certificate made beside the database, reused; its path and
   SHA-256 fingerprint are printed). ``--public-url URL``: the base of the API's links
   (Link, Location) behind a proxy; ``--trust-forwarded``: believe X-Forwarded-* headers.
+  ``--table-cleaner-interval SECONDS`` (3600; 0: off): the table cleaner's runs
+  (``bridge/instance/table_cleaner.py``; on PostgreSQL the leader's).
 - ``midbridge instance agent ...`` / ``instance discovery run ...``: talk to a running
   instance at ``--url``; ``--ca-file FILE`` trusts its certificate (or ``$SSL_CERT_FILE``).
 - ``midbridge instance user create NAME [--first-name F] [--last-name L] [--email E]
@@ -167,6 +169,14 @@ def add_instance_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="SECONDS",
         help="--servicenow-compat: seconds between MID Server Monitor cycles (300)",
     )
+    inst.add_argument(
+        "--table-cleaner-interval",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds between table cleaner runs, which delete old records by the "
+        "sys_auto_flush rules (3600; 0: off; docs/instance.md)",
+    )
     inst_sub = inst.add_subparsers(dest="instance_command")
     user = inst_sub.add_parser("user", help="users of the instance")
     user_sub = user.add_subparsers(dest="user_command", required=True)
@@ -263,6 +273,7 @@ def run_instance_command(
                     metrics_token=args.metrics_token,
                     compat=_compat(args),
                     keys_stem=args.keys,
+                    table_cleaner=_table_cleaner(args),
                 )
             )
         if args.instance_command in ("agent", "discovery"):
@@ -370,7 +381,7 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerConfig, str] | None:
         return None
     text = str(args.broker)
     if text.startswith("nats://"):
-        from bridge.instance.leader import nats_broker
+        from bridge.nats_url import nats_broker
 
         cfg = nats_broker(
             text,
@@ -477,6 +488,16 @@ def _compat(args: argparse.Namespace) -> float | None:
     return float(interval)
 
 
+def _table_cleaner(args: argparse.Namespace) -> float:
+    """``--table-cleaner-interval``: seconds between runs, 0 for none."""
+    interval = args.table_cleaner_interval
+    if not (interval >= 0 and interval < 86_400 * 365):
+        raise CommandError(
+            f"--table-cleaner-interval: expected seconds >= 0 (0: off), not {interval!r}"
+        )
+    return float(interval)
+
+
 def _public_url(args: argparse.Namespace) -> str:
     return tls.check_public_url(args.public_url) if args.public_url is not None else ""
 
@@ -493,10 +514,12 @@ async def _serve(
     metrics_token: str | None = None,
     compat: float | None = None,
     keys_stem: Path | None = None,
+    table_cleaner: float = 0.0,
 ) -> int:
     from bridge.instance import discovery
     from bridge.instance.connector import Connector, ConnectorSettings, install, keys_for
     from bridge.instance.server import ADMIN_PASSWORD_ENV, Instance, InstanceConfig
+    from bridge.instance.table_cleaner import TableCleaner
 
     with StopSignals() as stop:
         try:
@@ -524,7 +547,9 @@ async def _serve(
             if cluster:  # several processes on one database: one leader (leader.py)
                 from bridge.instance.leader import cluster_leadership
 
-                leadership = cluster_leadership(instance, str(db), broker, keys)
+                leadership = cluster_leadership(
+                    instance, str(db), broker, keys, table_cleaner_interval=table_cleaner
+                )
             else:
                 discovery.install(instance)  # runs, their routes, the CI class views
             async with AsyncExitStack() as stack:
@@ -555,6 +580,12 @@ async def _serve(
                     if cfg.kind == "nats":
                         where = ",".join(cfg.nats_servers)
                     print(f"connector: ECC queue on {where}", flush=True)
+                if leadership is None and table_cleaner > 0:  # the sys_auto_flush rules
+                    await stack.enter_async_context(
+                        TableCleaner(
+                            inst.store, table_cleaner, on_deleted=inst.metrics.table_cleaned
+                        )
+                    )
                 await stop.wait()
         except PasswordError as exc:
             raise CommandError(f"{ADMIN_PASSWORD_ENV}: {exc}") from None

@@ -4,7 +4,8 @@ Every process serves the API (the Table API, the dashboard: any of them, behind 
 balancer); exactly one at a time runs what must run once: the broker connector (pushing
 outputs, storing inputs, the agents' heartbeats) and discovery. The leader holds a
 PostgreSQL session-level advisory lock (``pg_try_advisory_lock``) on a connection of its
-own; the others try again every ``retry`` seconds (1 s).
+own; the others try again every ``retry`` seconds (1 s). The table cleaner
+(``bridge.instance.table_cleaner``) runs in the leader's term too.
 
 - **Taking over.** When the leader dies (SIGKILL, a crash, its machine gone), its
   connection closes and PostgreSQL frees the lock: a follower takes it on its next try
@@ -36,9 +37,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from pydantic import ValidationError
 
-from bridge.cli_errors import CommandError
 from bridge.instance import discovery
 from bridge.instance.app_keys import START_RUN
 from bridge.instance.connector import Connector, ConnectorSettings
@@ -46,7 +45,7 @@ from bridge.instance.discovery import CANCEL_ROUTE, RUN_ROUTE
 from bridge.instance.pg_store import shown_url
 from bridge.instance.platform_credentials import PlatformKeys
 from bridge.instance.query import escape
-from bridge.wire.address import AddressError, parse_host_port
+from bridge.instance.table_cleaner import DEFAULT_INTERVAL, TableCleaner
 from bridge.wire.broker import BrokerConfig
 
 log = logging.getLogger("midbridge.instance.leader")
@@ -187,16 +186,30 @@ def cluster_leadership(
     keys: PlatformKeys,
     *,
     retry: float = 1.0,
+    table_cleaner_interval: float = DEFAULT_INTERVAL,
 ) -> Leadership:
     """For ``midbridge instance --db postgresql://...``, before the instance starts:
     discovery installed for a cluster, and the leadership whose term runs discovery's
-    recovery and the connector (when there is a broker). Enter it once the instance
-    serves; it prints ``leader: ...`` / ``follower: ...`` lines as the role changes."""
+    recovery, the connector (when there is a broker) and the table cleaner (every
+    ``table_cleaner_interval`` seconds; 0: none). Enter it once the instance serves; it
+    prints ``leader: ...`` / ``follower: ...`` lines as the role changes."""
     holder: list[Leadership] = []
     engine = install_discovery(instance, lambda: bool(holder) and holder[0].is_leader)
 
     @asynccontextmanager
     async def lead() -> AsyncIterator[None]:
+        if table_cleaner_interval <= 0:
+            async with work():
+                yield
+            return
+        cleaner = TableCleaner(
+            instance.store, table_cleaner_interval, on_deleted=instance.metrics.table_cleaned
+        )
+        async with cleaner, work():
+            yield
+
+    @asynccontextmanager
+    async def work() -> AsyncIterator[None]:
         closed = await engine.recover()
         if closed:
             print(f"leader: closed {closed} discovery run(s) the old leader left", flush=True)
@@ -242,37 +255,6 @@ def broker_url(cfg: BrokerConfig) -> str:
     if cfg.kind == "nats":
         return ",".join(cfg.nats_servers)
     return f"mqtt://{cfg.host}:{cfg.port}"
-
-
-def nats_broker(
-    text: str, username: str | None, password: str | None, *, ack_wait: float | None = None
-) -> BrokerConfig:
-    """``--broker nats://HOST:PORT[,nats://HOST:PORT...]``: the connector on NATS JetStream
-    (``ack_wait``: ``--nats-ack-wait``, seconds; None: the default)."""
-    servers = [part.strip() for part in text.split(",") if part.strip()]
-    hosts = []
-    for server in servers:
-        if not server.startswith("nats://"):
-            raise CommandError(f"--broker: expected nats://HOST:PORT, not {server!r}")
-        try:
-            hosts.append(parse_host_port(server.removeprefix("nats://"), option="--broker"))
-        except AddressError as exc:
-            raise CommandError(str(exc)) from None
-    host, port = hosts[0]
-    try:
-        return BrokerConfig.model_validate(
-            {
-                "kind": "nats",
-                "host": host,
-                "port": port,
-                "username": username,
-                "password": password,
-                "nats": {"servers": servers} | ({} if ack_wait is None else {"ack_wait": ack_wait}),
-            }
-        )
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        raise CommandError(f"--nats-ack-wait: {problem['msg']}") from None
 
 
 async def settle_answered(store: Any, connector: Connector) -> int:

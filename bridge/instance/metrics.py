@@ -17,6 +17,8 @@ instances in one process never share series):
 - ``midbridge_instance_connector_records_total{event}``: the connector's counters
   (``pushed``, ``inputs``, ``refused_inputs``, ``dead_letters`` ...; docs/operations.md);
   ``midbridge_instance_connector_connected``: 1 while its broker session is up.
+- ``midbridge_instance_table_cleaner_deleted_total{table}``: records the table cleaner
+  deleted (``bridge.instance.table_cleaner``), since the process started.
 - ``midbridge_instance_build_info{version}`` and the process collector's
   ``process_*`` series (CPU, memory, open files) and ``python_info``.
 
@@ -169,6 +171,12 @@ class InstanceMetrics:
             "Discovery runs not finished (counted at scrape)",
             registry=reg,
         )
+        self.table_cleaner_deleted = Counter(
+            "midbridge_instance_table_cleaner_deleted",
+            "Records the table cleaner deleted (sys_auto_flush rules), by table",
+            ["table"],
+            registry=reg,
+        )
         build = Gauge(
             "midbridge_instance_build_info",
             "The running midbridge version (always 1)",
@@ -187,6 +195,10 @@ class InstanceMetrics:
     def follow(self, store: Store) -> Callable[[], None]:
         """Count discovery runs from the store's committed writes."""
         return store.add_listener(self._on_change)
+
+    def table_cleaned(self, table: str, count: int) -> None:
+        """The table cleaner's ``on_deleted`` (bridge/instance/table_cleaner.py)."""
+        self.table_cleaner_deleted.labels(table).inc(count)
 
     def _on_change(self, change: Change) -> None:
         if change.table != "discovery_status":

@@ -19,14 +19,12 @@ as ServiceNow's scheduled job) so tests run in seconds.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from bridge.instance.auth import AGENT_PREFIX
+from bridge.instance.periodic import Periodic
 from bridge.instance.query import escape
 from bridge.instance.store import Store
 from bridge.wire.records import new_sys_id, now_text
@@ -53,29 +51,15 @@ class MidMonitor:
         self.settings = settings or MonitorSettings()
         self.sent: dict[str, tuple[str, str]] = {}  # agent name → (output sys_id, sent at)
         self.cycles = 0
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(
+            self.cycle, lambda: self.settings.interval, name="MID Server Monitor", logger=log
+        )
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="mid-monitor")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await self.cycle()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("MID Server Monitor: a cycle failed")
-            await asyncio.sleep(max(0.0, self.settings.interval - (time.monotonic() - started)))
+        await self._loop.stop()
 
     async def cycle(self) -> None:
         """One monitor cycle: kill old requests, mark downers, send heartbeats."""

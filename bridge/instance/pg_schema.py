@@ -8,7 +8,8 @@ keep one layout:
   processes opening one database take turns): ``midbridge_schema_version`` checked and
   written, the two schema tables made if missing, the built-in records upserted, every
   hierarchy's physical table created or given its missing columns (an older database
-  migrates this way, as SQLite's does), then indexes.
+  migrates this way, as SQLite's does; a table made now gets its
+  ``schema.INITIAL_RECORDS``), then indexes.
 - :func:`insert_meta`, :func:`update_meta`, :func:`delete_meta` (in the writing
   transaction, under the same lock): a write to ``sys_db_object`` / ``sys_dictionary``,
   checked (``schema.check_*``) and applied as DDL.
@@ -274,12 +275,14 @@ async def open_schema(db: asyncpg.Connection, now: str) -> Catalog:
         wrote = True
     cat = await load(db) if wrote else schema.build(have_objects, have_entries)
     for table in cat.tables.values():
-        if (
-            table.storage == ""
-            and "name" in await _ensure_physical(db, cat, table)
-            and (table.name == "sys_user")
-        ):  # users from before sys_user.name: their full name, as the store makes it
+        if table.storage != "":
+            continue
+        new = not await columns(db, table.name)
+        if "name" in await _ensure_physical(db, cat, table) and table.name == "sys_user":
+            # users from before sys_user.name: their full name, as the store makes it
             await db.execute("UPDATE sys_user SET name = TRIM(first_name || ' ' || last_name)")
+        for initial in schema.INITIAL_RECORDS.get(table.name, ()) if new else ():
+            await insert_raw(db, table, initial, now, "system")  # once: with the new table
     for statement in (*INDEXES, *PG_INDEXES):
         await db.execute(statement)
     return cat

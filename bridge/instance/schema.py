@@ -16,6 +16,8 @@ The built-in tables (``bridge.instance.store.TABLES``) and the CI class tree
 (:data:`CI_CLASSES`) are *seeded* as records with deterministic sys_ids (:func:`table_id`,
 :func:`entry_id`); the store upserts them on every open and keeps what users added. The
 live schema (:class:`Catalog`, ``Store.schema``) is :func:`build` over those records.
+A built-in table may also come with records (:data:`INITIAL_RECORDS`: the Table Cleaner's
+default ``sys_auto_flush`` rules), inserted once, when the store creates its storage.
 
 Extension (ServiceNow's table-per-hierarchy model): a table with a ``super_class`` has its
 parent's fields and its own; its records live in the hierarchy root's physical table,
@@ -116,7 +118,8 @@ _DEFAULT_TYPE = {
 }
 _LONG_TEXT = frozenset(
     {"payload", "log", "excerpt", "stats", "public_key", "message", "description",
-     "sys_descr", "error_string", "context_map", "mac_address", "ranges", "exclusions"}
+     "sys_descr", "error_string", "context_map", "mac_address", "ranges", "exclusions",
+     "conditions"}
 )  # fmt: skip
 DATETIME_TEXT = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -330,6 +333,42 @@ def seed_keys() -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         frozenset(o["name"] for o in objects),
         frozenset((e["name"], e["element"]) for e in entries),
     )
+
+
+AUTO_FLUSH = "sys_auto_flush"  # the Table Cleaner's rules (bridge/instance/table_cleaner.py)
+_DAY = 86_400
+
+
+def record_id(table: str, key: str) -> str:
+    """The sys_id of a record a built-in table is created with (the same everywhere)."""
+    return uuid.uuid5(_NAMESPACE, f"{table}:{key}").hex
+
+
+def _flush_rule(key: str, tablename: str, age: int, conditions: str = "") -> Record:
+    return {
+        "sys_id": record_id(AUTO_FLUSH, key),
+        "tablename": tablename,
+        "matchfield": "sys_created_on",
+        "age": age,
+        "conditions": conditions,
+        "active": True,
+    }
+
+
+# The records a built-in table gets when its storage is created, and only then: what an
+# administrator changes, deactivates or deletes later stays so (nothing seeds them again).
+INITIAL_RECORDS: Mapping[str, tuple[Record, ...]] = {
+    AUTO_FLUSH: (
+        # Inputs, and the outputs that were answered or failed; never an output still
+        # awaiting its answer (ready, processing).
+        _flush_rule(
+            "ecc_queue", "ecc_queue", 7 * _DAY, "queue=input^NQqueue=output^stateINprocessed,error"
+        ),
+        _flush_rule("ecc_dead_letter", "ecc_dead_letter", 30 * _DAY),
+        _flush_rule("syslog", "syslog", 30 * _DAY),
+        _flush_rule("sys_attachment.ecc_queue", "sys_attachment", 7 * _DAY, "table_name=ecc_queue"),
+    ),
+}
 
 
 # --- the live schema -------------------------------------------------------------------------
@@ -754,8 +793,10 @@ def _new_key_clears_validation(table: Table, previous: Record, values: Record) -
 
 
 __all__ = [
+    "AUTO_FLUSH",
     "CI_CLASSES",
     "DICTIONARY",
+    "INITIAL_RECORDS",
     "META_TABLES",
     "SYSTEM_FIELDS",
     "TABLE_OBJECTS",
@@ -765,6 +806,7 @@ __all__ = [
     "builtin_catalog",
     "coerce",
     "entry_id",
+    "record_id",
     "seed",
     "table_id",
 ]

@@ -3,7 +3,8 @@
 - :func:`open_schema` (in the store's opening transaction): the two schema tables made if
   missing, the built-in records upserted (new ones inserted, changed ones updated, ones no
   longer built in removed; what users made is kept), then every hierarchy's physical table
-  created or given its missing columns (an old database migrates this way), then indexes.
+  created or given its missing columns (an old database migrates this way; a table made
+  now gets its ``schema.INITIAL_RECORDS``), then indexes.
 - :func:`insert_meta`, :func:`update_meta`, :func:`delete_meta` (in the writing
   transaction): a write to ``sys_db_object`` / ``sys_dictionary``, checked
   (``schema.check_*``) and applied: CREATE TABLE, ALTER TABLE ADD / DROP COLUMN, DROP TABLE,
@@ -209,12 +210,14 @@ def open_schema(db: sqlite3.Connection, now: str) -> Catalog:
         wrote = True
     cat = load(db) if wrote else schema.build(have_objects, have_entries)
     for table in cat.tables.values():
-        if (
-            table.storage == ""
-            and "name" in _ensure_physical(db, cat, table)
-            and (table.name == "sys_user")
-        ):  # users from before sys_user.name: their full name, as the store makes it
+        if table.storage != "":
+            continue
+        new = not _columns(db, table.name)
+        if "name" in _ensure_physical(db, cat, table) and table.name == "sys_user":
+            # users from before sys_user.name: their full name, as the store makes it
             db.execute("UPDATE sys_user SET name = TRIM(first_name || ' ' || last_name)")
+        for initial in schema.INITIAL_RECORDS.get(table.name, ()) if new else ():
+            insert_raw(db, table, initial, now, "system")  # once: with the new table
     for statement in INDEXES:
         db.execute(statement)
     return cat

@@ -35,6 +35,9 @@ extending ``cmdb_ci``. Built-in tables (fields beyond the system ones):
 - ``cmn_department``; ``sys_user_role``: name, description; ``sys_user_has_role``: user,
   role; ``sys_user_group``: name, description, manager, email, active, type, parent, ...;
   ``sys_user_grmember``: user, group (both cascade); ``syslog``: level, message, source.
+- ``sys_auto_flush``: tablename, matchfield (a date-time field, sys_created_on by default),
+  age (seconds), conditions (an encoded query), active: the Table Cleaner's rules
+  (``bridge.instance.table_cleaner``; admin only through the Table API).
 - ``sys_db_object`` and ``sys_dictionary``: the schema (``bridge.instance.schema``).
 - ``discovery_credentials``: name, type, order, active, secret (ciphertext under the
   instance key; never returned in clear); ``discovery_schedule``, ``discovery_status``,
@@ -341,6 +344,16 @@ TABLES: Mapping[str, Table] = {
             Field("message"),
             Field("source"),
             Field("context_map"),
+        ),
+        _table(
+            "sys_auto_flush",  # the Table Cleaner's rules (bridge/instance/table_cleaner.py)
+            "Auto Flush",
+            Field("tablename", label="Table"),
+            Field("matchfield", default="sys_created_on", label="Match field"),
+            Field("age", _INT, label="Age in seconds"),
+            Field("conditions"),  # an encoded query AND-ed with the age (may be empty)
+            Field("active", _BOOL, default=True),
+            display_field="tablename",
         ),
         # --- the schema as data (bridge/instance/schema.py) ---------------------------------
         _table(

@@ -58,8 +58,9 @@ from bridge.wire.inflight import InFlight
 from bridge.wire.keyfiles import public_key_b64, signing_key_file
 from bridge.wire.outputs import batches, output_topic, records_of
 from bridge.wire.sealing import sign_record
+from bridge.wire.session import Delivery
+from bridge.wire.sessions import platform_session
 from bridge.wire.topics import Topics
-from bridge.wire.transport import Delivery, MqttSession
 
 log = logging.getLogger("midbridge.relay")
 
@@ -105,13 +106,12 @@ class Relay:
             self.client, settings.agent, instance_url=self.base, logger=self._log
         )
         self.props = MidProperties.merge(("command line", settings.properties))
-        subscriptions = [self.topics.input]
-        if settings.follow_bridge_status:
-            subscriptions.append(self.topics.status)
-        self.session = MqttSession(
+        self.session = platform_session(  # MQTT or NATS JetStream (``broker.kind``)
             broker,
             client_id=settings.relay_id,
-            subscriptions=subscriptions,
+            prefix=settings.prefix,
+            agent=settings.agent,
+            status=settings.follow_bridge_status,
             on_message=self._on_message,
             receive_maximum=1000,
             logger=self._log,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bridge.cli_errors import fail
+from bridge.nats_url import nats_broker
 from bridge.relay.core import SIGNING_KEY_FILE, Relay, state_dir_for
 from bridge.relay.envelope import results_envelope
 from bridge.relay.http import basic_auth
@@ -56,7 +57,12 @@ def add_relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help=f"read the password from the first line of stdin (else ${PASSWORD_ENV})",
     )
     parser.add_argument("--agent", required=True, help="the MID's name, without mid.server.")
-    parser.add_argument("--broker", default=None, help="HOST:PORT (default: from the config)")
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="HOST:PORT (MQTT), or nats://HOST:PORT[,nats://HOST:PORT...] (NATS JetStream); "
+        "default: the config's broker",
+    )
     parser.add_argument("--config", "-c", default=None, help="bridge config (broker, prefix)")
     parser.add_argument("--prefix", default=None, help="topic prefix (default: from config)")
     parser.add_argument(
@@ -133,7 +139,9 @@ async def run_command(args: argparse.Namespace) -> int:
     if not password:
         return fail("relay", f"no password (--password-stdin or ${PASSWORD_ENV})")
     broker = config.broker
-    if args.broker:
+    if args.broker and str(args.broker).startswith("nats://"):
+        broker = nats_broker(str(args.broker), broker.username, broker.password)
+    elif args.broker:
         try:
             host, port = parse_host_port(str(args.broker), option="--broker")
         except AddressError as exc:

@@ -487,7 +487,7 @@ class NatsPlatformSession(_LinkSession):
                 stream=status_stream(prefix),
                 consumer=pull_consumer(
                     cfg,
-                    f"{prefix}/+/status",
+                    f"{prefix}/{agent or '+'}/status",
                     name=f"{name}-status-{uuid.uuid4().hex[:8]}",
                     max_ack_pending=receive_maximum,
                     last_per_subject=True,

@@ -1,7 +1,7 @@
 """The platform's session on either transport, chosen by ``broker.kind``.
 
-The connector of the built-in instance and ``EccClient`` (the sweep command, the demo,
-the benchmarks, the tests) publish output records and take input records (the connector
+The connector of the built-in instance, the relay and ``EccClient`` (the sweep command,
+the demo, the benchmarks, the tests) publish output records and take input records (the connector
 also status records) through :func:`platform_session`; the bridge makes its own sessions
 (``bridge.agent.bridge``).
 """
@@ -27,8 +27,9 @@ def platform_session(
     receive_maximum: int = 1000,
     logger: logging.Logger | None = None,
 ) -> Publisher:
-    """A session that takes ``<prefix>/<agent>/input`` (every agent's when ``agent`` is None)
-    and, with ``status``, ``<prefix>/+/status``; it publishes to any topic.
+    """A session that takes ``<prefix>/<agent>/input`` and, with ``status``,
+    ``<prefix>/<agent>/status`` (every agent's when ``agent`` is None: ``+``); it publishes
+    to any topic.
 
     ``durable``: the subscription outlives the process (an MQTT session kept by the broker,
     a durable JetStream consumer), so answers sent while it is away wait for it. An
@@ -50,7 +51,7 @@ def platform_session(
         )
     subscriptions = [f"{prefix}/{agent or '+'}/input"]
     if status:
-        subscriptions.append(f"{prefix}/+/status")
+        subscriptions.append(f"{prefix}/{agent or '+'}/status")
     return MqttSession(
         cfg,
         client_id=client_id,
