@@ -38,4 +38,5 @@ def nats_broker(
         )
     except ValidationError as exc:
         problem = exc.errors()[0]
-        raise CommandError(f"--nats-ack-wait: {problem['msg']}") from None
+        where = "--nats-ack-wait" if ack_wait is not None else "--broker"
+        raise CommandError(f"{where}: {problem['msg']}") from None

@@ -199,10 +199,11 @@ class StoreBackend:
 
         conn = await asyncpg.connect(self.db)
         try:
-            for sql, params in statements:
-                parts = sql.split("?")  # the statements hold no literal "?"
-                numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
-                await conn.execute(numbered, *params)
+            async with conn.transaction():  # all or nothing, as SQLite's `with` above
+                for sql, params in statements:
+                    parts = sql.split("?")  # the statements hold no literal "?"
+                    numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+                    await conn.execute(numbered, *params)
         finally:
             await conn.close()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge.agent.bridge import Bridge
@@ -147,3 +148,18 @@ def test_print_key_shows_the_key_the_relay_signs_with(tmp_path: Path) -> None:
     assert "relay.signing.pem" in refused.stderr
     assert "chmod 600" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+    encrypted = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase"),
+    )
+    (state / SIGNING_KEY_FILE).unlink()
+    (state / SIGNING_KEY_FILE).write_bytes(encrypted)
+    (state / SIGNING_KEY_FILE).chmod(0o600)
+    locked = subprocess.run(
+        [*common, "--print-key"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert locked.returncode == 2
+    assert "is encrypted" in locked.stderr
+    assert len(locked.stderr.strip().splitlines()) == 1, locked.stderr

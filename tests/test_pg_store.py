@@ -44,6 +44,9 @@ async def test_queries_select_the_same_records(store: Store) -> None:
         if got != expected or await store.count("ecc_queue", text) != len(expected):
             wrong.append((text, got, expected))
     assert wrong == []
+    for text, expected in RUNS:  # the sys_ids alone: the same records, the same order
+        assert await store.sys_ids("ecc_queue", text, limit=1000) == expected, text
+    assert await store.sys_ids("ecc_queue", "ORDERBYstate", limit=3) == ["r2", "r0", "r1"]
     pages = [
         [r["sys_id"] for r in await store.query("ecc_queue", "ORDERBYstate", limit=2, offset=o)]
         for o in (0, 2, 4)

@@ -23,7 +23,9 @@ import orjson
 from bridge.agent.bridge import Bridge
 from bridge.bench.natsd import NatsCluster
 from bridge.relay.core import Relay
+from bridge.relay.service import broker_from_option
 from bridge.relay.settings import PASSWORD_ENV
+from bridge.wire.broker import BrokerConfig
 from probes import REGISTRY
 from tests.harness import REPO
 from tests.test_relay import ECHO_XML, new_prefix, relay_settings, signed_bridge_config, snow
@@ -62,8 +64,17 @@ async def test_the_relay_serves_the_instance_over_nats_jetstream(
             # durable consumer and is written back when the relay starts again.
             slow = await sn.output(unique_agent, "Echo", {"message": "late", "delay": 1.5})
             await sn.wait_state(slow, "processing")
+            deadline = time.monotonic() + 10  # at the bridge, running, when the relay stops
+            while bridge.counters.received < 22:
+                assert time.monotonic() < deadline, bridge.counters
+                await asyncio.sleep(0.02)
         assert (await sn.record(slow))["state"] == "processing"
-        await asyncio.sleep(2.0)  # the bridge answers meanwhile, with no relay to hear it
+        # The bridge answers meanwhile (run, and published to the stream), no relay to hear it.
+        deadline = time.monotonic() + 20
+        while bridge.counters.processed < 22 or bridge.egress.published_records < 23:
+            assert time.monotonic() < deadline, (bridge.counters, bridge.egress.published_records)
+            await asyncio.sleep(0.05)
+        assert (await sn.record(slow))["state"] == "processing"
         async with Relay(settings, nats_node.broker_config()):
             [late] = await sn.wait_done([slow], timeout=20)
             assert late["state"] == "processed"
@@ -71,6 +82,7 @@ async def test_the_relay_serves_the_instance_over_nats_jetstream(
             assert orjson.loads(late_answer["payload"]) == {"message": "late", "chunk": 0}
         assert bridge.counters.processed == 22
         assert bridge.counters.rejected == 0
+        assert bridge.counters.received == 22  # the answer waited: the job was not sent again
 
 
 def test_a_bad_nats_broker_url_is_one_line_naming_the_option(tmp_path: Path) -> None:
@@ -90,3 +102,24 @@ def test_a_bad_nats_broker_url_is_one_line_naming_the_option(tmp_path: Path) -> 
         assert len(lines) == 1, run.stderr
         assert lines[0].startswith("midbridge: error:"), lines
         assert said in lines[0]
+
+
+def test_the_broker_option_keeps_the_configs_other_settings(tmp_path: Path) -> None:
+    """``--broker`` names the kind and the addresses; user, password, TLS and ``nats.*``
+    stay the config file's (a NATS URL must not drop TLS and send the password in clear)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here\n")
+    config = BrokerConfig.model_validate(
+        {"host": "mq.lan", "port": 8883, "username": "relay", "password": "pw", "tls": True,
+         "ca_file": str(ca), "nats": {"ack_wait": 45, "replicas": 3}}
+    )  # fmt: skip
+    on_nats = broker_from_option(config, "nats://10.0.0.1:4222,nats://10.0.0.2:4222")
+    assert on_nats.kind == "nats"
+    assert (on_nats.host, on_nats.port) == ("10.0.0.1", 4222)
+    assert on_nats.nats.servers == ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+    assert (on_nats.username, on_nats.password) == ("relay", "pw")
+    assert (on_nats.tls, on_nats.ca_file) == (True, ca)
+    assert (on_nats.nats.ack_wait, on_nats.nats.replicas) == (45, 3)
+    on_mqtt = broker_from_option(on_nats, "127.0.0.1:1884")
+    assert (on_mqtt.kind, on_mqtt.host, on_mqtt.port) == ("mqtt", "127.0.0.1", 1884)
+    assert (on_mqtt.username, on_mqtt.tls, on_mqtt.ca_file) == ("relay", True, ca)

@@ -175,6 +175,7 @@ async def test_broken_rules_are_skipped_by_name_and_the_others_still_run(
         "age 0": {"tablename": "sys_user", "age": 0},
         "no age": {"tablename": "sys_user"},
         "negative age": {"tablename": "sys_user", "age": -5},
+        "age past any date": {"tablename": "sys_user", "age": 10**15},
         "the schema": {"tablename": "sys_dictionary", "age": 1, "conditions": "name=u_kept"},
         "the tables": {"tablename": "sys_db_object", "age": 1, "conditions": "name=u_kept"},
     }
@@ -226,6 +227,9 @@ class SlowDeletes:
 
     async def query(self, table: str, query: str = "", **kw: Any) -> Any:
         return await self.store.query(table, query, **kw)
+
+    async def sys_ids(self, table: str, query: str = "", *, limit: int) -> list[str]:
+        return await self.store.sys_ids(table, query, limit=limit)
 
     async def delete(self, table: str, sys_id: str) -> bool:
         await asyncio.sleep(self.delay)

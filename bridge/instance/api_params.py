@@ -184,9 +184,15 @@ def restrict(query: str, condition: str) -> str:
     terms.append("".join(current))
     out = [condition]
     for term in terms:
+        # An empty term (a leading ``^``, ``^NQ`` with nothing after) is left out: joined,
+        # it would make ``^^``, a caret inside a value, and glue the query's next term onto
+        # the last value of ``condition`` (``agentINa^^name=x,b``: agent IN (a^name=x, b)).
+        # So is a term that starts with a caret: no field name does (it is dropped as an
+        # unknown field anyway), and joined it would do the same.
         if term.startswith("NQ"):
-            out += ["NQ" + condition, term[2:]]
-        else:
+            out.append("NQ" + condition)
+            term = term[2:]
+        if term and not term.startswith("^"):
             out.append(term)
     return "^".join(out)
 

@@ -580,6 +580,18 @@ class PGStore(StoreCore[Plan]):
             rows = await db.fetch(text, *params, limit, max(0, offset))
         return [plan.record(row) for row in rows]
 
+    async def sys_ids(self, table: str, encoded_query: str = "", *, limit: int) -> list[str]:
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec, (), "error", None)
+        plan = self._plan(spec)
+        where, params = plan.where(sql)
+        text = (
+            f'SELECT "sys_id" FROM "{plan.physical}"{where} {sql.order_by} LIMIT ${len(params) + 1}'
+        )
+        async with self._db().acquire() as db:
+            rows = await db.fetch(text, *params, max(0, limit))
+        return [str(row[0]) for row in rows]
+
     async def count(
         self,
         table: str,

@@ -240,6 +240,11 @@ class SQLiteStore(StoreCore[Plan]):
         rows = self._conn().execute(text, (*params, -1 if limit is None else limit, offset))
         return [plan.record(row) for row in rows]
 
+    def _sys_ids(self, plan: Plan, sql: SQL, limit: int) -> list[str]:
+        where, params = plan.where(sql)
+        text = f'SELECT "sys_id" FROM "{plan.physical}"{where} {sql.order_by} LIMIT ?'
+        return [str(row[0]) for row in self._conn().execute(text, (*params, limit))]
+
     def _count(self, plan: Plan, sql: SQL) -> int:
         where, params = plan.where(sql)
         (count,) = (
@@ -452,6 +457,11 @@ class SQLiteStore(StoreCore[Plan]):
     async def get(self, table: str, sys_id: str) -> Record | None:
         spec = self.table(table)
         return await self._call(lambda: self._get(self._plan(spec), sys_id))
+
+    async def sys_ids(self, table: str, encoded_query: str = "", *, limit: int) -> list[str]:
+        spec = self.table(table)
+        sql = self._compile(encoded_query, spec, (), "error", None)
+        return await self._call(lambda: self._sys_ids(self._plan(spec), sql, max(0, limit)))
 
     async def query(
         self,

@@ -594,6 +594,11 @@ class Store(Protocol):
         the query may not use (the API passes the write-only ones: no oracle on hashes)."""
         ...
 
+    async def sys_ids(self, table: str, encoded_query: str = "", *, limit: int) -> list[str]:
+        """The sys_ids of at most ``limit`` records matching, in the query's order: what a
+        caller that only needs to name records reads (not their payloads or files)."""
+        ...
+
     async def update(
         self, table: str, sys_id: str, fields: Mapping[str, Any], *, actor: str = "system"
     ) -> Record | None:

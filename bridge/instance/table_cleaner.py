@@ -12,7 +12,8 @@ and syslog after 30 days, attachments of ECC records after 7 days.
 Each run (:meth:`TableCleaner.run_once`), per active rule: the cutoff is now - age
 (``YYYY-MM-DD HH:MM:SS``, UTC, as the store writes ``sys_created_on``); the records whose
 matchfield is before it (and not empty) and that match the conditions (AND-ed into each
-``^NQ`` branch) are read ``batch`` at a time, sys_ids only used, and deleted one by one
+``^NQ`` branch) are read ``batch`` at a time (their sys_ids only: never a payload or
+a file), and deleted one by one
 through ``Store.delete`` (so cascades and listeners run as for any delete), until none is
 left, ``max_per_rule`` went, or the rule has run ``time_budget`` seconds (a WARNING; the
 next run goes on). A rule that cannot run (unknown table or field, a matchfield that is
@@ -44,6 +45,7 @@ log = logging.getLogger("midbridge.instance.table_cleaner")
 
 RULES = AUTO_FLUSH
 DEFAULT_INTERVAL = 3600.0  # ServiceNow's table cleaner job: once per hour
+MAX_AGE = 100 * 366 * 86_400  # seconds: older than any record, within what dates can hold
 
 
 class RuleFault(Exception):
@@ -165,8 +167,11 @@ class TableCleaner:
         if spec.type is not FieldType.DATETIME:
             raise RuleFault(f"matchfield {name}.{field} is not a date-time field")
         age = row.get("age")
-        if not isinstance(age, int) or isinstance(age, bool) or age <= 0:
-            raise RuleFault(f"age {age!r}: expected a positive number of seconds")
+        if not isinstance(age, int) or isinstance(age, bool) or not 0 < age <= MAX_AGE:
+            raise RuleFault(
+                f"age {str(age)[:40]!r}: expected a positive number of seconds, at most "
+                f"{MAX_AGE} (100 years)"
+            )
         return Rule(str(row["sys_id"]), name, field, age, str(row.get("conditions") or "").strip())
 
     async def _apply(self, rule: Rule, now: float) -> int:
@@ -186,12 +191,12 @@ class TableCleaner:
                     )  # fmt: skip
                     break
                 limit = min(self.batch, self.max_per_rule - deleted)
-                rows = await self.store.query(rule.table, query, limit=limit)
-                if not rows:
+                ids = await self.store.sys_ids(rule.table, query, limit=limit)
+                if not ids:
                     break
                 went = 0
-                for row in rows:
-                    if await self.store.delete(rule.table, str(row["sys_id"])):
+                for sys_id in ids:
+                    if await self.store.delete(rule.table, sys_id):
                         went += 1
                     if time.monotonic() - started >= self.time_budget:
                         break

@@ -599,7 +599,19 @@ def signing_key_for(settings: RelaySettings) -> Ed25519PrivateKey:
     path = settings.signing_key
     if path is None and settings.state_dir is not None:
         path = settings.state_dir / SIGNING_KEY_FILE
-    return Ed25519PrivateKey.generate() if path is None else signing_key_file(path)
+    if path is None:
+        return Ed25519PrivateKey.generate()
+    new = not path.exists()
+    key = signing_key_file(path)
+    if new:
+        log.warning(
+            "made a new job signing key in %s: bridges that require signatures run this "
+            "relay's jobs only with security.platform_key = %s (relays of one MID: give "
+            "them all this one file, --signing-key)",
+            path,
+            public_key_b64(key),
+        )
+    return key
 
 
 def state_dir_for(base: Path, relay_id: str) -> Path:

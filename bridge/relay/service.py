@@ -119,6 +119,24 @@ def add_relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                         "security.platform_key) and exit")  # fmt: skip
 
 
+def broker_from_option(config: BrokerConfig, option: str) -> BrokerConfig:
+    """``--broker``: ``nats://HOST:PORT[,...]`` (NATS JetStream) or ``HOST:PORT`` (MQTT)
+    over the config's broker: the option gives the kind and the addresses, the config
+    every other setting (user, password, TLS, ``nats.*``). Raises ``AddressError`` or
+    ``CommandError`` naming ``--broker``."""
+    if option.startswith("nats://"):
+        given = nats_broker(option, config.username, config.password)
+        nats = {**config.nats.model_dump(), "servers": given.nats.servers}
+        return BrokerConfig.model_validate(
+            {**config.model_dump(), "kind": "nats", "host": given.host, "port": given.port,
+             "nats": nats}
+        )  # fmt: skip
+    host, port = parse_host_port(option, option="--broker")
+    return BrokerConfig.model_validate(
+        {**config.model_dump(), "kind": "mqtt", "host": host, "port": port}
+    )
+
+
 async def run_command(args: argparse.Namespace) -> int:
     """Run ``midbridge relay`` until SIGTERM/SIGINT; the exit status."""
     from bridge.agent.config import Config, load_config
@@ -139,14 +157,11 @@ async def run_command(args: argparse.Namespace) -> int:
     if not password:
         return fail("relay", f"no password (--password-stdin or ${PASSWORD_ENV})")
     broker = config.broker
-    if args.broker and str(args.broker).startswith("nats://"):
-        broker = nats_broker(str(args.broker), broker.username, broker.password)
-    elif args.broker:
+    if args.broker:
         try:
-            host, port = parse_host_port(str(args.broker), option="--broker")
+            broker = broker_from_option(broker, str(args.broker))
         except AddressError as exc:
             return fail("relay", exc)
-        broker = BrokerConfig(**{**broker.model_dump(), "host": host, "port": port})
     try:
         properties = parse_assignments(list(args.property))
     except RelayError as exc:

@@ -14,6 +14,7 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -53,7 +54,9 @@ def signing_key_file(path: Path) -> Ed25519PrivateKey:
     check_private(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except ValueError:
+    except TypeError:  # encrypted: it would need a password we do not take
+        raise ConfigError("is encrypted: give an unencrypted PKCS#8 PEM", field=str(path)) from None
+    except (ValueError, UnsupportedAlgorithm):
         raise ConfigError("is not a PEM private key", field=str(path)) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError("is not an Ed25519 private key", field=str(path))
