@@ -834,7 +834,10 @@ def test_class_views_and_restricted_queries() -> None:
         "cmdb_ci_netgear",
     }  # fmt: skip
     cond = "sys_class_nameINa,b"
-    assert restrict("", cond) == cond + "^"
+    assert restrict("", cond) == cond
+    # An empty term never makes "^^" (a caret inside the scope's last value):
+    assert restrict("^name=x,b", cond) == f"{cond}^name=x,b"
+    assert restrict("name=a^", cond) == f"{cond}^name=a"
     assert restrict("name=x^ORname=y^ip_address=1", cond) == f"{cond}^name=x^ORname=y^ip_address=1"
     assert restrict("name=a^NQname=b^ORDERBYname", cond) == (
         f"{cond}^name=a^NQ{cond}^name=b^ORDERBYname"

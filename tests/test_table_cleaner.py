@@ -273,7 +273,7 @@ async def test_the_loop_runs_at_start_and_every_interval(
         second = await store.insert_many("syslog", [{"message": "b"}, {"message": "c"}])
         await make_old(backend, "syslog", second, 60 * DAY)
         for _ in range(100):
-            if len(told) > 1:
+            if len(told) > 1 and c.runs >= 2:  # told during a run, counted at its end
                 break
             await asyncio.sleep(0.05)
         assert told == [("syslog", 1), ("syslog", 2)]
