@@ -130,7 +130,18 @@ class Dialect:
         return Mapped(params)
 
     def results(self, payloads: Sequence[Any], extra: dict[str, Any]) -> list[Element]:
-        return [generic_result(payload) for payload in payloads]
+        """One ``<result>`` per chunk: :meth:`result` for a chunk in the probe's own shape,
+        the generic form for an error chunk or one that is not a JSON object."""
+        return [
+            self.result(payload, extra)
+            if isinstance(payload, dict) and not error_of(payload)
+            else generic_result(payload)
+            for payload in payloads
+        ]
+
+    def result(self, payload: dict[str, Any], extra: dict[str, Any]) -> Element:
+        """The ``<result>`` of one chunk of this probe (the generic form here)."""
+        return generic_result(payload)
 
 
 def error_of(payload: Any) -> bool:

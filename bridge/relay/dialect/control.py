@@ -17,11 +17,10 @@ relay stops / starts taking work other than these commands and heartbeats; the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol
 
-from bridge.relay.dialect.base import Dialect, Mapped, ParamReader, error_of
-from bridge.relay.envelope import Element, add_value, child, element, generic_result
+from bridge.relay.dialect.base import Dialect, Mapped, ParamReader
+from bridge.relay.envelope import Element, add_value, child, element
 from bridge.wire.errors import Refused
 
 COMMANDS = {
@@ -40,22 +39,16 @@ class Heartbeat(Dialect):
     def map(self, reader: ParamReader) -> Mapped:
         return Mapped({})
 
-    def results(self, payloads: Sequence[Any], extra: dict[str, Any]) -> list[Element]:
-        out: list[Element] = []
-        for payload in payloads:
-            if error_of(payload) or not isinstance(payload, dict):
-                out.append(generic_result(payload))
-                continue
-            given = payload.get("status")
-            status: dict[str, Any] = given if isinstance(given, dict) else {}
-            result = element("result")
-            child(result, "heartbeat", {
-                key: status.get(key)
-                for key in ("status", "name", "agent", "host", "version", "validated")
-            })  # fmt: skip
-            add_value(result, "stats", payload.get("stats") or {})
-            out.append(result)
-        return out
+    def result(self, payload: dict[str, Any], extra: dict[str, Any]) -> Element:
+        given = payload.get("status")
+        status: dict[str, Any] = given if isinstance(given, dict) else {}
+        result = element("result")
+        child(result, "heartbeat", {
+            key: status.get(key)
+            for key in ("status", "name", "agent", "host", "version", "validated")
+        })  # fmt: skip
+        add_value(result, "stats", payload.get("stats") or {})
+        return result
 
 
 class Controls(Protocol):
@@ -109,19 +102,13 @@ class SystemCommand(Dialect):
         command = command_of(reader)
         return Mapped({"command": command}, {"command": command})
 
-    def results(self, payloads: Sequence[Any], extra: dict[str, Any]) -> list[Element]:
-        out: list[Element] = []
-        for payload in payloads:
-            if error_of(payload) or not isinstance(payload, dict):
-                out.append(generic_result(payload))
-                continue
-            result = element("result", {"command": payload.get("command"),
-                                        "status": payload.get("status")})  # fmt: skip
-            if "stats" in payload:
-                add_value(result, "stats", payload["stats"])
-            if "config" in payload:
-                config = child(result, "config")
-                for name, value in payload["config"]:
-                    child(config, "parameter", {"name": name, "value": value})
-            out.append(result)
-        return out
+    def result(self, payload: dict[str, Any], extra: dict[str, Any]) -> Element:
+        result = element("result", {"command": payload.get("command"),
+                                    "status": payload.get("status")})  # fmt: skip
+        if "stats" in payload:
+            add_value(result, "stats", payload["stats"])
+        if "config" in payload:
+            config = child(result, "config")
+            for name, value in payload["config"]:
+                child(config, "parameter", {"name": name, "value": value})
+        return result

@@ -14,13 +14,12 @@ value=".."/></headers><body encoding="text|base64">..</body></result>``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from bridge.relay.dialect.base import Dialect, Mapped, ParamReader, error_of
-from bridge.relay.envelope import Element, child, element, generic_result
+from bridge.relay.dialect.base import Dialect, Mapped, ParamReader
+from bridge.relay.envelope import Element, child, element
 from bridge.wire.errors import BadParameter
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -61,23 +60,17 @@ class RESTProbe(Dialect):
             params["timeout"] = timeout
         return Mapped(params)
 
-    def results(self, payloads: Sequence[Any], extra: dict[str, Any]) -> list[Element]:
-        out: list[Element] = []
-        for payload in payloads:
-            if error_of(payload) or not isinstance(payload, dict):
-                out.append(generic_result(payload))
-                continue
-            result = element("result", {
-                "status": payload.get("status"), "reason": payload.get("reason"),
-                "url": payload.get("final_url") or payload.get("url"),
-                "method": payload.get("method"), "content_type": payload.get("content_type"),
-            })  # fmt: skip
-            headers = child(result, "headers")
-            for pair in payload.get("headers") or []:
-                if isinstance(pair, list | tuple) and len(pair) == 2:
-                    child(headers, "header", {"name": pair[0], "value": pair[1]})
-            child(result, "body", {"encoding": payload.get("body_encoding") or "text",
-                                   "truncated": payload.get("truncated")},
-                  payload.get("body") or None)  # fmt: skip
-            out.append(result)
-        return out
+    def result(self, payload: dict[str, Any], extra: dict[str, Any]) -> Element:
+        result = element("result", {
+            "status": payload.get("status"), "reason": payload.get("reason"),
+            "url": payload.get("final_url") or payload.get("url"),
+            "method": payload.get("method"), "content_type": payload.get("content_type"),
+        })  # fmt: skip
+        headers = child(result, "headers")
+        for pair in payload.get("headers") or []:
+            if isinstance(pair, list | tuple) and len(pair) == 2:
+                child(headers, "header", {"name": pair[0], "value": pair[1]})
+        child(result, "body", {"encoding": payload.get("body_encoding") or "text",
+                               "truncated": payload.get("truncated")},
+              payload.get("body") or None)  # fmt: skip
+        return result

@@ -14,11 +14,10 @@ bridge has no inactivity timer: ``command_timeout`` bounds the whole command),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from bridge.relay.dialect.base import Dialect, Mapped, ParamReader, error_of
-from bridge.relay.envelope import Element, child, element, generic_result
+from bridge.relay.dialect.base import Dialect, Mapped, ParamReader
+from bridge.relay.envelope import Element, child, element
 
 
 class SSHCommand(Dialect):
@@ -42,14 +41,8 @@ class SSHCommand(Dialect):
             params["connect_timeout"] = connect_timeout
         return Mapped(params, {"command": command})
 
-    def results(self, payloads: Sequence[Any], extra: dict[str, Any]) -> list[Element]:
-        out: list[Element] = []
-        for payload in payloads:
-            if error_of(payload) or not isinstance(payload, dict):
-                out.append(generic_result(payload))
-                continue
-            result = element("result", {"command": payload.get("command", extra.get("command"))})
-            child(result, "stdout", text=payload.get("stdout") or None)
-            child(result, "stderr", text=payload.get("stderr") or None)
-            out.append(result)
-        return out
+    def result(self, payload: dict[str, Any], extra: dict[str, Any]) -> Element:
+        result = element("result", {"command": payload.get("command", extra.get("command"))})
+        child(result, "stdout", text=payload.get("stdout") or None)
+        child(result, "stderr", text=payload.get("stderr") or None)
+        return result
