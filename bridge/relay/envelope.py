@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from xml.etree import ElementTree
 
-from bridge.wire.errors import BadRecord
+from bridge.wire.records import xml_parameters
 
 Element = ElementTree.Element
 Parameters = list[tuple[str, str]]  # an output's parameters, in their order
@@ -155,29 +155,7 @@ def parse_parameters(text: str) -> Parameters:
 
     Raises ``BadRecord`` for what does not parse, a DTD or an entity declaration.
     """
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise BadRecord("DTDs and entities are not accepted in XML parameters", field="payload")
-    try:
-        root = ElementTree.fromstring(text)
-    except ElementTree.ParseError as exc:
-        raise BadRecord(f"XML parameters do not parse: {exc}", field="payload") from None
-    if root.tag != "parameters":
-        raise BadRecord(f"XML root must be <parameters>, got <{root.tag}>", field="payload")
-    params: Parameters = []
-    for node in root:
-        if node.tag != "parameter":
-            raise BadRecord(f"unexpected XML element <{node.tag}>", field="payload")
-        name = node.get("name")
-        if not name:
-            raise BadRecord("a <parameter> has no name attribute", field="payload")
-        value = node.get("value")
-        if value is None:
-            if len(node):
-                value = "".join(ElementTree.tostring(c, encoding="unicode") for c in node)
-            else:
-                value = node.text or ""
-        params.append((name, value))
-    return params
+    return xml_parameters(text, nested=True)
 
 
 def is_xml(payload: Any) -> bool:

@@ -88,8 +88,15 @@ def new_sys_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
-def parse_xml_parameters(text: str) -> dict[str, Any]:
-    """``<parameters><parameter name="a" value="b"/></parameters>`` → ``{"a": "b"}``."""
+def xml_parameters(text: str, *, nested: bool = False) -> list[tuple[str, str]]:
+    """``<parameters><parameter name="a" value="b"/>...</parameters>``: each parameter's
+    name and its ``value`` attribute, else its text, in their order; with ``nested``, a
+    parameter without a value whose content is elements (ServiceNow's nested
+    specifications) gives those elements as XML text.
+
+    Raises ``BadRecord`` (field ``payload``) for what does not parse, a DTD or an entity
+    declaration, another root, another element or a parameter without a name.
+    """
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise BadRecord("DTDs and entities are not accepted in XML parameters", field="payload")
     try:
@@ -98,16 +105,24 @@ def parse_xml_parameters(text: str) -> dict[str, Any]:
         raise BadRecord(f"XML parameters do not parse: {exc}", field="payload") from None
     if root.tag != "parameters":
         raise BadRecord(f"XML root must be <parameters>, got <{root.tag}>", field="payload")
-    params: dict[str, Any] = {}
-    for child in root:
-        if child.tag != "parameter":
-            raise BadRecord(f"unexpected XML element <{child.tag}>", field="payload")
-        name = child.get("name")
+    params: list[tuple[str, str]] = []
+    for node in root:
+        if node.tag != "parameter":
+            raise BadRecord(f"unexpected XML element <{node.tag}>", field="payload")
+        name = node.get("name")
         if not name:
             raise BadRecord("a <parameter> has no name attribute", field="payload")
-        value = child.get("value")
-        params[name] = value if value is not None else (child.text or "")
+        value = node.get("value")
+        if value is None and nested and len(node):
+            value = "".join(ElementTree.tostring(c, encoding="unicode") for c in node)
+        params.append((name, value if value is not None else (node.text or "")))
     return params
+
+
+def parse_xml_parameters(text: str) -> dict[str, Any]:
+    """``<parameters><parameter name="a" value="b"/></parameters>`` → ``{"a": "b"}`` (a
+    name given twice: the last one)."""
+    return dict(xml_parameters(text))
 
 
 def _partial_info(raw: dict[str, Any]) -> dict[str, Any]:
