@@ -79,11 +79,12 @@ class Client:
             )
             headers["Authorization"] = basic(user, secret)
         url: str | URL = self.url + path
-        if raw_query is not None:
+        if raw_query is not None:  # sent as it is (``^`` not %-encoded), as curl sends it
             url = URL(f"{self.url}{path}?{raw_query}", encoded=True)
-        async with self.http.request(
-            method, url, json=json, data=data, headers=headers, params=params
-        ) as resp:
+        async with self.http.request(  # a redirect is an answer to check, not to follow
+            method, url, json=json, data=data, headers=headers, params=params,
+            allow_redirects=False,
+        ) as resp:  # fmt: skip
             raw = await resp.read()
             text = raw.decode("utf-8", "replace")
             body = orjson.loads(raw) if resp.content_type == "application/json" and raw else None

@@ -18,15 +18,12 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import orjson
 import pytest
-from yarl import URL
 
 from bridge.instance import auth, discovery
 from bridge.instance.api import TABLE_API, ApiSettings
@@ -35,81 +32,20 @@ from bridge.instance.connector import install, keys_for
 from bridge.instance.query import MAX_TERMS
 from bridge.instance.server import Instance, InstanceConfig
 from bridge.wire.broker import BrokerConfig
+from tests.table_api_client import ADMIN_PW, TABLE, USER_PW, Reply
+from tests.table_api_client import Client as TableApiClient
 
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parent.parent
-TABLE = "/api/now/table"
-ADMIN_PW = "admin-pass-123"
-USER_PW = "user-pass-1234"
 ATTACKER_KEY = base64.b64encode(b"\x66" * 32).decode()
 ATTACKER_FINGERPRINT = hashlib.sha256(b"\x66" * 32).hexdigest()
 GOOD_KEY = base64.b64encode(b"\x11" * 32).decode()
 GOOD_FINGERPRINT = hashlib.sha256(b"\x11" * 32).hexdigest()
 
 
-@dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: Any
-    text: str
-
-    @property
-    def result(self) -> Any:
-        assert isinstance(self.body, dict), self.text
-        return self.body["result"]
-
-    def detail(self, status: int) -> str:
-        """Assert a ServiceNow-shaped error with ``status``; its message and detail."""
-        assert self.status == status, (self.status, self.text)
-        assert isinstance(self.body, dict), self.text
-        error = self.body["error"]
-        return f"{error['message']}: {error['detail']}"
-
-
-class Client:
+class Client(TableApiClient):
     """Real HTTP requests to the instance, as any API client (or attacker) sends them."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
-        self.http = http
-        self.url = url
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        user: str | None = "admin",
-        password: str | None = None,
-        json: Any = None,
-        data: Any = None,
-        headers: dict[str, str] | None = None,
-        params: dict[str, str] | None = None,
-        raw_query: str | None = None,
-    ) -> Reply:
-        headers = dict(headers or {})
-        if user is not None:
-            secret = (
-                password if password is not None else (ADMIN_PW if user == "admin" else USER_PW)
-            )
-            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
-        url: str | URL = self.url + path
-        if raw_query is not None:  # sent as it is (``^`` not %-encoded), as curl sends it
-            url = URL(f"{self.url}{path}?{raw_query}", encoded=True)
-        async with self.http.request(
-            method,
-            url,
-            json=json,
-            data=data,
-            headers=headers,
-            params=params,
-            allow_redirects=False,
-        ) as resp:
-            text = await resp.text()
-            body = orjson.loads(text) if resp.content_type == "application/json" and text else None
-            return Reply(resp.status, body, resp.headers, text)
 
     async def rows(
         self, table: str, query: str = "", *, refused_ok: bool = False, **kw: Any
@@ -184,12 +120,12 @@ async def test_f2_mid_server_cannot_rekey_a_validated_agent(inst: Instance, clie
         {"validated": True},
     ):
         refused = await client.call("PATCH", path, user="mid.user", json=body)
-        assert "User Not Authorized" in refused.detail(403), body
+        assert "User Not Authorized" in refused.fault(403), body
     created = await client.call(
         "POST", f"{TABLE}/ecc_agent", user="mid.user",
         json={"name": "dc1b", "public_key": ATTACKER_KEY, "fingerprint": ATTACKER_FINGERPRINT},
     )  # fmt: skip
-    assert "written only from the agent's own status record" in created.detail(403)
+    assert "written only from the agent's own status record" in created.fault(403)
     stored = await inst.store.get("ecc_agent", row["sys_id"])
     assert stored is not None
     assert (stored["public_key"], stored["validated"]) == (GOOD_KEY, True)
@@ -260,7 +196,7 @@ async def test_f3_table_api_refuses_system_command_outputs_to_non_admins(
         json={"agent": "mid.server.dc1", "queue": "output", "topic": topic, "name": "validate",
               "priority": 0, "payload": payload},
     )  # fmt: skip
-    detail = refused.detail(403)
+    detail = refused.fault(403)
     assert "SystemCommand outputs are sent only by the agent actions" in detail
     assert await inst.store.query("ecc_queue") == []
 
@@ -273,7 +209,7 @@ async def test_f3_the_admin_path_still_sends_system_commands(
     await auth.create_user(inst.store, "disco", USER_PW, roles=["discovery_admin"])
     await agent_row(inst, "dc1", public_key=GOOD_KEY, fingerprint=GOOD_FINGERPRINT)
     path = "/api/midbridge/agents/dc1/validate"
-    assert "admin" in (await client.call("POST", path, user="disco", json={})).detail(403)
+    assert "admin" in (await client.call("POST", path, user="disco", json={})).fault(403)
     sent = await client.call("POST", path, json={})
     assert sent.status == 201, sent.text
     assert sent.result["topic"] == "SystemCommand"
@@ -342,11 +278,11 @@ async def test_f10_mid_server_cannot_change_another_agents_rows(
     rename_a = await client.call(
         "PATCH", f"{TABLE}/ecc_agent/{row_a['sys_id']}", user="mid.user", json={"name": "b2"}
     )
-    assert "refused field: name" in rename_a.detail(403)
+    assert "refused field: name" in rename_a.fault(403)
     create_b = await client.call(
         "POST", f"{TABLE}/ecc_agent", user="mid.user", json={"name": "c", "status": "Up"}
     )
-    assert "acts for agents a only" in create_b.detail(403)
+    assert "acts for agents a only" in create_b.fault(403)
     stored = await inst.store.get("ecc_queue", theirs["sys_id"])
     assert stored is not None
     assert stored["state"] == "ready"
@@ -375,7 +311,7 @@ async def test_f10_mid_server_inputs_answer_only_its_own_pending_outputs(
     with caplog.at_level("WARNING", logger="midbridge.instance.api"):
         for body, status, words in attempts:
             reply = await client.call("POST", f"{TABLE}/ecc_queue", user="mid.user", json=body)
-            assert words in reply.detail(status), body
+            assert words in reply.fault(status), body
     assert "refused an ecc_queue input from mid.user" in caplog.text
     assert await inst.store.query("ecc_queue", "queue=input") == []
     inputs = await inst.store.query("ecc_queue", "queue=input")
@@ -401,7 +337,7 @@ async def test_f10_agent_names_outside_the_safe_alphabet_are_refused(
     created or renamed through the Table API, so that URLs built from it reach another
     agent; the agent action endpoint is asked for such a name."""
     created = await client.call("POST", f"{TABLE}/ecc_agent", json={"name": name})
-    assert "Invalid value for field 'name'" in created.detail(400)
+    assert "Invalid value for field 'name'" in created.fault(400)
     row = await agent_row(inst, "dc1")
     renamed = await client.call("PATCH", f"{TABLE}/ecc_agent/{row['sys_id']}", json={"name": name})
     assert renamed.status == 400
@@ -467,10 +403,10 @@ async def test_f11_a_thousand_or_terms_is_a_400_naming_the_parameter(
     for joiner in ("^OR", "^", "^NQ"):
         terms = joiner.join(["run="] * 1000)
         reply = await client.call("GET", f"{TABLE}/ecc_queue", raw_query=f"sysparm_query={terms}")
-        assert "Invalid sysparm_query: query has more than 100 terms" in reply.detail(400)
+        assert "Invalid sysparm_query: query has more than 100 terms" in reply.fault(400)
     over = "^".join(f"name!=a{i}" for i in range(MAX_TERMS + 1))
     reply = await client.call("GET", f"{TABLE}/ecc_agent", params={"sysparm_query": over})
-    assert "sysparm_query" in reply.detail(400)
+    assert "sysparm_query" in reply.fault(400)
     within = "^OR".join(f"name=a{i}" for i in range(MAX_TERMS))
     fits = await client.call("GET", f"{TABLE}/ecc_agent", params={"sysparm_query": within})
     assert fits.status == 200, fits.text
@@ -505,7 +441,7 @@ async def test_f11_deeply_nested_json_bodies_are_a_400(
 
 def too_deep(reply: Reply) -> bool:
     """400 for a body nested too deeply (orjson itself stops reading at 1,024 levels)."""
-    detail = reply.detail(400)
+    detail = reply.fault(400)
     return "nested too deeply" in detail or "depth limit exceeded" in detail
 
 
@@ -551,7 +487,7 @@ async def test_f7_failed_sign_ins_back_off_before_any_password_work(tmp_path: Pa
         authenticator = inst.app[TABLE_API].authenticator
         refused_before = authenticator.throttle.refused
         blocked = await client.call("GET", path, headers=attacker)  # the right password
-        assert "Too many failed sign-ins" in blocked.detail(429)
+        assert "Too many failed sign-ins" in blocked.fault(429)
         assert 1 <= int(blocked.headers["Retry-After"]) <= 60
         assert authenticator.throttle.refused == refused_before + 1
         elsewhere = await client.call("GET", path, headers={"X-Forwarded-For": "198.51.100.7"})
@@ -590,7 +526,7 @@ async def test_f8_cross_site_posts_to_agent_actions_are_refused(
     await agent_row(inst, "dc1")
     path = "/api/midbridge/agents/dc1/pause"
     form = await client.call("POST", path, data={"sys_id": "x"})
-    assert "Unsupported Media Type" in form.detail(415)
+    assert "Unsupported Media Type" in form.fault(415)
     plain = await client.call(
         "POST", path, data=b'{"x": 1}', headers={"Content-Type": "text/plain"}
     )
@@ -598,7 +534,7 @@ async def test_f8_cross_site_posts_to_agent_actions_are_refused(
     empty = await client.call("POST", path)
     assert empty.status == 415
     foreign = await client.call("POST", path, json={}, headers={"Origin": "https://evil.example"})
-    assert "Cross-origin request refused" in foreign.detail(403)
+    assert "Cross-origin request refused" in foreign.fault(403)
     null_origin = await client.call("POST", path, json={}, headers={"Origin": "null"})
     assert null_origin.status == 403
     assert await inst.store.query("ecc_queue") == []
@@ -796,7 +732,7 @@ async def test_review_mid_server_cannot_reopen_a_finished_output(
         reply = await client.call(
             "PATCH", f"{TABLE}/ecc_queue/{done['sys_id']}", user="mid.user", json={"state": state}
         )
-        assert "may move an output" in reply.detail(403), state
+        assert "may move an output" in reply.fault(403), state
     pending = await output(inst, "a", state="ready")
     path = f"{TABLE}/ecc_queue/{pending['sys_id']}"
     for state in ("ready", "bogus"):
